@@ -1,0 +1,253 @@
+"""The two on-disk formats behind one small interface.
+
+zarr 3 (directory store, default): every array is chunked on whole items; `done` has one element per chunk
+in its own chunk file, so each writer touches only the chunks it owns (an attribute updated by several
+writers loses updates). zarr's local store writes each chunk file atomically (temp file + rename), and the
+writer fsyncs a chunk's data files before it sets the chunk's flag.
+
+HDF5 (`.h5`, h5py): one writer at a time. The writer flushes after a chunk's data and again after its flag.
+A SIGKILL between chunks leaves a readable file that resumes (tested); HDF5 itself cannot make its flush
+atomic, so a kill in the middle of a flush may leave the file unreadable: `cache_store verify` then
+reports it, and the store must be extracted again. Use zarr where extraction may be interrupted often.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from iisan.cache_store.manifest import CacheError, Manifest
+
+MANIFEST_KEY = "iisan"
+
+
+def backend_for(path: Path) -> type["Backend"]:
+    suffix = path.suffix.lower()
+    if suffix == ".zarr":
+        return ZarrBackend
+    if suffix in (".h5", ".hdf5"):
+        return Hdf5Backend
+    raise CacheError(f"{path}: unknown cache format '{suffix}' (use .zarr or .h5)")
+
+
+class Backend:
+    path: Path
+
+    @classmethod
+    def create(cls, path: Path, manifest: Manifest, item_ids: list[str]) -> "Backend":
+        raise NotImplementedError
+
+    @classmethod
+    def open(cls, path: Path, writable: bool = False) -> "Backend":
+        raise NotImplementedError
+
+    def manifest(self) -> Manifest:
+        raw = self._raw_manifest()
+        if raw is None:
+            raise CacheError(f"{self.path}: no IISAN manifest (not a cache store written by iisan)")
+        return Manifest.from_dict(raw, str(self.path))
+
+    # Implemented per format ------------------------------------------------------------------------
+    def _raw_manifest(self) -> dict | None: ...
+    def set_manifest(self, manifest: Manifest) -> None: ...
+    def shape(self) -> tuple[int, ...]: ...
+    def dtype(self) -> np.dtype: ...
+    def read_done(self) -> np.ndarray: ...
+    def read_missing(self) -> np.ndarray: ...
+    def read_item_ids(self) -> list[str]: ...
+    def read_rows(self, start: int, stop: int) -> np.ndarray: ...
+    def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray) -> None: ...
+    def close(self) -> None: ...
+
+    def bytes_on_disk(self) -> int:
+        if self.path.is_file():
+            return self.path.stat().st_size
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def remove_store(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ZarrBackend(Backend):
+    def __init__(self, path: Path, group) -> None:
+        self.path = path
+        self.group = group
+
+    @classmethod
+    def create(cls, path: Path, manifest: Manifest, item_ids: list[str]) -> "ZarrBackend":
+        import zarr
+
+        group = zarr.open_group(str(path), mode="w")
+        K, D, C = len(manifest.layers), manifest.hidden_size, manifest.chunk_rows
+        group.create_array("states", shape=(manifest.rows, K, D), chunks=(C, K, D), dtype=manifest.storage_dtype,
+                           fill_value=0, compressors=None)
+        group.create_array("missing", shape=(manifest.rows,), chunks=(C,), dtype="bool", fill_value=False,
+                           compressors=None)
+        group.create_array("done", shape=(manifest.n_chunks,), chunks=(1,), dtype="bool", fill_value=False,
+                           compressors=None)
+        ids = group.create_array("item_ids", shape=(manifest.rows,), chunks=(manifest.rows,), dtype=str)
+        ids[:] = np.asarray([""] + list(item_ids), dtype=object)
+        group.attrs[MANIFEST_KEY] = manifest.to_dict()
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path: Path, writable: bool = False) -> "ZarrBackend":
+        import zarr
+
+        if not path.is_dir():
+            raise CacheError(f"{path}: cache store not found")
+        try:
+            group = zarr.open_group(str(path), mode="r+" if writable else "r")
+        except Exception as e:  # zarr raises several types for a folder that is not a group
+            raise CacheError(f"{path}: not a readable zarr store ({e.__class__.__name__}: {e})") from None
+        for name in ("states", "missing", "done", "item_ids"):
+            if name not in group:
+                raise CacheError(f"{path}: array '{name}' missing")
+        return cls(path, group)
+
+    def _raw_manifest(self) -> dict | None:
+        raw = self.group.attrs.get(MANIFEST_KEY)
+        return dict(raw) if raw is not None else None
+
+    def set_manifest(self, manifest: Manifest) -> None:
+        self.group.attrs[MANIFEST_KEY] = manifest.to_dict()
+
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.group["states"].shape)
+
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.group["states"].dtype)
+
+    def read_done(self) -> np.ndarray:
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    def read_missing(self) -> np.ndarray:
+        return np.asarray(self.group["missing"][:], dtype=bool)
+
+    def read_item_ids(self) -> list[str]:
+        return [str(x) for x in self.group["item_ids"][:]]
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.group["states"][start:stop])
+
+    def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray) -> None:
+        stop = start + len(states)
+        states_array, missing_array = self.group["states"], self.group["missing"]
+        states_array[start:stop] = states
+        missing_array[start:stop] = missing
+        # The flag means "this chunk's data is durable": sync the data files before setting it.
+        for array, key in ((states_array, (chunk, 0, 0)), (missing_array, (chunk,))):
+            chunk_file = self.path / array.path / array.metadata.encode_chunk_key(key)
+            if chunk_file.is_file():
+                _fsync(chunk_file)
+        self.group["done"][chunk] = True
+
+    def close(self) -> None:
+        pass
+
+
+class Hdf5Backend(Backend):
+    def __init__(self, path: Path, file) -> None:
+        self.path = path
+        self.file = file
+
+    @classmethod
+    def create(cls, path: Path, manifest: Manifest, item_ids: list[str]) -> "Hdf5Backend":
+        import h5py
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = cls._h5open(path, "w")
+        K, D, C = len(manifest.layers), manifest.hidden_size, manifest.chunk_rows
+        f.create_dataset("states", shape=(manifest.rows, K, D), chunks=(min(C, manifest.rows), K, D),
+                         dtype=manifest.storage_dtype, fillvalue=0)
+        f.create_dataset("missing", shape=(manifest.rows,), dtype=bool, fillvalue=False)
+        f.create_dataset("done", shape=(manifest.n_chunks,), dtype=bool, fillvalue=False)
+        f.create_dataset("item_ids", data=np.asarray([""] + list(item_ids), dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        f.attrs[MANIFEST_KEY] = json.dumps(manifest.to_dict())
+        f.flush()
+        return cls(path, f)
+
+    @staticmethod
+    def _h5open(path: Path, mode: str):
+        import h5py
+
+        try:
+            return h5py.File(path, mode)
+        except OSError as e:
+            if "lock" in str(e).lower() or "already open" in str(e).lower():
+                raise CacheError(f"{path}: HDF5 store is open by another writer (HDF5 takes one writer; "
+                                 f"use a .zarr store for sharded extraction)") from None
+            raise CacheError(f"{path}: not a readable HDF5 file ({e}); if an extraction was killed while "
+                             f"HDF5 was flushing, delete the file and extract again") from None
+
+    @classmethod
+    def open(cls, path: Path, writable: bool = False) -> "Hdf5Backend":
+        if not path.is_file():
+            raise CacheError(f"{path}: cache store not found")
+        f = cls._h5open(path, "r+" if writable else "r")
+        for name in ("states", "missing", "done", "item_ids"):
+            if name not in f:
+                f.close()
+                raise CacheError(f"{path}: dataset '{name}' missing")
+        return cls(path, f)
+
+    def _raw_manifest(self) -> dict | None:
+        raw = self.file.attrs.get(MANIFEST_KEY)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{self.path}: manifest is not valid JSON ({e})") from None
+
+    def set_manifest(self, manifest: Manifest) -> None:
+        self.file.attrs[MANIFEST_KEY] = json.dumps(manifest.to_dict())
+        self.file.flush()
+
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.file["states"].shape)
+
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.file["states"].dtype)
+
+    def read_done(self) -> np.ndarray:
+        return np.asarray(self.file["done"][:], dtype=bool)
+
+    def read_missing(self) -> np.ndarray:
+        return np.asarray(self.file["missing"][:], dtype=bool)
+
+    def read_item_ids(self) -> list[str]:
+        return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in self.file["item_ids"][:]]
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.file["states"][start:stop])
+
+    def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray) -> None:
+        stop = start + len(states)
+        self.file["states"][start:stop] = states
+        self.file["missing"][start:stop] = missing
+        self.file.flush()
+        self.file["done"][chunk] = True
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None

@@ -1,0 +1,145 @@
+"""Reading a cache: check it is the one asked for, load the needed layers into memory once, gather rows.
+
+zarr decodes whole chunks on every access, so gathering random rows from the store per batch costs
+~100 ms; loaded into RAM (or GPU memory) first, the same gather is a ~1 ms index operation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from iisan.cache_store.backends import Backend, backend_for
+from iisan.cache_store.manifest import CacheError, Manifest
+
+
+@dataclass(frozen=True)
+class CacheExpectation:
+    """What the caller needs the cache to be; None means "any"."""
+
+    dataset: str | None = None
+    dataset_fingerprint: str | None = None
+    model: str | None = None
+    pooling: str | None = None
+    layers: Sequence[int] | None = None  # hidden-state indices needed (a subset of those kept)
+
+
+def check_expectation(manifest: Manifest, expect: CacheExpectation, where: str) -> None:
+    problems = []
+    for key in ("dataset", "model", "pooling"):
+        want = getattr(expect, key)
+        if want is not None and getattr(manifest, key) != want:
+            problems.append(f"{key} is '{getattr(manifest, key)}', expected '{want}'")
+    if expect.dataset_fingerprint is not None and manifest.dataset_fingerprint != expect.dataset_fingerprint:
+        problems.append(f"dataset fingerprint is {manifest.dataset_fingerprint[:19]}…, the dataset now gives "
+                        f"{expect.dataset_fingerprint[:19]}… (the items file or the encoded content changed)")
+    if expect.layers is not None:
+        lacking = [i for i in expect.layers if i not in manifest.layers]
+        if lacking:
+            problems.append(f"hidden states {lacking} are not kept (the cache keeps {manifest.layers}, "
+                            f"requested {list(expect.layers)})")
+    if problems:
+        raise CacheError(f"{where}: cache does not match the request:\n  " + "\n  ".join(problems)
+                         + f"\nre-extract it: iisan extract --model {expect.model or manifest.model} "
+                           f"--dataset {expect.dataset or manifest.dataset}")
+
+
+@dataclass
+class LoadedCache:
+    """The requested layers in memory. `states[i]` is item index i's [k, D] stack; index 0 is zeros."""
+
+    manifest: Manifest
+    layers: list[int]          # hidden-state indices, in the order of states' second axis
+    states: torch.Tensor       # [rows, k, D]
+    missing: torch.Tensor      # [rows] bool
+    item_ids: list[str]        # item id of each row ("" for row 0)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows for a tensor of item indices: shape index.shape + (k, D)."""
+        return self.states[index.to(self.states.device)]
+
+
+class CacheStore:
+    """A store opened read-only."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.path = backend.path
+        self.manifest = backend.manifest()
+
+    def done_fraction(self) -> float:
+        done = self.backend.read_done()
+        return float(done.mean()) if len(done) else 1.0
+
+    def load(self, layers: Sequence[int] | None = None, item_ids: Sequence[str] | None = None,
+             device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedCache:
+        """Load `layers` (hidden-state indices; default all kept) into memory once.
+
+        With `item_ids` (the caller's items for index 1..N), rows are re-ordered so that index i holds
+        item_ids[i - 1]; row 0 stays zeros. Reads one chunk at a time to keep peak memory near the result.
+        """
+        m = self.manifest
+        layers = list(m.layers if layers is None else layers)
+        check_expectation(m, CacheExpectation(layers=layers), str(self.path))
+        positions = [m.layers.index(i) for i in layers]
+        stored_ids = self.backend.read_item_ids()
+        missing = self.backend.read_missing()
+        if item_ids is None:
+            rows = np.arange(m.rows)
+            out_ids = stored_ids
+        else:
+            row_of = {item: r for r, item in enumerate(stored_ids) if r > 0}
+            absent = [item for item in item_ids if item not in row_of]
+            if absent:
+                raise CacheError(f"{self.path}: {len(absent):,} requested item(s) are not in the cache, e.g. "
+                                 f"{', '.join(map(repr, absent[:5]))}; was it extracted from another items file?")
+            rows = np.asarray([0] + [row_of[item] for item in item_ids], dtype=np.int64)
+            out_ids = [""] + list(item_ids)
+        target_dtype = dtype or (torch.float16 if m.storage_dtype == "float16" else torch.float32)
+        out = torch.empty((len(rows), len(layers), m.hidden_size), dtype=target_dtype)
+        # Map each store chunk to the output rows it feeds, then read chunks in order.
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        for chunk in range(m.n_chunks):
+            span = m.chunk_range(chunk)
+            lo, hi = np.searchsorted(sorted_rows, [span.start, span.stop])
+            if lo == hi:
+                continue
+            block = self.backend.read_rows(span.start, span.stop)[:, positions, :]
+            wanted = order[lo:hi]
+            out[torch.from_numpy(wanted)] = torch.from_numpy(
+                np.ascontiguousarray(block[sorted_rows[lo:hi] - span.start])).to(target_dtype)
+        return LoadedCache(m, layers, out.to(device), torch.from_numpy(missing[rows]).to(device), out_ids)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "CacheStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_cache(path: str | Path) -> CacheStore:
+    path = Path(path)
+    return CacheStore(backend_for(path).open(path))
+
+
+def load_cache(path: str | Path, expect: CacheExpectation = CacheExpectation(),
+               layers: Sequence[int] | None = None, item_ids: Sequence[str] | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               allow_incomplete: bool = False) -> LoadedCache:
+    """Open, check against `expect`, and load. Refuses an incomplete store unless `allow_incomplete`."""
+    with open_cache(path) as store:
+        check_expectation(store.manifest, expect, str(store.path))
+        fraction = store.done_fraction()
+        if fraction < 1.0 and not allow_incomplete:
+            raise CacheError(f"{store.path}: cache is incomplete ({fraction:.1%} of chunks done); "
+                             f"re-run the extraction to complete it: iisan extract --model "
+                             f"{store.manifest.model} --dataset {store.manifest.dataset}")
+        return store.load(layers if layers is not None else expect.layers, item_ids, device, dtype)

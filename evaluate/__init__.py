@@ -1,0 +1,2 @@
+"""Full-ranking HR@K / NDCG@K evaluation, efficiency measurement (time, peak memory, parameters, TPME),
+reports and plots."""

@@ -1,0 +1,115 @@
+"""A registered dataset loaded from disk: items, users, images, and the problems found reading them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from iisan.data.images import ImageIndex
+from iisan.data.protocol import ProtocolConfig, SplitData, apply_protocol
+from iisan.data.readers import ItemTable, UserTable, read_items, read_users
+from iisan.data.report import DataReport
+from iisan.errors import DataError
+from iisan.registry import DatasetLocation, locate_dataset
+
+
+@dataclass
+class Dataset:
+    location: DatasetLocation
+    items: ItemTable
+    users: UserTable
+    images: ImageIndex
+    report: DataReport
+
+    @property
+    def name(self) -> str:
+        return self.location.name
+
+    def split(self, config: ProtocolConfig = ProtocolConfig()) -> SplitData:
+        return apply_protocol(self.items, self.users, config)
+
+    def field_texts(self, field: str) -> list[str]:
+        if field not in self.items.fields:
+            raise DataError(self.items.path, f"no text field '{field}'; the registry lists "
+                                             f"{', '.join(self.items.fields)} for dataset '{self.name}'")
+        return self.items.fields[field]
+
+    def fingerprint(self, fields: Sequence[str] = (), images: bool = False,
+                    extra: Mapping[str, str] | None = None) -> str:
+        return content_fingerprint(self.items, fields, self.images if images else None, extra)
+
+
+def content_fingerprint(items: ItemTable, fields: Sequence[str] = (), images: ImageIndex | None = None,
+                        extra: Mapping[str, str] | None = None) -> str:
+    """Hash of the item ids (in file order) and the content an encoder reads: the named text fields,
+    and for images each item's image file name and size (decoding every image would cost seconds per
+    check). `extra` holds content options, e.g. the text cleaning mode, that change what is encoded."""
+    h = hashlib.sha256(b"iisan-dataset-fingerprint-v1\0")
+
+    def put(text: str) -> None:
+        data = text.encode("utf-8", errors="surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    put("ids")
+    for item_id in items.ids:
+        put(item_id)
+    for name in fields:
+        if name not in items.fields:
+            raise DataError(items.path, f"no text field '{name}' (fields: {', '.join(items.fields)})")
+        put(f"field:{name}")
+        for text in items.fields[name]:
+            put(text)
+    if images is not None:
+        put("images")
+        for item_id in items.ids:
+            path = images.get(item_id)
+            put(f"{path.name}:{path.stat().st_size}" if path is not None else "")
+    for key in sorted(extra or {}):
+        put(f"extra:{key}={extra[key]}")
+    return "sha256:" + h.hexdigest()
+
+
+def load_dataset(name: str, folder: str | Path | None = None, strict: bool = False) -> Dataset:
+    """Read a registered dataset. Problems are collected in `dataset.report` (raised with `strict`)."""
+    location = locate_dataset(name, folder)
+    report = DataReport(strict=strict)
+    items = read_items(location.items_file, location.entry.fields, report)
+    users = read_users(location.users_file, items, report)
+    images = ImageIndex.build(location.image_dirs)
+    return Dataset(location, items, users, images, report)
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    users: int
+    items: int
+    interactions: int
+    zero_popularity_items: int
+    repeat_valid: int
+    repeat_test: int
+    items_with_image: int
+    file_items: int
+    file_users: int
+    file_interactions: int
+    file_items_with_image: int
+
+
+def dataset_stats(dataset: Dataset, config: ProtocolConfig = ProtocolConfig()) -> DatasetStats:
+    split = dataset.split(config)
+    repeat_valid, repeat_test = split.repeat_targets()
+    return DatasetStats(
+        users=split.n_users,
+        items=split.n_items,
+        interactions=split.n_interactions,
+        zero_popularity_items=split.zero_popularity_items(),
+        repeat_valid=repeat_valid,
+        repeat_test=repeat_test,
+        items_with_image=sum(1 for item in split.item_ids if item in dataset.images),
+        file_items=len(dataset.items),
+        file_users=len(dataset.users),
+        file_interactions=sum(len(s) for s in dataset.users.sequences),
+        file_items_with_image=sum(1 for item in dataset.items.ids if item in dataset.images),
+    )
