@@ -103,7 +103,8 @@ class CacheWriter:
         if not np.isfinite(states).all():
             raise CacheError(f"chunk {chunk}: states hold NaN or Inf (items at positions "
                              f"{positions.start}..{positions.stop - 1}); the encoder output is not usable")
-        states = states.astype(self.manifest.storage_dtype)
+        with np.errstate(over="ignore"):
+            states = states.astype(self.manifest.storage_dtype)
         if not np.isfinite(states).all():
             raise CacheError(f"chunk {chunk}: values overflow {self.manifest.storage_dtype}; "
                              f"store as float32 or standardise the encoder output")

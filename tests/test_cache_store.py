@@ -1,0 +1,332 @@
+"""The cache store in both formats: exact round trips, refusals, resume after an interruption, sharding,
+`cache_store stats` and `verify`."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from iisan.cache_store import CacheError, CacheExpectation, CacheWriter, Manifest, load_cache, open_cache, store_path
+from iisan.cache_store.backends import backend_for
+from iisan.cache_store.cli import main as cache_cli
+from iisan.cache_store.inspect import store_stats, verify_store
+from iisan.data.dataset import load_dataset
+
+from conftest import write_tsv
+
+FORMATS = ["zarr", "h5"]
+N_ITEMS, K, D, CHUNK = 300, 3, 8, 64   # 301 rows -> 5 chunks, the last one ragged
+LAYERS, TOTAL = [0, 2, 4], 5
+
+
+def make_manifest(dtype="float16", **overrides) -> Manifest:
+    fields = dict(dataset="toy", dataset_fingerprint="sha256:" + "0" * 64, model="tiny-bert",
+                  model_source="/models/tiny", pooling="cls", layers=LAYERS, total_layers=TOTAL, hidden_size=D,
+                  rows=N_ITEMS + 1, chunk_rows=CHUNK, storage_dtype=dtype,
+                  fingerprint_inputs={"fields": ["title"], "images": False, "extra": {}})
+    fields.update(overrides)
+    return Manifest(**fields)
+
+
+ITEM_IDS = [f"item{k:04d}" for k in range(N_ITEMS)]
+
+
+def item_states(seed=0) -> np.ndarray:
+    """Deterministic per-item states [N_ITEMS, K, D], as an encoder would give."""
+    return np.random.default_rng(seed).standard_normal((N_ITEMS, K, D)).astype(np.float32)
+
+
+def missing_flags() -> np.ndarray:
+    return np.arange(N_ITEMS) % 7 == 3
+
+
+def write(path, manifest=None, chunks=None, rank=0, world=1, seed=0) -> CacheWriter:
+    manifest = manifest or make_manifest()
+    states, missing = item_states(seed), missing_flags()
+    writer = CacheWriter.open(path, manifest, ITEM_IDS, rank=rank, world_size=world)
+    for chunk in writer.pending_chunks() if chunks is None else chunks:
+        positions = writer.item_positions(chunk)
+        writer.write_chunk(chunk, states[positions.start:positions.stop], missing[positions.start:positions.stop])
+    writer.finalize()
+    writer.close()
+    return writer
+
+
+def read_all(path) -> tuple[np.ndarray, list[str], np.ndarray]:
+    backend = backend_for(Path(path)).open(Path(path))
+    try:
+        return backend.read_rows(0, N_ITEMS + 1), backend.read_item_ids(), backend.read_missing()
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip_is_exact(tmp_path, fmt, dtype):
+    path = tmp_path / f"m.{fmt}"
+    write(path, make_manifest(dtype))
+    states, ids, missing = read_all(path)
+    assert states.dtype == np.dtype(dtype) and states.shape == (N_ITEMS + 1, K, D)
+    assert np.array_equal(states[0], np.zeros((K, D)))
+    assert np.array_equal(states[1:], item_states().astype(dtype))
+    assert ids == [""] + ITEM_IDS
+    assert missing.tolist() == [False] + missing_flags().tolist()
+    loaded = load_cache(path, CacheExpectation(model="tiny-bert", pooling="cls"), dtype=torch.float32)
+    assert loaded.layers == LAYERS
+    assert torch.equal(loaded.states[1:], torch.from_numpy(item_states().astype(dtype).astype(np.float32)))
+    with open_cache(path) as store:
+        assert store.manifest.complete and store.manifest == make_manifest(dtype, complete=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_subset_in_callers_item_order(tmp_path, fmt):
+    path = tmp_path / f"m.{fmt}"
+    write(path)
+    wanted = [ITEM_IDS[k] for k in (299, 5, 64, 0, 128)]
+    loaded = load_cache(path, CacheExpectation(layers=[4, 0]), item_ids=wanted, dtype=torch.float32)
+    expected = item_states().astype(np.float16).astype(np.float32)[[299, 5, 64, 0, 128]][:, [2, 0], :]
+    assert loaded.layers == [4, 0]
+    assert loaded.states.shape == (6, 2, D)
+    assert torch.equal(loaded.states[0], torch.zeros(2, D))
+    assert torch.equal(loaded.states[1:], torch.from_numpy(expected))
+    assert loaded.missing.tolist() == [False] + missing_flags()[[299, 5, 64, 0, 128]].tolist()
+    batch = torch.tensor([[2, 0], [5, 1]])
+    assert torch.equal(loaded.gather(batch), loaded.states[batch])
+    with pytest.raises(CacheError, match=r"2 requested item\(s\) are not in the cache, e.g. 'nope', 'gone'"):
+        load_cache(path, item_ids=["nope", ITEM_IDS[1], "gone"])
+
+
+@pytest.mark.parametrize("expect, message", [
+    (CacheExpectation(layers=[0, 1, 2]), r"hidden states \[1\] are not kept \(the cache keeps \[0, 2, 4\]"),
+    (CacheExpectation(model="other"), r"model is 'tiny-bert', expected 'other'"),
+    (CacheExpectation(pooling="mean"), r"pooling is 'cls', expected 'mean'"),
+    (CacheExpectation(dataset_fingerprint="sha256:" + "1" * 64), r"dataset fingerprint is sha256:0000"),
+    (CacheExpectation(dataset="scientific"), r"dataset is 'toy', expected 'scientific'"),
+])
+def test_refuses_a_cache_that_does_not_match(tmp_path, expect, message):
+    path = tmp_path / "m.zarr"
+    write(path)
+    with pytest.raises(CacheError, match=message):
+        load_cache(path, expect)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_refuses_another_format_version(tmp_path, fmt):
+    path = tmp_path / f"m.{fmt}"
+    write(path)
+    backend = backend_for(path).open(path, writable=True)
+    raw = backend.manifest().to_dict()
+    raw["format_version"] = 2
+    if fmt == "zarr":
+        backend.group.attrs["iisan"] = raw
+    else:
+        import json
+        backend.file.attrs["iisan"] = json.dumps(raw)
+    backend.close()
+    with pytest.raises(CacheError, match=r"cache format version 2, this reader knows version 1"):
+        load_cache(path)
+    problems = verify_store(path, check_fingerprint=False)
+    assert len(problems) == 1 and "cache format version 2" in problems[0]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_interrupted_store_is_incomplete_and_can_be_completed(tmp_path, fmt):
+    path = tmp_path / f"m.{fmt}"
+    write(path, chunks=[0, 2])
+    assert store_stats(path).complete_percent == pytest.approx(40.0)
+    problems = verify_store(path, check_fingerprint=False)
+    assert problems == ["incomplete: 2 of 5 chunks done (re-run `iisan extract --model tiny-bert --dataset toy` "
+                        "to complete it)"]
+    with pytest.raises(CacheError, match=r"cache is incomplete \(40.0% of chunks done\)"):
+        load_cache(path)
+    writer = CacheWriter.open(path, make_manifest(), ITEM_IDS)
+    assert writer.pending_chunks() == [1, 3, 4]
+    writer.close()
+    write(path)
+    reference = tmp_path / f"ref.{fmt}"
+    write(reference)
+    for got, want in zip(read_all(path), read_all(reference)):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert verify_store(path, check_fingerprint=False) == []
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import test_cache_store as t
+    from iisan.cache_store import CacheWriter
+    writer = CacheWriter.open({path!r}, t.make_manifest(), t.ITEM_IDS)
+    states, missing = t.item_states(), t.missing_flags()
+    for n, chunk in enumerate(writer.pending_chunks()):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # dies between chunks, without closing anything
+        p = writer.item_positions(chunk)
+        writer.write_chunk(chunk, states[p.start:p.stop], missing[p.start:p.stop])
+""")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_store_survives_a_sigkill_between_chunks(tmp_path, fmt):
+    path = tmp_path / f"m.{fmt}"
+    code = KILLER.format(tests=str(Path(__file__).parent), path=str(path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    with open_cache(path) as store:
+        assert store.backend.read_done().tolist() == [True, True, True, False, False]
+        assert not store.manifest.complete
+    write(path)
+    reference = tmp_path / f"ref.{fmt}"
+    write(reference)
+    for got, want in zip(read_all(path), read_all(reference)):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def _shard(path: str, rank: int) -> None:
+    write(Path(path), rank=rank, world=2)
+
+
+def test_two_processes_write_disjoint_chunks(tmp_path):
+    path = tmp_path / "m.zarr"
+    writer = CacheWriter.open(path, make_manifest(), ITEM_IDS, rank=0, world_size=2)  # rank 0 creates
+    assert writer.pending_chunks() == [0, 2, 4]
+    writer.close()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_shard, args=(str(path), rank)) for rank in (1, 0)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    rank1 = CacheWriter.open(path, make_manifest(), ITEM_IDS, rank=1, world_size=2)
+    assert rank1.pending_chunks() == [] and rank1.done().all()
+    rank1.close()
+    reference = tmp_path / "ref.zarr"
+    write(reference)
+    for got, want in zip(read_all(path), read_all(reference)):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    CacheWriter.open(path, make_manifest(), ITEM_IDS).finalize()
+    assert verify_store(path, check_fingerprint=False) == []
+
+
+def test_writer_rules(tmp_path):
+    with pytest.raises(CacheError, match="HDF5 stores take one writer"):
+        CacheWriter.open(tmp_path / "m.h5", make_manifest(), ITEM_IDS, rank=0, world_size=2)
+    with pytest.raises(CacheError, match="store does not exist yet"):
+        CacheWriter.open(tmp_path / "n.zarr", make_manifest(), ITEM_IDS, rank=1, world_size=2)
+    path = tmp_path / "m.zarr"
+    write(path, chunks=[0])
+    with pytest.raises(CacheError, match=r"cannot be resumed:\n  pooling: store has 'cls', this run has 'mean'"):
+        CacheWriter.open(path, make_manifest(pooling="mean"), ITEM_IDS)
+    writer = CacheWriter.open(path, make_manifest(), ITEM_IDS, rank=0, world_size=2)
+    with pytest.raises(CacheError, match="rank 0 does not own chunk 1"):
+        writer.write_chunk(1, np.zeros((64, K, D)))
+    with pytest.raises(CacheError, match=r"states shape \(10, 3, 8\), expected \(64, 3, 8\)"):
+        writer.write_chunk(2, np.zeros((10, K, D)))
+    bad = np.zeros((64, K, D))
+    bad[5, 1, 2] = np.nan
+    with pytest.raises(CacheError, match="NaN or Inf"):
+        writer.write_chunk(2, bad)
+    with pytest.raises(CacheError, match="overflow float16"):
+        writer.write_chunk(2, np.full((64, K, D), 1e6))
+    assert writer.done().tolist() == [True, False, False, False, False]
+    writer.close()
+    fresh = CacheWriter.open(path, make_manifest(pooling="mean"), ITEM_IDS, overwrite=True)
+    assert fresh.pending_chunks() == [0, 1, 2, 3, 4]
+    fresh.close()
+
+
+def test_store_path():
+    assert store_path("cache", "office", "minilm-l6") == Path("cache/office/minilm-l6.zarr")
+    assert store_path("cache", "office", "minilm-l6", "title") == Path("cache/office/minilm-l6.zarr")
+    assert store_path("c", "ml-100k", "minilm-l6", "year_genres", "h5") == Path("c/ml-100k/minilm-l6@year_genres.h5")
+
+
+@pytest.fixture
+def toy_registry(tmp_path, monkeypatch) -> Path:
+    """A registry with a `toy` dataset whose folder holds N_ITEMS items."""
+    data = tmp_path / "data"
+    write_tsv(data / "toy" / "items.tsv", [f"{i}\ttitle of {i}" for i in ITEM_IDS])
+    write_tsv(data / "toy" / "users.tsv", [f"u1\t{' '.join(ITEM_IDS[:6])}"])
+    registry = tmp_path / "pipelines.yaml"
+    registry.write_text("datasets:\n  toy: {}\n")
+    monkeypatch.setenv("IISAN_PIPELINES", str(registry))
+    monkeypatch.setenv("IISAN_DATA_DIR", str(data))
+    return data / "toy"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_verify_checks_fingerprint_and_values(tmp_path, toy_registry, fmt):
+    fingerprint = load_dataset("toy").fingerprint(["title"])
+    path = tmp_path / "cache" / "toy" / f"tiny-bert.{fmt}"
+    write(path, make_manifest(dataset_fingerprint=fingerprint))
+    assert verify_store(path) == []
+    result = CliRunner().invoke(cache_cli, ["verify", str(path)])
+    assert result.exit_code == 0 and result.output.strip().endswith(": ok")
+
+    # A changed title changes the fingerprint.
+    items = toy_registry / "items.tsv"
+    items.write_text(items.read_text().replace("title of item0007", "another title"))
+    (problem,) = verify_store(path)
+    assert "dataset fingerprint" in problem and "does not match the dataset" in problem
+    result = CliRunner().invoke(cache_cli, ["verify", str(path)])
+    assert result.exit_code == 1 and "does not match the dataset" in result.output
+
+    # NaN written behind the writer's back is found, with its row.
+    backend = backend_for(path).open(path, writable=True)
+    states = backend.group["states"] if fmt == "zarr" else backend.file["states"]
+    row = states[70]
+    row[1, 3] = np.inf
+    states[70] = row
+    backend.close()
+    problems = verify_store(path, check_fingerprint=False)
+    assert problems == ["1 row(s) hold NaN or Inf (first rows [70])"]
+
+
+def test_verify_without_the_dataset(tmp_path, toy_registry):
+    path = tmp_path / "m.zarr"
+    write(path, make_manifest(dataset="unknown-set"))
+    (problem,) = verify_store(path)
+    assert problem.startswith("cannot check the dataset fingerprint: unknown dataset 'unknown-set'")
+    assert verify_store(path, check_fingerprint=False) == []
+
+
+def test_stats_cli_lists_every_store(tmp_path):
+    root = tmp_path / "cache"
+    write(store_path(root, "toy", "tiny-bert"))
+    write(store_path(root, "toy", "tiny-bert", "year_genres", "h5"), make_manifest(dtype="float32",
+                                                                                   text_field="year_genres"))
+    write(store_path(root, "toy", "half"), make_manifest(model="half"), chunks=[1])
+    result = CliRunner().invoke(cache_cli, ["stats", str(root)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].split() == ["dataset", "model", "rows", "layers", "hidden", "dtype", "on", "disk", "all",
+                                "layers", "complete", "path"]
+    rows = {line.split()[1]: line.split() for line in lines[1:]}
+    assert set(rows) == {"tiny-bert", "tiny-bert@year_genres", "half"}
+    fp16 = rows["tiny-bert"]
+    assert fp16[2:6] == ["301", "3/5", "8", "float16"]
+    # all layers: 301 rows x 5 hidden states x 8 x 2 bytes = 24,080 B = 23.5 KiB
+    assert fp16[8:10] == ["23.5", "KiB"] and fp16[10] == "100.0%"
+    assert rows["tiny-bert@year_genres"][5] == "float32" and rows["tiny-bert@year_genres"][8:10] == ["47.0", "KiB"]
+    assert rows["half"][10] == "20.0%"
+    stat = store_stats(store_path(root, "toy", "tiny-bert"))
+    assert stat.bytes_on_disk >= 301 * 3 * 8 * 2  # uncompressed states alone
+
+
+def test_stats_cli_on_empty_and_broken(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cache_cli, ["stats", str(tmp_path)])
+    assert result.exit_code == 0 and "no cache stores found" in result.output
+    (tmp_path / "junk.zarr").mkdir()
+    result = runner.invoke(cache_cli, ["stats", str(tmp_path)])
+    assert result.exit_code == 1 and "junk.zarr" in result.output

@@ -1,0 +1,166 @@
+"""The registry (datasets by name, data roots, file-name overrides) and `iisan data stats`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from iisan.cli import main
+from iisan.data.dataset import load_dataset
+from iisan.data.images import ImageIndex, open_image
+from iisan.errors import DataError, RegistryError
+from iisan.registry import REPO_ROOT, data_roots, dataset_entry, dataset_names, locate_dataset
+
+from conftest import SCIENTIFIC, needs_posters, needs_scientific, write_tsv
+
+
+def test_registered_datasets():
+    assert {"scientific", "instrument", "office", "microlens", "ml-100k"} <= set(dataset_names())
+    entry = dataset_entry("instrument")
+    assert "Musical_Instruments_items.tsv" in entry.items
+    ml = dataset_entry("ml-100k")
+    assert ml.fields == ("title", "year_genres")
+    assert ml.images == ("images",) and ml.extra_images == ("ml-100k-posters/images",)
+    assert ml.fetch == "ml-100k"
+    with pytest.raises(RegistryError, match="unknown dataset 'nope'"):
+        dataset_entry("nope")
+
+
+def test_data_roots_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("IISAN_DATA_DIR", str(tmp_path / "mine"))
+    monkeypatch.chdir(tmp_path)
+    roots = data_roots()
+    assert roots[0] == (tmp_path / "mine").resolve()
+    assert roots[1] == (tmp_path / "data").resolve()
+    assert roots.index((REPO_ROOT.parent / "shared" / "data").resolve()) > 1
+
+
+def registry(tmp_path, monkeypatch, text: str) -> Path:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(text)
+    monkeypatch.setenv("IISAN_PIPELINES", str(path))
+    monkeypatch.setenv("IISAN_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_file_name_candidates_and_image_folders(tmp_path, monkeypatch):
+    data = registry(tmp_path, monkeypatch, """
+datasets:
+  inst:
+    dir: Instrument
+    items: [items.tsv, Musical_Instruments_items.tsv]
+    users: [users.tsv, am_Musical_Instruments_users_10K.tsv]
+    extra_images: [posters/images, not-there/images]
+""")
+    folder = data / "Instrument"
+    write_tsv(folder / "Musical_Instruments_items.tsv", ["a\tA", "b\tB", "c\tC"])
+    write_tsv(folder / "am_Musical_Instruments_users_10K.tsv", ["u\ta b c a b"])
+    (folder / "images").mkdir()
+    (data / "posters" / "images").mkdir(parents=True)
+    # Own images/ wins over the extra folder; .jpg wins over .png within a folder.
+    for name, target in [("a.png", folder / "images"), ("a.jpg", data / "posters" / "images"),
+                         ("b.png", data / "posters" / "images"), ("b.jpg", data / "posters" / "images")]:
+        (target / name).write_bytes(b"x")
+    loc = locate_dataset("inst")
+    assert loc.folder == folder.resolve()
+    assert loc.items_file.name == "Musical_Instruments_items.tsv"
+    assert loc.absent_image_dirs == ("not-there/images",)
+    index = ImageIndex.build(loc.image_dirs)
+    assert index.get("a") == folder.resolve() / "images" / "a.png"
+    assert index.get("b") == (data / "posters" / "images" / "b.jpg").resolve()
+    assert index.get("c") is None
+
+
+def test_missing_dataset_folder_and_files(tmp_path, monkeypatch):
+    data = registry(tmp_path, monkeypatch, "datasets:\n  ml-100k: {fetch: ml-100k}\n  toy: {}\n")
+    with pytest.raises(DataError, match=r"dataset folder not found in any data root .*run `iisan data fetch ml-100k`"):
+        locate_dataset("ml-100k")
+    write_tsv(data / "toy" / "items.tsv", ["a\tA"])
+    with pytest.raises(DataError, match=r"users file not found \(looked for users.tsv in "):
+        locate_dataset("toy")
+
+
+def test_registry_rejects_unknown_keys(tmp_path, monkeypatch):
+    registry(tmp_path, monkeypatch, "datasets:\n  toy: {itemz: x.tsv}\n")
+    with pytest.raises(RegistryError, match=r"dataset 'toy' has unknown keys \['itemz'\]"):
+        dataset_entry("toy")
+
+
+def test_missing_and_corrupt_images_are_reported_not_raised(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (5, 4), (10, 20, 30)).save(tmp_path / "good.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    image, why = open_image(tmp_path / "good.png")
+    assert why is None and image.size == (5, 4) and image.mode == "RGB"
+    image, why = open_image(tmp_path / "bad.jpg")
+    assert image is None and why.startswith(f"{tmp_path / 'bad.jpg'}: corrupt image")
+    assert open_image(tmp_path / "gone.jpg") == (None, f"{tmp_path / 'gone.jpg'}: file not found")
+    assert open_image(None) == (None, "no image file")
+
+
+def test_stats_cli_counts_corrupt_images(tmp_path, monkeypatch):
+    from PIL import Image
+
+    data = registry(tmp_path, monkeypatch, "datasets:\n  toy: {}\n")
+    ids = [f"i{k}" for k in range(6)]
+    write_tsv(data / "toy" / "items.tsv", [f"{i}\tTitle {i}" for i in ids] + ["i0\tdup"])
+    write_tsv(data / "toy" / "users.tsv", ["u1\t" + " ".join(ids), "u2\ti1 i2 zz"])
+    (data / "toy" / "images").mkdir()
+    for i in ids[:3]:
+        Image.new("RGB", (4, 4)).save(data / "toy" / "images" / f"{i}.jpg")
+    (data / "toy" / "images" / "i3.jpg").write_bytes(b"garbage")
+    result = CliRunner().invoke(main, ["data", "stats", "toy", "--check-images"])  # output holds stderr too
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "a duplicate item id, 1 time(s) (first at line 7)" in out
+    assert "an item id not in the items file, 1 time(s) (first at line 2)" in out
+    assert "items with an image        4  (2 take the missing-image path; 4 in the items file)" in out
+    assert "corrupt images             1  (e.g. " in out
+    strict = CliRunner().invoke(main, ["data", "stats", "toy", "--strict"])
+    assert strict.exit_code == 2 and "items.tsv:7: a duplicate item id" in strict.output
+
+
+@needs_scientific
+def test_stats_cli_scientific():
+    result = CliRunner().invoke(main, ["data", "stats", "scientific", "--data-dir", str(SCIENTIFIC)])
+    assert result.exit_code == 0, result.output
+    values = {line[:26].strip(): line[26:].strip() for line in result.output.splitlines()}
+    assert values["users"].startswith("12,076")
+    assert values["items"].startswith("20,314  (20,825 in the items file)")
+    assert values["interactions"].startswith("81,711  (85,211 before truncation)")
+    assert values["zero-popularity items"] == "4,008"
+    assert values["repeat targets valid/test"] == "723 / 621"
+    assert values["items with an image"].startswith("0 ")
+
+
+@needs_posters
+def test_stats_cli_ml100k(ml100k_dir):
+    result = CliRunner().invoke(main, ["data", "stats", "ml-100k", "--data-dir", str(ml100k_dir)])
+    assert result.exit_code == 0, result.output
+    values = {line[:26].strip(): line[26:].strip() for line in result.output.splitlines()}
+    assert [values[k].split()[0] for k in ("users", "items", "interactions", "zero-popularity items")] == \
+        ["943", "1,304", "12,259", "41"]
+    assert values["repeat targets valid/test"] == "0 / 0"
+    assert values["items with an image"].startswith("1,260  (44 take the missing-image path; 1,612")
+
+
+def test_fingerprint_covers_ids_fields_images_and_options(tmp_path, monkeypatch):
+    data = registry(tmp_path, monkeypatch, "datasets:\n  toy: {fields: [title, blurb]}\n")
+    write_tsv(data / "toy" / "items.tsv", ["a\tA\tx", "b\tB\ty"])
+    write_tsv(data / "toy" / "users.tsv", ["u\ta b a b a"])
+    ds = load_dataset("toy")
+    base = ds.fingerprint(["title"])
+    assert base == load_dataset("toy").fingerprint(["title"])  # deterministic
+    assert ds.fingerprint(["title"], extra={"text_clean": "raw"}) != base
+    assert ds.fingerprint(["blurb"]) != base
+    (data / "toy" / "images").mkdir()
+    (data / "toy" / "images" / "a.jpg").write_bytes(b"12345")
+    with_image = load_dataset("toy").fingerprint(["title"], images=True)
+    (data / "toy" / "images" / "a.jpg").write_bytes(b"123456")
+    assert load_dataset("toy").fingerprint(["title"], images=True) != with_image
+    write_tsv(data / "toy" / "items.tsv", ["a\tA\tx", "b\tB\tz"])
+    assert load_dataset("toy").fingerprint(["title"]) == base  # blurb is not part of a title cache
+    assert load_dataset("toy").fingerprint(["blurb"]) != ds.fingerprint(["blurb"])
