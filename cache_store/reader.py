@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from iisan.cache_store.backends import Backend, backend_for
 from iisan.cache_store.manifest import CacheError, Manifest
@@ -104,7 +105,8 @@ class CacheStore:
         # Map each store chunk to the output rows it feeds, then read chunks in order.
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        for chunk in range(m.n_chunks):
+        for chunk in tqdm(range(m.n_chunks), desc=f"loading {self.path.name}", unit="chunk", leave=False,
+                          disable=m.n_chunks < 64):
             span = m.chunk_range(chunk)
             lo, hi = np.searchsorted(sorted_rows, [span.start, span.stop])
             if lo == hi:

@@ -142,7 +142,9 @@ def locate_dataset(name: str, folder: str | Path | None = None) -> DatasetLocati
         roots = data_roots()
         found = [root / entry.dir for root in roots if (root / entry.dir).is_dir()]
         if not found:
-            hint = f"; run `iisan data fetch {entry.fetch}`" if entry.fetch else ""
+            hint = (f"; run `iisan data fetch {entry.fetch}`" if entry.fetch else
+                    f"; put a folder '{entry.dir}' holding {entry.items[0]} and {entry.users[0]} (IISAN TSV "
+                    f"format) in one of them, or set IISAN_DATA_DIR")
             raise DataError(entry.dir, "dataset folder not found in any data root ("
                             + ", ".join(str(r) for r in roots) + f"){hint}")
         folder = found[0]

@@ -74,9 +74,12 @@ datasets:
 
 
 def test_missing_dataset_folder_and_files(tmp_path, monkeypatch):
-    data = registry(tmp_path, monkeypatch, "datasets:\n  ml-100k: {fetch: ml-100k}\n  toy: {}\n")
+    data = registry(tmp_path, monkeypatch, "datasets:\n  fetchable: {fetch: ml-100k}\n  toy: {}\n  elsewhere: {}\n")
     with pytest.raises(DataError, match=r"dataset folder not found in any data root .*run `iisan data fetch ml-100k`"):
-        locate_dataset("ml-100k")
+        locate_dataset("fetchable")
+    with pytest.raises(DataError, match=r"^elsewhere: dataset folder not found .*put a folder 'elsewhere' holding "
+                                        r"items.tsv and users.tsv"):
+        locate_dataset("elsewhere")
     write_tsv(data / "toy" / "items.tsv", ["a\tA"])
     with pytest.raises(DataError, match=r"users file not found \(looked for users.tsv in "):
         locate_dataset("toy")
