@@ -12,12 +12,14 @@ export GPTQMODEL_CPU_WORKERS ?= 2
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "installing into $(VENV) (log: $(VENV)/install.log); the first time takes a few minutes"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned, so that no later requirement can pull a CUDA build.
-	$(PY) -m pip install --quiet -c constraints.txt torch
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
-	touch $@
+	@# torch first and pinned, so that no later requirement can pull a CUDA build.
+	@( $(PY) -m pip install --upgrade pip && \
+	   $(PY) -m pip install -c constraints.txt torch && \
+	   $(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS)]" ) > $(VENV)/install.log 2>&1 \
+	  || (tail -40 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1)
+	@touch $@
 
 # The main job on the embedded default dataset (MovieLens-100K from the recbole wheel on PyPI).
 demo: setup
@@ -28,6 +30,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # make data-stats DATASET=scientific
+DATASET ?= ml-100k
 data-stats: setup
 	$(VENV)/bin/iisan data stats $(DATASET)
 

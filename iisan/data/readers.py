@@ -73,6 +73,20 @@ def _lines(path: Path, report: DataReport) -> Iterator[tuple[int, str]]:
             yield number, text
 
 
+def _first_occurrence(path: Path, number: int, raw_id: str, what: str, seen: dict[str, int], report: DataReport,
+                      problem: str) -> str | None:
+    """The stripped id of a line, or None for a repeat of an earlier line's id (reported, first kept)."""
+    identifier = raw_id.strip()
+    if not identifier:
+        raise DataError(path, f"empty {what} id", number)
+    if identifier in seen:
+        report.add(path, number, problem, "kept the first occurrence",
+                   f"'{identifier}' first seen at line {seen[identifier]}")
+        return None
+    seen[identifier] = number
+    return identifier
+
+
 def read_items(path: str | Path, fields: tuple[str, ...] | list[str] = ("title",),
                report: DataReport | None = None) -> ItemTable:
     """Read an items file. A line holding only the id is accepted as an item with empty text (real files
@@ -90,14 +104,9 @@ def read_items(path: str | Path, fields: tuple[str, ...] | list[str] = ("title",
         if len(columns) != expected and len(columns) != 1:
             raise DataError(path, f"expected {expected} tab-separated columns (item_id, {', '.join(fields)}), "
                                   f"found {len(columns)}", number)
-        item_id = columns[0].strip()
-        if not item_id:
-            raise DataError(path, "empty item id", number)
-        if item_id in seen:
-            report.add(path, number, DUPLICATE_ITEM, "kept the first occurrence",
-                       f"'{item_id}' first seen at line {seen[item_id]}")
+        item_id = _first_occurrence(path, number, columns[0], "item", seen, report, DUPLICATE_ITEM)
+        if item_id is None:
             continue
-        seen[item_id] = number
         values = columns[1:] if len(columns) == expected else [""] * len(fields)
         if not values[0].strip():
             report.add(path, number, EMPTY_TITLE, "the item is kept with empty text", f"'{item_id}'")
@@ -122,14 +131,9 @@ def read_users(path: str | Path, items: ItemTable, report: DataReport | None = N
         if len(columns) != 2:
             raise DataError(path, f"expected 2 tab-separated columns (user_id, item ids), found {len(columns)}",
                             number)
-        user_id = columns[0].strip()
-        if not user_id:
-            raise DataError(path, "empty user id", number)
-        if user_id in seen:
-            report.add(path, number, DUPLICATE_USER, "kept the first occurrence",
-                       f"'{user_id}' first seen at line {seen[user_id]}")
+        user_id = _first_occurrence(path, number, columns[0], "user", seen, report, DUPLICATE_USER)
+        if user_id is None:
             continue
-        seen[user_id] = number
         sequence: list[str] = []
         for item_id in columns[1].split():
             if item_id in items.position:
