@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iisan import __version__
 from iisan.cache_store.backends import Backend, Hdf5Backend, backend_for, remove_store
 from iisan.cache_store.manifest import CacheError, Manifest
 
@@ -61,6 +62,8 @@ class CacheWriter:
         if rank == 0 and exists and overwrite:
             remove_store(path)
             exists = False
+        if not manifest.package_version:
+            manifest.package_version = __version__
         if not exists:
             if rank != 0:
                 raise CacheError(f"{path}: store does not exist yet (rank 0 creates it before other ranks attach)")

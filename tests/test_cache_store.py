@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import iisan
 import numpy as np
 import pytest
 import torch
@@ -85,7 +86,8 @@ def test_round_trip_is_exact(tmp_path, fmt, dtype):
     assert loaded.layers == LAYERS
     assert torch.equal(loaded.states[1:], torch.from_numpy(item_states().astype(dtype).astype(np.float32)))
     with open_cache(path) as store:
-        assert store.manifest.complete and store.manifest == make_manifest(dtype, complete=True)
+        assert store.manifest.complete and store.manifest.package_version == iisan.__version__
+        assert store.manifest == make_manifest(dtype, complete=True, package_version=iisan.__version__)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
