@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from iisan.cli import main
 from iisan.data.dataset import load_dataset
-from iisan.data.images import ImageIndex, open_image
+from iisan.data.images import PLACEHOLDER_RGB, ImageIndex, load_item_images, open_image
 from iisan.errors import DataError, RegistryError
 from iisan.registry import REPO_ROOT, data_roots, dataset_entry, dataset_names, locate_dataset
 
@@ -167,3 +167,30 @@ def test_fingerprint_covers_ids_fields_images_and_options(tmp_path, monkeypatch)
     write_tsv(data / "toy" / "items.tsv", ["a\tA\tx", "b\tB\tz"])
     assert load_dataset("toy").fingerprint(["title"]) == base  # blurb is not part of a title cache
     assert load_dataset("toy").fingerprint(["blurb"]) != ds.fingerprint(["blurb"])
+
+
+def test_bad_images_become_placeholders_flagged_in_the_cache(tmp_path):
+    """A batch with a good, a corrupt and a missing image: no crash, and the cache's `missing` says which."""
+    import numpy as np
+    from PIL import Image
+
+    from iisan.cache_store import CacheWriter, Manifest, open_cache
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(folder / "good.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    ids = ["good", "broken", "absent"]
+    images, missing, problems = load_item_images(ImageIndex.build([folder]), ids)
+    assert missing == [False, True, True]
+    assert images[0].size == (8, 6)
+    assert images[1].size == (224, 224) and images[1].getpixel((0, 0)) == PLACEHOLDER_RGB
+    assert problems[0].startswith("item 'broken': ") and "corrupt image" in problems[0]
+    assert problems[1] == "item 'absent': no image file"
+    manifest = Manifest(dataset="toy", dataset_fingerprint="f", model="m", model_source="s", pooling="cls",
+                        layers=[0], total_layers=1, hidden_size=2, rows=4)
+    path = tmp_path / "m.zarr"
+    with CacheWriter.open(path, manifest, ids) as writer:
+        writer.write_chunk(0, np.zeros((3, 1, 2)), missing)
+    with open_cache(path) as store:
+        assert store.backend.read_missing().tolist() == [False, False, True, True]

@@ -62,3 +62,23 @@ def open_image(path: Path | None) -> tuple[Image.Image | None, str | None]:
         return None, f"{path}: file not found"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return None, f"{path}: corrupt image ({e.__class__.__name__}: {e})"
+
+
+PLACEHOLDER_RGB = (128, 128, 128)  # mid-grey: what a missing or unreadable image is encoded as
+
+
+def load_item_images(index: ImageIndex, item_ids: list[str],
+                     placeholder_size: tuple[int, int] = (224, 224)) -> tuple[list[Image.Image], list[bool], list[str]]:
+    """The images of a batch of items, in order. A missing or corrupt image becomes a mid-grey placeholder,
+    its `missing` flag is set, and the reason is returned; a batch never fails on one bad file."""
+    images: list[Image.Image] = []
+    missing: list[bool] = []
+    problems: list[str] = []
+    for item_id in item_ids:
+        image, why = open_image(index.get(item_id))
+        if image is None:
+            image = Image.new("RGB", placeholder_size, PLACEHOLDER_RGB)
+            problems.append(f"item '{item_id}': {why}")
+        images.append(image)
+        missing.append(why is not None)
+    return images, missing, problems
