@@ -57,6 +57,8 @@ class Backend:
     def shape(self) -> tuple[int, ...]: ...
     def dtype(self) -> np.dtype: ...
     def read_done(self) -> np.ndarray: ...
+    def array_dtypes(self) -> dict[str, str]: ...
+    def chunk_file_present(self, chunk: int) -> bool: ...
     def read_missing(self) -> np.ndarray: ...
     def read_item_ids(self) -> list[str]: ...
     def read_rows(self, start: int, stop: int) -> np.ndarray: ...
@@ -76,6 +78,13 @@ def remove_store(path: Path) -> None:
         path.unlink()
 
 
+def _temporary_sibling(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a creation that was killed
+        remove_store(stale)
+    return path.with_name(f".{path.name}.creating-{os.getpid()}")
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -93,18 +102,24 @@ class ZarrBackend(Backend):
     def create(cls, path: Path, manifest: Manifest, item_ids: list[str]) -> "ZarrBackend":
         import zarr
 
-        group = zarr.open_group(str(path), mode="w")
+        # Built under a temporary name and renamed into place: a store that exists is whole.
+        tmp = _temporary_sibling(path)
+        group = zarr.open_group(str(tmp), mode="w")
         K, D, C = len(manifest.layers), manifest.hidden_size, manifest.chunk_rows
+        # write_empty_chunks: every chunk flagged done has its file, even an all-zero one, so verify can
+        # tell a lost chunk file from data.
+        always = {"write_empty_chunks": True}
         group.create_array("states", shape=(manifest.rows, K, D), chunks=(C, K, D), dtype=manifest.storage_dtype,
-                           fill_value=0, compressors=None)
+                           fill_value=0, compressors=None, config=always)
         group.create_array("missing", shape=(manifest.rows,), chunks=(C,), dtype="bool", fill_value=False,
-                           compressors=None)
+                           compressors=None, config=always)
         group.create_array("done", shape=(manifest.n_chunks,), chunks=(1,), dtype="bool", fill_value=False,
                            compressors=None)
         ids = group.create_array("item_ids", shape=(manifest.rows,), chunks=(manifest.rows,), dtype=str)
         ids[:] = np.asarray([""] + list(item_ids), dtype=object)
         group.attrs[MANIFEST_KEY] = manifest.to_dict()
-        return cls(path, group)
+        os.rename(tmp, path)
+        return cls.open(path, writable=True)
 
     @classmethod
     def open(cls, path: Path, writable: bool = False) -> "ZarrBackend":
@@ -114,12 +129,19 @@ class ZarrBackend(Backend):
             raise CacheError(f"{path}: cache store not found")
         try:
             group = zarr.open_group(str(path), mode="r+" if writable else "r")
-        except Exception as e:  # zarr raises several types for a folder that is not a group
+            for name in ("states", "missing", "done", "item_ids"):
+                if name not in group:
+                    raise CacheError(f"{path}: array '{name}' missing")
+                group[name]  # parse each array's metadata now, not halfway through a read
+        except CacheError:
+            raise
+        except Exception as e:  # zarr raises several types for damaged metadata
             raise CacheError(f"{path}: not a readable zarr store ({e.__class__.__name__}: {e})") from None
-        for name in ("states", "missing", "done", "item_ids"):
-            if name not in group:
-                raise CacheError(f"{path}: array '{name}' missing")
         return cls(path, group)
+
+    def chunk_file_present(self, chunk: int) -> bool:
+        array = self.group["states"]
+        return (self.path / array.path / array.metadata.encode_chunk_key((chunk, 0, 0))).is_file()
 
     def _raw_manifest(self) -> dict | None:
         raw = self.group.attrs.get(MANIFEST_KEY)
@@ -133,6 +155,9 @@ class ZarrBackend(Backend):
 
     def dtype(self) -> np.dtype:
         return np.dtype(self.group["states"].dtype)
+
+    def array_dtypes(self) -> dict[str, str]:
+        return {name: str(self.group[name].dtype) for name in ("missing", "done")}
 
     def read_done(self) -> np.ndarray:
         return np.asarray(self.group["done"][:], dtype=bool)
@@ -171,8 +196,8 @@ class Hdf5Backend(Backend):
     def create(cls, path: Path, manifest: Manifest, item_ids: list[str]) -> "Hdf5Backend":
         import h5py
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = cls._h5open(path, "w")
+        tmp = _temporary_sibling(path)
+        f = cls._h5open(tmp, "w")
         K, D, C = len(manifest.layers), manifest.hidden_size, manifest.chunk_rows
         f.create_dataset("states", shape=(manifest.rows, K, D), chunks=(min(C, manifest.rows), K, D),
                          dtype=manifest.storage_dtype, fillvalue=0)
@@ -181,8 +206,9 @@ class Hdf5Backend(Backend):
         f.create_dataset("item_ids", data=np.asarray([""] + list(item_ids), dtype=object),
                          dtype=h5py.string_dtype("utf-8"))
         f.attrs[MANIFEST_KEY] = json.dumps(manifest.to_dict())
-        f.flush()
-        return cls(path, f)
+        f.close()
+        os.rename(tmp, path)
+        return cls.open(path, writable=True)
 
     @staticmethod
     def _h5open(path: Path, mode: str):
@@ -191,7 +217,8 @@ class Hdf5Backend(Backend):
         try:
             return h5py.File(path, mode)
         except OSError as e:
-            if "lock" in str(e).lower() or "already open" in str(e).lower():
+            text = str(e).lower()
+            if "unable to lock file" in text or "already open for write" in text:
                 raise CacheError(f"{path}: HDF5 store is open by another writer (HDF5 takes one writer; "
                                  f"use a .zarr store for sharded extraction)") from None
             raise CacheError(f"{path}: not a readable HDF5 file ({e}); if an extraction was killed while "
@@ -226,6 +253,12 @@ class Hdf5Backend(Backend):
 
     def dtype(self) -> np.dtype:
         return np.dtype(self.file["states"].dtype)
+
+    def array_dtypes(self) -> dict[str, str]:
+        return {name: str(self.file[name].dtype) for name in ("missing", "done")}
+
+    def chunk_file_present(self, chunk: int) -> bool:
+        return True  # one file: a lost chunk cannot happen apart from the file itself
 
     def read_done(self) -> np.ndarray:
         return np.asarray(self.file["done"][:], dtype=bool)

@@ -56,7 +56,7 @@ def verify(path: Path, data_dir: Path | None, skip_fingerprint: bool) -> None:
     problems = verify_store(path, data_dir, check_fingerprint=not skip_fingerprint)
     if problems:
         for problem in problems:
-            click.echo(f"{path}: {problem}", err=True)
+            click.echo(problem if problem.startswith(str(path)) else f"{path}: {problem}", err=True)
         sys.exit(1)
     click.echo(f"{path}: ok")
 

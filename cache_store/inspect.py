@@ -80,41 +80,65 @@ def format_stats(rows: list[StoreStats]) -> str:
 
 
 def verify_store(path: Path, data_dir: Path | None = None, check_fingerprint: bool = True) -> list[str]:
-    """Every problem found, as messages; an empty list means the store is sound."""
+    """Every problem found, as messages; an empty list means the store is sound. Never raises on a damaged
+    store: whatever cannot be read is itself reported."""
     try:
         store: CacheStore = CacheStore(backend_for(path).open(path))
     except CacheError as e:
         return [str(e)]
+    except Exception as e:  # damaged metadata of any kind
+        return [f"unreadable store ({e.__class__.__name__}: {e})"]
     problems: list[str] = []
     with store:
-        m, b = store.manifest, store.backend
-        expected_shape = (m.rows, len(m.layers), m.hidden_size)
-        if b.shape() != expected_shape:
-            problems.append(f"states shape {b.shape()}, manifest implies {expected_shape}")
-        if b.dtype() != np.dtype(m.storage_dtype):
-            problems.append(f"states dtype {b.dtype()}, manifest says {m.storage_dtype}")
-        item_ids = b.read_item_ids()
-        if len(item_ids) != m.rows:
-            problems.append(f"item_ids has {len(item_ids)} rows, states has {m.rows}")
-        elif item_ids[0] != "" or any(not i for i in item_ids[1:]):
-            problems.append("item_ids: row 0 must be empty and every other row an id")
-        elif len(set(item_ids)) != len(item_ids):
-            problems.append("item_ids repeat")
-        missing, done = b.read_missing(), b.read_done()
-        if len(missing) != m.rows:
-            problems.append(f"missing has {len(missing)} rows, states has {m.rows}")
-        if len(done) != m.n_chunks:
-            problems.append(f"done has {len(done)} flags for {m.n_chunks} chunks")
-        elif not done.all():
-            problems.append(f"incomplete: {int(done.sum())} of {len(done)} chunks done "
-                            f"(re-run `iisan extract --model {m.model} --dataset {m.dataset}` to complete it)")
-        elif not m.complete:
-            problems.append("every chunk is done but the manifest is not marked complete (the writer did not "
-                            "finalize; re-run the extraction to finalize)")
-        if not problems:
-            problems += _scan_values(store)
+        try:
+            problems += _check_structure(store)
+            if not problems:
+                problems += _scan_values(store)
+        except Exception as e:
+            problems.append(f"unreadable data ({e.__class__.__name__}: {e})")
         if check_fingerprint:
-            problems += _check_fingerprint(store, item_ids, data_dir)
+            try:
+                problems += _check_fingerprint(store, store.backend.read_item_ids(), data_dir)
+            except Exception as e:
+                problems.append(f"cannot check the dataset fingerprint ({e.__class__.__name__}: {e})")
+    return problems
+
+
+def _check_structure(store: CacheStore) -> list[str]:
+    m, b, problems = store.manifest, store.backend, []
+    expected_shape = (m.rows, len(m.layers), m.hidden_size)
+    if b.shape() != expected_shape:
+        problems.append(f"states shape {b.shape()}, manifest implies {expected_shape}")
+    if b.dtype() != np.dtype(m.storage_dtype):
+        problems.append(f"states dtype {b.dtype()}, manifest says {m.storage_dtype}")
+    for name, dtype in b.array_dtypes().items():
+        if dtype != "bool":
+            problems.append(f"{name} dtype {dtype}, expected bool")
+    item_ids = b.read_item_ids()
+    if len(item_ids) != m.rows:
+        problems.append(f"item_ids has {len(item_ids)} rows, states has {m.rows}")
+    elif item_ids[0] != "" or any(not i for i in item_ids[1:]):
+        problems.append("item_ids: row 0 must be empty and every other row an id")
+    elif len(set(item_ids)) != len(item_ids):
+        problems.append("item_ids repeat")
+    missing, done = b.read_missing(), b.read_done()
+    if len(missing) != m.rows:
+        problems.append(f"missing has {len(missing)} rows, states has {m.rows}")
+    elif missing[0]:
+        problems.append("row 0 (padding) is flagged missing")
+    if len(done) != m.n_chunks:
+        problems.append(f"done has {len(done)} flags for {m.n_chunks} chunks")
+        return problems
+    lost = [c for c in range(m.n_chunks) if done[c] and not b.chunk_file_present(c)]
+    if lost:
+        problems.append(f"{len(lost)} chunk(s) flagged done have no data file (first: {lost[:5]}); "
+                        f"re-extract the store")
+    if not done.all():
+        problems.append(f"incomplete: {int(done.sum())} of {len(done)} chunks done "
+                        f"(re-run `iisan extract --model {m.model} --dataset {m.dataset}` to complete it)")
+    elif not m.complete:
+        problems.append("every chunk is done but the manifest is not marked complete (the writer did not "
+                        "finalize; re-run the extraction to finalize)")
     return problems
 
 
@@ -124,7 +148,12 @@ def _scan_values(store: CacheStore) -> list[str]:
     first_bad: list[int] = []
     for chunk in range(m.n_chunks):
         span = m.chunk_range(chunk)
-        block = store.backend.read_rows(span.start, span.stop).astype(np.float32)
+        try:
+            block = store.backend.read_rows(span.start, span.stop).astype(np.float32)
+        except Exception as e:
+            problems.append(f"chunk {chunk} (rows {span.start}..{span.stop - 1}) is unreadable "
+                            f"({e.__class__.__name__}: {e})")
+            continue
         if chunk == 0 and np.any(block[0] != 0):
             problems.append("row 0 (padding) is not all zeros")
         bad = ~np.isfinite(block).all(axis=(1, 2))

@@ -50,6 +50,9 @@ class Manifest:
             raise CacheError(f"storage dtype '{self.storage_dtype}' not one of {', '.join(STORAGE_DTYPES)}")
         if self.pooling not in POOLINGS:
             raise CacheError(f"pooling '{self.pooling}' not one of {', '.join(POOLINGS)}")
+        for name in ("total_layers", "hidden_size", "rows", "chunk_rows"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise CacheError(f"manifest field {name} = {getattr(self, name)!r} is not an integer")
         self.layers = [int(i) for i in self.layers]
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise CacheError(f"layers {self.layers}: need at least one, without repeats")
@@ -81,4 +84,9 @@ class Manifest:
                    and f.default_factory is dataclasses.MISSING]
         if missing:
             raise CacheError(f"{where}: manifest lacks {', '.join(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except CacheError as e:
+            raise CacheError(f"{where}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise CacheError(f"{where}: manifest has a field of the wrong type ({e})") from None

@@ -70,7 +70,11 @@ class CacheStore:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.path = backend.path
-        self.manifest = backend.manifest()
+        try:
+            self.manifest = backend.manifest()
+        except Exception:
+            backend.close()
+            raise
 
     def done_fraction(self) -> float:
         done = self.backend.read_done()

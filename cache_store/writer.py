@@ -56,9 +56,12 @@ class CacheWriter:
             raise CacheError(f"{path}: HDF5 stores take one writer; use a .zarr store for {world_size} processes")
         if len(item_ids) + 1 != manifest.rows:
             raise CacheError(f"{path}: manifest says {manifest.rows} rows but {len(item_ids)} items + row 0 given")
+        if any(not item for item in item_ids):
+            raise CacheError(f"{path}: an item id is empty (\"\" marks row 0, the padding row)")
         if len(set(item_ids)) != len(item_ids):
             raise CacheError(f"{path}: item ids repeat; the cache needs one row per distinct item")
         exists = path.exists()
+        # Only rank 0 deletes or creates; other ranks attach after it (the caller holds a barrier).
         if rank == 0 and exists and overwrite:
             remove_store(path)
             exists = False

@@ -1,6 +1,7 @@
 """The registry `pipelines.yaml`: datasets (and, in later stages, models and pipelines) by name.
 
-Where the registry is: `$IISAN_PIPELINES` if set, else the `pipelines.yaml` at the repository root.
+Where the registry is: `$IISAN_PIPELINES` if set, else the `pipelines.yaml` at the repository root (or the
+copy a wheel install puts under `<prefix>/share/iisan-versa/`).
 Where dataset folders are: `$IISAN_DATA_DIR` (several folders separated by `os.pathsep`), then `./data`,
 then `../shared/data` (both relative to the working directory and to the repository root).
 """
@@ -8,6 +9,7 @@ then `../shared/data` (both relative to the working directory and to the reposit
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +23,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def registry_path() -> Path:
-    return Path(os.environ.get("IISAN_PIPELINES", REPO_ROOT / "pipelines.yaml"))
+    """$IISAN_PIPELINES, else the repository's pipelines.yaml (source checkout or editable install), else
+    the copy a wheel installs under <prefix>/share/iisan-versa."""
+    if os.environ.get("IISAN_PIPELINES"):
+        return Path(os.environ["IISAN_PIPELINES"])
+    in_repo = REPO_ROOT / "pipelines.yaml"
+    installed = Path(sys.prefix) / "share" / "iisan-versa" / "pipelines.yaml"
+    return in_repo if in_repo.is_file() or not installed.is_file() else installed
 
 
 @lru_cache(maxsize=8)

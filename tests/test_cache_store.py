@@ -194,7 +194,7 @@ def test_store_survives_a_sigkill_between_chunks(tmp_path, fmt):
 
 
 def _shard(path: str, rank: int) -> None:
-    write(Path(path), rank=rank, world=2)
+    write(Path(path), rank=rank, world=2, seed=rank)  # each rank writes its own data: overlaps would show
 
 
 def test_two_processes_write_disjoint_chunks(tmp_path):
@@ -212,12 +212,59 @@ def test_two_processes_write_disjoint_chunks(tmp_path):
     rank1 = CacheWriter.open(path, make_manifest(), ITEM_IDS, rank=1, world_size=2)
     assert rank1.pending_chunks() == [] and rank1.done().all()
     rank1.close()
-    reference = tmp_path / "ref.zarr"
-    write(reference)
-    for got, want in zip(read_all(path), read_all(reference)):
-        assert np.array_equal(np.asarray(got), np.asarray(want))
+    states, _, _ = read_all(path)
+    by_rank = [item_states(0).astype(np.float16), item_states(1).astype(np.float16)]
+    for chunk in range(5):
+        rows = make_manifest().chunk_range(chunk)
+        lo = max(rows.start, 1)
+        assert np.array_equal(states[lo:rows.stop], by_rank[chunk % 2][lo - 1:rows.stop - 1]), chunk
     CacheWriter.open(path, make_manifest(), ITEM_IDS).finalize()
     assert verify_store(path, check_fingerprint=False) == []
+
+
+RANDOM_KILLER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import test_cache_store as t
+    from iisan.cache_store import CacheWriter
+    print("go", flush=True)
+    manifest = t.make_manifest(chunk_rows=4)
+    states, missing = t.item_states(), t.missing_flags()
+    writer = CacheWriter.open({path!r}, manifest, t.ITEM_IDS)
+    for chunk in writer.pending_chunks():
+        p = writer.item_positions(chunk)
+        writer.write_chunk(chunk, states[p.start:p.stop], missing[p.start:p.stop])
+    writer.finalize()
+""")
+
+
+def test_zarr_store_survives_sigkill_at_any_moment(tmp_path):
+    """Kill a writer of 76 small chunks after random delays (creation included), resume each time: the
+    finished store equals an uninterrupted one."""
+    import random
+    import time
+
+    path = tmp_path / "m.zarr"
+    code = RANDOM_KILLER.format(tests=str(Path(__file__).parent), path=str(path))
+    rng = random.Random(3)
+    kills = 0
+    for attempt in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.readline()
+        time.sleep(rng.uniform(0.0, 0.4) if attempt else 0.0)
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        assert proc.returncode in (0, -signal.SIGKILL), err.decode()
+        kills += proc.returncode == -signal.SIGKILL
+    assert kills >= 4
+    done = write(path, make_manifest(chunk_rows=4))
+    assert done.manifest.complete
+    reference = tmp_path / "ref.zarr"
+    write(reference, make_manifest(chunk_rows=4))
+    for got, want in zip(read_all(path), read_all(reference)):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert verify_store(path, check_fingerprint=False) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-created stores left
 
 
 def test_writer_rules(tmp_path):
@@ -322,7 +369,8 @@ def test_stats_cli_lists_every_store(tmp_path):
     assert rows["tiny-bert@year_genres"][5] == "float32" and rows["tiny-bert@year_genres"][8:10] == ["47.0", "KiB"]
     assert rows["half"][10] == "20.0%"
     stat = store_stats(store_path(root, "toy", "tiny-bert"))
-    assert stat.bytes_on_disk >= 301 * 3 * 8 * 2  # uncompressed states alone
+    states_bytes = 5 * CHUNK * K * D * 2  # 5 uncompressed full chunks (zarr pads the last one)
+    assert states_bytes < stat.bytes_on_disk < states_bytes + 16 * 1024  # + ids, flags, metadata
 
 
 def test_stats_cli_on_empty_and_broken(tmp_path):
@@ -332,3 +380,98 @@ def test_stats_cli_on_empty_and_broken(tmp_path):
     (tmp_path / "junk.zarr").mkdir()
     result = runner.invoke(cache_cli, ["stats", str(tmp_path)])
     assert result.exit_code == 1 and "junk.zarr" in result.output
+
+
+def _zarr_json(path, name):
+    import json
+    file = path / name / "zarr.json"
+    return file, json.loads(file.read_text())
+
+
+def damage_lost_chunk(path):
+    (path / "states" / "c" / "1" / "0" / "0").unlink()
+
+
+def damage_row0(path):
+    import zarr
+    zarr.open_group(str(path), mode="r+")["states"][0, 1, 1] = 1.0
+
+
+def damage_missing_dtype(path):
+    import zarr
+    group = zarr.open_group(str(path), mode="r+")
+    del group["missing"]
+    group.create_array("missing", shape=(N_ITEMS + 1,), chunks=(CHUNK,), dtype="int8", fill_value=0)
+
+
+def damage_hidden_size(path):
+    import zarr
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["iisan"] = {**group.attrs["iisan"], "hidden_size": D + 1}
+
+
+def damage_storage_dtype(path):
+    import zarr
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["iisan"] = {**group.attrs["iisan"], "storage_dtype": "float32"}
+
+
+def damage_manifest_type(path):
+    import zarr
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["iisan"] = {**group.attrs["iisan"], "rows": str(N_ITEMS + 1)}
+
+
+def damage_metadata(path):
+    file, _ = _zarr_json(path, "states")
+    file.write_text("{ not json")
+
+
+def damage_chunk_bytes(path):
+    chunk = path / "states" / "c" / "2" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+
+
+def damage_done_length(path):
+    import zarr
+    group = zarr.open_group(str(path), mode="r+")
+    del group["done"]
+    group.create_array("done", shape=(3,), chunks=(1,), dtype="bool", fill_value=True)
+
+
+def damage_not_finalized(path):
+    import zarr
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["iisan"] = {**group.attrs["iisan"], "complete": False}
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (damage_lost_chunk, "1 chunk(s) flagged done have no data file (first: [1])"),
+    (damage_row0, "row 0 (padding) is not all zeros"),
+    (damage_missing_dtype, "missing dtype int8, expected bool"),
+    (damage_hidden_size, "states shape (301, 3, 8), manifest implies (301, 3, 9)"),
+    (damage_storage_dtype, "states dtype float16, manifest says float32"),
+    (damage_manifest_type, "manifest field rows = '301' is not an integer"),
+    (damage_metadata, "not a readable zarr store (JSONDecodeError"),
+    (damage_chunk_bytes, "chunk 2 (rows 128..191) is unreadable"),
+    (damage_done_length, "done has 3 flags for 5 chunks"),
+    (damage_not_finalized, "every chunk is done but the manifest is not marked complete"),
+])
+def test_verify_reports_each_kind_of_damage(tmp_path, damage, expected):
+    path = tmp_path / "m.zarr"
+    write(path)
+    assert verify_store(path, check_fingerprint=False) == []
+    damage(path)
+    problems = verify_store(path, check_fingerprint=False)
+    assert len(problems) == 1 and expected in problems[0], problems
+    result = CliRunner().invoke(cache_cli, ["verify", "--skip-fingerprint", str(path)])
+    assert result.exit_code == 1 and expected in result.output
+
+
+def test_verify_reports_a_truncated_hdf5_file(tmp_path):
+    path = tmp_path / "m.h5"
+    write(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (problem,) = verify_store(path, check_fingerprint=False)
+    assert problem.startswith(f"{path}: not a readable HDF5 file")
+    assert "delete the file and extract again" in problem

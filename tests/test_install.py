@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,8 @@ def test_stage_folders_import_under_the_namespace(stage, tmp_path):
 
 @pytest.mark.parametrize("script, expected", [("iisan", "data"), ("cache_store", "verify")])
 def test_console_scripts(script, expected):
-    path = shutil.which(script, path=str(Path(sys.executable).parent)) or shutil.which(script)
-    assert path is not None, f"console script {script} not installed"
-    result = subprocess.run([path, "--help"], capture_output=True, text=True, env={**os.environ})
+    path = shutil.which(script, path=str(Path(sys.executable).parent))  # the environment running the tests
+    assert path is not None, f"console script {script} not installed next to {sys.executable}"
+    result = subprocess.run([path, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and expected in result.stdout
+    assert result.stdout.startswith(f"Usage: {script} [OPTIONS] COMMAND [ARGS]...")

@@ -33,6 +33,8 @@ def test_reads_users_in_order(tmp_path):
     (["a\tA", "b\tB\textra"], 2, "expected 2 tab-separated columns (item_id, title), found 3"),
     (["a\tA", "\tno id"], 2, "empty item id"),
     (["a\tA", "b\tB", " \tB2"], 3, "empty item id"),
+    (["a\tA", "b Title with spaces"], 2, "item id 'b Title with spaces' contains whitespace (are the columns "
+                                         "separated by tabs?)"),
 ])
 def test_malformed_item_lines_name_file_and_line(tmp_path, lines, line, problem):
     path = write_tsv(tmp_path / "items.tsv", lines)
@@ -58,6 +60,9 @@ def test_malformed_user_lines_name_file_and_line(tmp_path, lines, line, problem)
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"items\.tsv: file not found"):
         read_items(tmp_path / "items.tsv")
+    items = read_items(write_tsv(tmp_path / "items.tsv", ["a\tA"]))
+    with pytest.raises(DataError, match=r"users\.tsv: file not found"):
+        read_users(tmp_path / "users.tsv", items)
 
 
 def test_duplicate_item_keeps_first_and_warns_with_count_and_lines(tmp_path):

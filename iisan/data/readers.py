@@ -104,6 +104,9 @@ def read_items(path: str | Path, fields: tuple[str, ...] | list[str] = ("title",
         if len(columns) != expected and len(columns) != 1:
             raise DataError(path, f"expected {expected} tab-separated columns (item_id, {', '.join(fields)}), "
                                   f"found {len(columns)}", number)
+        if len(columns[0].split()) > 1:  # histories are split on whitespace: such an id could never be used
+            raise DataError(path, f"item id {columns[0].strip()!r} contains whitespace (are the columns "
+                                  f"separated by tabs?)", number)
         item_id = _first_occurrence(path, number, columns[0], "item", seen, report, DUPLICATE_ITEM)
         if item_id is None:
             continue
