@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev,gptq,bnb
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: setup demo test data-stats clean
+.PHONY: setup demo test data-stats bench-cache clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: setup
 DATASET ?= ml-100k
 data-stats: setup
 	$(VENV)/bin/iisan data stats $(DATASET)
+
+# Cache I/O: write, load and gather at Scientific's size, zarr vs HDF5.
+bench-cache: setup
+	$(PY) -m iisan.cache_store.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
