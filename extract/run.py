@@ -1,0 +1,200 @@
+"""Stage 1 as one readable recipe: dataset -> frozen backbone -> pooled states of the kept layers -> cache.
+
+Every item of the items file is encoded once, in file order, chunk by chunk; a chunk's `done` flag is set
+only after its data is durable, so a re-run (after a crash or a kill) encodes only the chunks not flagged.
+Under torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK) each rank takes whole chunks
+(c % world == rank); rank 0 alone creates and finalizes the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from iisan import __version__
+from iisan.cache_store import CacheWriter, Manifest, store_path
+from iisan.data.dataset import Dataset, load_dataset
+from iisan.errors import IisanError
+from iisan.extract.encode import TEXT_CLEAN, ChunkEncoder
+from iisan.extract.layers import select_layers
+from iisan.extract.models import (Backbone, BackboneInfo, ModelSpec, describe_backbone, load_backbone,
+                                  load_preprocessor, model_spec, pick_device)
+
+
+@dataclass
+class ExtractConfig:
+    """Options of `iisan extract` (defaults here; the model's registry entry fills the rest)."""
+
+    model: str = field(metadata={"help": "model name in the registry"})
+    dataset: str = field(metadata={"help": "dataset name in the registry"})
+    text_field: str | None = field(default=None, metadata={"help": "text field to encode (text models; default title)"})
+    layers: str | None = field(default=None, metadata={"help": "even | remove_first | group:<L> | all | i,j,…"})
+    out: Path = field(default=Path("cache"), metadata={"help": "cache root: stores go to OUT/<dataset>/"})
+    fmt: str = field(default="zarr", metadata={"help": "zarr | h5"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if present) | cpu | cuda | cuda:N"})
+    batch_size: int | None = field(default=None, metadata={"help": "items per forward (registry default)"})
+    chunk_rows: int = field(default=256, metadata={"help": "rows per chunk (the unit of resume / sharding)"})
+    text_clean: str = field(default="clean", metadata={"help": "clean (unescape + strip) | raw (reference)"})
+    storage_dtype: str = field(default="float16", metadata={"help": "float16 | float32"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a store written for something else"})
+    data_dir: Path | None = field(default=None, metadata={"help": "the dataset folder (default: by name)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    rank: int
+    world_size: int
+    chunks_written: list[int]
+    chunks_skipped: int
+    items_encoded: int
+    seconds: float
+    load_seconds: float
+    complete: bool
+    missing: int
+    problems: list[str]
+
+    def summary(self) -> str:
+        who = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
+        state = f"store {'complete' if self.complete else 'incomplete'}: {self.path}"
+        if not self.chunks_written:
+            return f"{who}nothing to encode: {self.chunks_skipped} chunk(s) already done; {state}"
+        rate = self.items_encoded / self.seconds if self.seconds > 0 else 0.0
+        return (f"{who}encoded {self.items_encoded:,} items in {len(self.chunks_written)} chunk(s) "
+                f"{self.chunks_written} in {self.seconds:.1f} s ({rate:,.1f} items/s; model load "
+                f"{self.load_seconds:.1f} s); {self.chunks_skipped} chunk(s) already done; {self.missing:,} "
+                f"item(s) flagged missing; {state}")
+
+
+def distributed_context() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment; joins the process group if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return rank, world, local
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _preprocessing(spec: ModelSpec, preprocessor, cfg: ExtractConfig) -> dict:
+    if spec.kind == "text":
+        return {"max_tokens": spec.max_tokens, "text_clean": cfg.text_clean, "truncation": True,
+                "tokenizer": type(preprocessor).__name__, "padding_side": getattr(preprocessor, "padding_side", "")}
+    settings = preprocessor.to_dict()
+    return {"image_processor": json.loads(json.dumps(settings, sort_keys=True, default=str)),
+            "missing_image": "mid-grey RGB(128, 128, 128)"}
+
+
+def build_manifest(cfg: ExtractConfig, dataset: Dataset, info: BackboneInfo, preprocessor, layers: list[int],
+                   layer_rule: str) -> Manifest:
+    spec = info.spec
+    text = spec.kind == "text"
+    inputs = {"fields": [cfg.text_field or "title"] if text else [], "images": not text,
+              "extra": {"text_clean": cfg.text_clean} if text else {}}
+    return Manifest(
+        dataset=dataset.name,
+        dataset_fingerprint=dataset.fingerprint(inputs["fields"], inputs["images"], inputs["extra"]),
+        fingerprint_inputs=inputs,
+        model=spec.name,
+        model_source=info.source + (f"#{spec.gguf_file}" if spec.gguf_file else ""),
+        model_revision=info.revision,
+        model_dtype=str(spec.dtype_for(pick_device(cfg.device))).replace("torch.", ""),
+        quantization=spec.quantization,
+        pooling=spec.pooling,
+        layers=layers,
+        total_layers=info.n_hidden_states,
+        hidden_size=info.hidden_size,
+        rows=len(dataset.items) + 1,
+        chunk_rows=cfg.chunk_rows,
+        storage_dtype=cfg.storage_dtype,
+        text_field=(cfg.text_field or "title") if text else None,
+        preprocessing=_preprocessing(spec, preprocessor, cfg),
+        layer_selection=layer_rule,
+        package_version=__version__,
+    )
+
+
+def prepare(cfg: ExtractConfig) -> tuple[Dataset, ModelSpec, BackboneInfo]:
+    """Check the request against the dataset and the registry before anything heavy runs."""
+    if cfg.text_clean not in TEXT_CLEAN:
+        raise IisanError(f"--text-clean '{cfg.text_clean}' not one of {', '.join(TEXT_CLEAN)}")
+    spec = model_spec(cfg.model)
+    dataset = load_dataset(cfg.dataset, folder=cfg.data_dir)
+    if spec.kind == "image":
+        if cfg.text_field:
+            raise IisanError(f"--field is for text models; '{spec.name}' encodes images")
+        if not dataset.images.paths:
+            raise IisanError(f"dataset '{dataset.name}' has no images (looked in "
+                             f"{', '.join(map(str, dataset.location.image_dirs)) or 'no image folder'}); "
+                             f"image model '{spec.name}' needs `images/<item_id>.jpg` files")
+    else:
+        dataset.field_texts(cfg.text_field or "title")  # raises, naming the fields there are
+    return dataset, spec, describe_backbone(spec, fetch=True)
+
+
+def run_extraction(cfg: ExtractConfig, log=print) -> ExtractResult:
+    rank, world, local_rank = distributed_context()
+    dataset, spec, info = prepare(cfg)
+    layer_rule = cfg.layers or spec.layers
+    layers = select_layers(layer_rule, info.n_hidden_states)
+    preprocessor = load_preprocessor(info)
+    manifest = build_manifest(cfg, dataset, info, preprocessor, layers, layer_rule)
+    path = store_path(cfg.out, dataset.name, spec.name, manifest.text_field, cfg.fmt)
+    if rank == 0:
+        writer = CacheWriter.open(path, manifest, dataset.items.ids, 0, world, overwrite=cfg.overwrite)
+    _barrier(world)  # rank 0 has created (or checked) the store
+    if rank != 0:
+        writer = CacheWriter.open(path, manifest, dataset.items.ids, rank, world)
+    pending = writer.pending_chunks()
+    owned = sum(1 for c in range(manifest.n_chunks) if c % world == rank)
+    backbone: Backbone | None = None
+    written: list[int] = []
+    encoded = missing = 0
+    start = time.perf_counter()
+    problems: list[str] = []
+    if pending:
+        device = pick_device(cfg.device)
+        if device.type == "cuda" and world > 1 and device.index is None:
+            device = torch.device("cuda", local_rank)
+        backbone = load_backbone(info, device)
+        encoder = ChunkEncoder(backbone, dataset, layers, cfg.batch_size or spec.batch_size, cfg.text_field,
+                               cfg.text_clean)
+        total = sum(len(writer.item_positions(c)) for c in pending)
+        start = time.perf_counter()
+        with tqdm(total=total, unit="item", desc=f"{spec.name} → {path.name}", disable=not cfg.progress,
+                  file=sys.stderr, smoothing=0.1) as bar:
+            for chunk in pending:
+                positions = writer.item_positions(chunk)
+                states, flags = encoder.encode(positions)
+                writer.write_chunk(chunk, states, flags)
+                written.append(chunk)
+                encoded += len(positions)
+                missing += int(flags.sum())
+                bar.update(len(positions))
+        problems = encoder.problems
+    seconds = time.perf_counter() - start
+    _barrier(world)  # every rank has written its chunks
+    complete = writer.finalize() if rank == 0 else bool(writer.done().all())
+    writer.close()
+    result = ExtractResult(path, rank, world, written, owned - len(pending), encoded, seconds,
+                           backbone.load_seconds if backbone else 0.0, complete, missing, problems)
+    for problem in problems[:5]:
+        log(f"flagged missing: {problem}")
+    if len(problems) > 5:
+        log(f"... {len(problems) - 5:,} more item(s) flagged missing")
+    log(result.summary())
+    return result
