@@ -322,6 +322,9 @@ def load_backbone(info: BackboneInfo, device: str | torch.device = "auto", devic
     start = time.perf_counter()
     spec = info.spec
     device = pick_device(device) if isinstance(device, str) else device
+    if spec.quantization == "gptq" and device.type == "cpu":
+        # gptqmodel's CPU kernels size their worker pool from this; unset, it oversubscribes small machines.
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))
     dtype = spec.dtype_for(device)
     kwargs: dict[str, Any] = {"dtype": dtype, **_load_kwargs(spec)}
     if spec.quantization in ("bnb-8bit", "bnb-4bit"):

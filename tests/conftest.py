@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel's CPU pool, read when it is imported
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SCIENTIFIC = SHARED_DATA / "scientific"
