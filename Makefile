@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,gptq,bnb
 export GPTQMODEL_CPU_WORKERS ?= 2
+NPROC ?= 1
 
-.PHONY: setup demo test data-stats bench-cache clean
+.PHONY: setup demo test data-stats extract bench-extract bench-cache clean
 
 setup: $(VENV)/.installed
 
@@ -31,8 +32,21 @@ test: setup
 
 # make data-stats DATASET=scientific
 DATASET ?= ml-100k
+MODEL ?= minilm-l6
 data-stats: setup
 	$(VENV)/bin/iisan data stats $(DATASET)
+
+# Stage 1: make extract MODEL=minilm-l6 DATASET=scientific [NPROC=2] [ARGS="--layers all"]
+# NPROC > 1 shards the items over that many processes (one per GPU) with torchrun.
+extract: setup
+	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) --no-python,) \
+	  $(VENV)/bin/iisan extract --model $(MODEL) --dataset $(DATASET) $(ARGS)
+
+# Extraction items/s next to the bare forward pass, for a text and an image encoder.
+bench-extract: setup
+	$(VENV)/bin/iisan data fetch ml-100k
+	$(PY) -m iisan.extract.bench --model minilm-l6 --dataset scientific --limit 4096
+	$(PY) -m iisan.extract.bench --model dinov2-small --dataset ml-100k --limit 256
 
 # Cache I/O: write, load and gather at Scientific's size, zarr vs HDF5.
 bench-cache: setup

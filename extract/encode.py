@@ -79,12 +79,24 @@ class ChunkEncoder:
         return pool_layers(outputs.hidden_states, inputs.get("attention_mask"), self.backbone.spec.pooling,
                            self.layers)
 
+    def batches(self, positions: range) -> list[list[int]]:
+        """The batches of one chunk. Texts are grouped by token length (stable order), so that a batch pads
+        little; the grouping depends only on the chunk, so a resumed run forms the same batches."""
+        order = list(positions)
+        if self.texts is not None:
+            lengths = self.backbone.preprocessor([self.texts[p] for p in order], truncation=True,
+                                                 max_length=self.backbone.spec.max_tokens)["input_ids"]
+            order = [p for _, p in sorted(zip((len(ids) for ids in lengths), order), key=lambda pair: pair[0])]
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
     def encode(self, positions: range) -> tuple[np.ndarray, np.ndarray]:
         """States [len(positions), K, D] fp32 and missing flags for consecutive item positions."""
-        states, missing = [], []
-        for start in range(positions.start, positions.stop, self.batch_size):
-            batch = range(start, min(start + self.batch_size, positions.stop))
+        K, D = len(self.layers), self.backbone.info.hidden_size
+        states = np.empty((len(positions), K, D), dtype=np.float32)
+        missing = np.zeros(len(positions), dtype=bool)
+        for batch in self.batches(positions):
             inputs, flags = self.inputs(batch)
-            states.append(self.pooled(inputs, self.forward(inputs)).cpu().numpy())
-            missing += flags
-        return np.concatenate(states), np.asarray(missing, dtype=bool)
+            rows = [p - positions.start for p in batch]
+            states[rows] = self.pooled(inputs, self.forward(inputs)).cpu().numpy()
+            missing[rows] = flags
+        return states, missing
