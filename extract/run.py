@@ -68,8 +68,10 @@ class ExtractResult:
         if not self.chunks_written:
             return f"{who}nothing to encode: {self.chunks_skipped} chunk(s) already done; {state}"
         rate = self.items_encoded / self.seconds if self.seconds > 0 else 0.0
-        return (f"{who}encoded {self.items_encoded:,} items in {len(self.chunks_written)} chunk(s) "
-                f"{self.chunks_written} in {self.seconds:.1f} s ({rate:,.1f} items/s; model load "
+        chunks = self.chunks_written
+        listed = str(chunks) if len(chunks) <= 12 else f"[{chunks[0]}, {chunks[1]}, …, {chunks[-1]}]"
+        return (f"{who}encoded {self.items_encoded:,} items in {len(chunks)} chunk(s) "
+                f"{listed} in {self.seconds:.1f} s ({rate:,.1f} items/s; model load "
                 f"{self.load_seconds:.1f} s); {self.chunks_skipped} chunk(s) already done; {self.missing:,} "
                 f"item(s) flagged missing; {state}")
 
