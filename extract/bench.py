@@ -42,16 +42,23 @@ def run(cfg: ExtractConfig, limit: int) -> str:
         prepared = [encoder.inputs(batch)[0] for batch in batches]
         encoder.forward(prepared[0])  # warm-up
 
+        def synchronize() -> None:  # GPU work is asynchronous: wait for it before reading the clock
+            if backbone.device.type == "cuda":
+                torch.cuda.synchronize(backbone.device)
+
         def bare() -> float:
+            synchronize()
             start = time.perf_counter()
             for inputs in prepared:
                 encoder.forward(inputs)
+            synchronize()
             return time.perf_counter() - start
 
         first = bare()
+        synchronize()
         start = time.perf_counter()
         for chunk in chunks:
-            states, missing = encoder.encode(writer.item_positions(chunk))
+            states, missing = encoder.encode(writer.item_positions(chunk))  # ends with a host copy: synchronous
             writer.write_chunk(chunk, states, missing)
         extraction = time.perf_counter() - start
         bare_seconds = (first + bare()) / 2  # bracket the extraction run to average out drift

@@ -5,6 +5,7 @@ chunk; batches never straddle chunks, so a resumed run pads exactly like an unin
 from __future__ import annotations
 
 import html
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,31 +46,44 @@ class ChunkEncoder:
         else:
             self.texts = None
         self.problems: list[str] = []  # missing or corrupt images, empty texts
+        self._token_cache: dict[int, dict[str, list[int]]] = {}
+        if self.texts is not None and hasattr(self.backbone.preprocessor, "deprecation_warnings"):
+            # Padding kept tokenizations with `pad` is deliberate (each text is tokenized once per chunk).
+            self.backbone.preprocessor.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
+
+    def _stand_in(self, text: str) -> str:
+        # An empty text would give no token at all to a tokenizer that adds none (decoder LLMs): encode it
+        # as one special token instead; the item is flagged missing either way.
+        pre = self.backbone.preprocessor
+        return text if text else (pre.unk_token or pre.eos_token or pre.bos_token or "?")
+
+    def _tokenize(self, positions: list[int]) -> list[dict[str, list[int]]]:
+        pre = self.backbone.preprocessor
+        texts = [self._stand_in(self.texts[p]) for p in positions]
+        encoded = pre(texts, truncation=True, max_length=self.backbone.spec.max_tokens, return_attention_mask=True)
+        return [{key: encoded[key][i] for key in encoded.keys()} for i in range(len(texts))]
 
     def inputs(self, positions: range | list[int]) -> tuple[dict[str, torch.Tensor], list[bool]]:
         """Model inputs for a batch of item positions, and each item's `missing` flag."""
-        spec, pre = self.backbone.spec, self.backbone.preprocessor
+        positions = list(positions)
         if self.texts is not None:
-            texts = [self.texts[p] for p in positions]
-            missing = [not t for t in texts]
+            missing = [not self.texts[p] for p in positions]
             for p, m in zip(positions, missing):
                 if m:
                     self.problems.append(f"item '{self.dataset.items.ids[p]}': empty text")
-            # An empty text would give no token at all to a tokenizer that adds none (decoder LLMs): encode
-            # it as one special token instead; the item is flagged missing either way.
-            stand_in = pre.unk_token or pre.eos_token or pre.bos_token or "?"
-            texts = [t if t else stand_in for t in texts]
-            encoded = pre(texts, padding=True, truncation=True, max_length=spec.max_tokens, return_tensors="pt",
-                          return_attention_mask=True)
-            return dict(encoded), missing
+            cached = [self._token_cache.pop(p, None) for p in positions] if self._token_cache else []
+            encodings = cached if cached and all(e is not None for e in cached) else self._tokenize(positions)
+            padded = self.backbone.preprocessor.pad(encodings, padding=True, return_tensors="pt",
+                                                    return_attention_mask=True)
+            return dict(padded), missing
         ids = [self.dataset.items.ids[p] for p in positions]
         images, missing, problems = load_item_images(self.dataset.images, ids)
         self.problems += problems
-        return dict(pre(images=images, return_tensors="pt")), missing
+        return dict(self.backbone.preprocessor(images=images, return_tensors="pt")), missing
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
         device = self.backbone.device
-        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in inputs.items()}
         if "pixel_values" in moved:
             moved["pixel_values"] = moved["pixel_values"].to(self.backbone.dtype)
         with torch.inference_mode():
@@ -81,22 +95,36 @@ class ChunkEncoder:
 
     def batches(self, positions: range) -> list[list[int]]:
         """The batches of one chunk. Texts are grouped by token length (stable order), so that a batch pads
-        little; the grouping depends only on the chunk, so a resumed run forms the same batches."""
+        little; the grouping depends only on the chunk, so a resumed run forms the same batches. The
+        tokenization is kept for `inputs`, which only pads it."""
         order = list(positions)
-        if self.texts is not None:
-            lengths = self.backbone.preprocessor([self.texts[p] for p in order], truncation=True,
-                                                 max_length=self.backbone.spec.max_tokens)["input_ids"]
-            order = [p for _, p in sorted(zip((len(ids) for ids in lengths), order), key=lambda pair: pair[0])]
+        if self.texts is not None and order:
+            encodings = self._tokenize(order)
+            self._token_cache = dict(zip(order, encodings))
+            lengths = [len(e["input_ids"]) for e in encodings]
+            order = [p for _, p in sorted(zip(lengths, order), key=lambda pair: pair[0])]
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def encode(self, positions: range) -> tuple[np.ndarray, np.ndarray]:
-        """States [len(positions), K, D] fp32 and missing flags for consecutive item positions."""
+        """States [len(positions), K, D] fp32 and missing flags for consecutive item positions.
+
+        The next batch's inputs (tokenizing, or decoding and processing images) are prepared in a
+        background thread while the current batch runs through the model."""
         K, D = len(self.layers), self.backbone.info.hidden_size
         states = np.empty((len(positions), K, D), dtype=np.float32)
         missing = np.zeros(len(positions), dtype=bool)
-        for batch in self.batches(positions):
-            inputs, flags = self.inputs(batch)
-            rows = [p - positions.start for p in batch]
-            states[rows] = self.pooled(inputs, self.forward(inputs)).cpu().numpy()
-            missing[rows] = flags
+        batches = self.batches(positions)
+        if not batches:
+            return states, missing
+        pooled: list[tuple[list[int], torch.Tensor]] = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            upcoming = pool.submit(self.inputs, batches[0])
+            for i, batch in enumerate(batches):
+                inputs, flags = upcoming.result()
+                if i + 1 < len(batches):
+                    upcoming = pool.submit(self.inputs, batches[i + 1])
+                pooled.append(([p - positions.start for p in batch], self.pooled(inputs, self.forward(inputs))))
+                missing[[p - positions.start for p in batch]] = flags
+        for rows, values in pooled:  # one device-to-host copy per batch, after the chunk's forwards
+            states[rows] = values.cpu().numpy()
         return states, missing

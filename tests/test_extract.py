@@ -102,11 +102,29 @@ def test_pooling_a_padded_batch_equals_each_item_alone(toy, model, padding_side)
     positions = range(0, 16)  # titles of 1..12 words: real padding in the batch
     batch_inputs, _ = encoder.inputs(positions)
     assert (batch_inputs["attention_mask"] == 0).any()
+    assert (batch_inputs["input_ids"][batch_inputs["attention_mask"].bool()] > 8).float().mean() > 0.5  # real words
+    pad_column = 0 if padding_side == "left" else -1
+    assert (batch_inputs["attention_mask"][:, pad_column] == 0).any()
     together = encoder.pooled(batch_inputs, encoder.forward(batch_inputs))
     for i, p in enumerate(positions):
         alone_inputs, _ = encoder.inputs([p])
         alone = encoder.pooled(alone_inputs, encoder.forward(alone_inputs))
         torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=0)
+
+
+def test_pool_reads_only_real_tokens_on_either_side():
+    from iisan.extract.pooling import pool
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    left = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    assert torch.equal(pool(hidden, left, "cls"), torch.stack([hidden[0, 2], hidden[1, 1]]))
+    assert torch.equal(pool(hidden, left, "last"), torch.stack([hidden[0, 3], hidden[1, 3]]))
+    assert torch.equal(pool(hidden, right, "cls"), torch.stack([hidden[0, 0], hidden[1, 0]]))
+    assert torch.equal(pool(hidden, right, "last"), torch.stack([hidden[0, 1], hidden[1, 2]]))
+    assert torch.allclose(pool(hidden, left, "mean"), torch.stack([hidden[0, 2:].mean(0), hidden[1, 1:].mean(0)]))
+    assert torch.allclose(pool(hidden, None, "mean"), hidden.mean(1))
+    assert torch.equal(pool(hidden, None, "cls"), hidden[:, 0])
 
 
 def test_extraction_keeps_every_item_in_file_order_and_the_selected_slices(toy):
@@ -272,3 +290,37 @@ def test_two_process_sharding_with_torchrun(toy):
     got, want = states_of(sharded_path), states_of(single.path)
     assert got[1] == want[1] and np.array_equal(got[0], want[0]) and np.array_equal(got[2], want[2])
     assert verify_store(sharded_path) == []
+
+
+def test_one_row_chunks(toy):
+    """chunk_rows = 1: chunk 0 holds only the padding row; every other chunk one item."""
+    one = extract(toy, model="tiny-bert", storage_dtype="float32", chunk_rows=1, out=toy / "one")
+    ref = extract(toy, model="tiny-bert", storage_dtype="float32", batch_size=1, out=toy / "ref")
+    assert one.complete and one.items_encoded == 300 and len(one.chunks_written) == 301
+    got, want = states_of(one.path), states_of(ref.path)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+
+
+def test_sharded_resume_where_one_rank_has_nothing_left(toy):
+    """Rank 1's chunks are all done, rank 0's are not: rank 1 finishes at once, rank 0 encodes its chunks
+    and waits for nobody; the store ends complete and equal to a single-process run."""
+    out = toy / "sharded"
+    single = extract(toy, model="tiny-bert", storage_dtype="float32", out=out)
+    path = single.path
+    reference = states_of(path)
+    backend = backend_for(path).open(path, writable=True)
+    for chunk in range(0, 10, 2):
+        backend.group["done"][chunk] = False
+    backend.group.attrs["iisan"] = {**backend.group.attrs["iisan"], "complete": False}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "--no-python", str(BIN / "iisan"), "extract", "--model",
+           "tiny-bert", "--dataset", "toy", "--out", str(out), "--chunk-rows", "32", "--no-progress",
+           "--dtype", "float32", "--device", "cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1/2: nothing to encode: 5 chunk(s) already done" in result.stderr
+    assert "rank 0/2: encoded 159 items in 5 chunk(s) [0, 2, 4, 6, 8]" in result.stderr  # chunk 0 holds row 0
+    got = states_of(path)
+    assert got[1] == reference[1] and np.array_equal(got[0], reference[0])
+    assert verify_store(path) == []

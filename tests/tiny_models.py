@@ -20,8 +20,8 @@ def build_tiny_bert(folder: Path, layers: int = 3, hidden: int = 32) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(text_vocab()) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(text_vocab())}, do_lower_case=True)
+    assert len(tokenizer) == len(text_vocab())
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(text_vocab()), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64)
