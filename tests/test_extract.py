@@ -267,8 +267,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_sharding_with_torchrun(toy):
-    out = toy / "sharded"
+def torchrun_extract(out: Path) -> subprocess.CompletedProcess:
+    """`iisan extract` of tiny-bert on toy in 2 CPU processes (one thread each) on a free port."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "--no-python", str(BIN / "iisan"), "extract", "--model",
@@ -276,6 +276,12 @@ def test_two_process_sharding_with_torchrun(toy):
            "--dtype", "float32", "--device", "cpu"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_process_sharding_with_torchrun(toy):
+    out = toy / "sharded"
+    result = torchrun_extract(out)
     written = {}
     for line in result.stderr.splitlines():
         if "rank " in line and "encoded" in line:
@@ -312,13 +318,7 @@ def test_sharded_resume_where_one_rank_has_nothing_left(toy):
     for chunk in range(0, 10, 2):
         backend.group["done"][chunk] = False
     backend.group.attrs["iisan"] = {**backend.group.attrs["iisan"], "complete": False}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "--no-python", str(BIN / "iisan"), "extract", "--model",
-           "tiny-bert", "--dataset", "toy", "--out", str(out), "--chunk-rows", "32", "--no-progress",
-           "--dtype", "float32", "--device", "cpu"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun_extract(out)
     assert "rank 1/2: nothing to encode: 5 chunk(s) already done" in result.stderr
     assert "rank 0/2: encoded 159 items in 5 chunk(s) [0, 2, 4, 6, 8]" in result.stderr  # chunk 0 holds row 0
     got = states_of(path)
