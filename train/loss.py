@@ -1,0 +1,38 @@
+"""In-batch debiased softmax cross-entropy (SPEC §3; Yi et al., RecSys 2019), vectorised.
+
+Columns are every slot of the batch (c = 11 b + t), rows every input position (r = 10 b + j):
+S = H Eᵀ - log p[id(c)]; padding columns and, for each row, the columns holding any item of the same user's
+11 slots are set to -1e4 (a large finite value: logits may be half precision), then the positive column
+c* = 11 b + j + 1 is restored; the mean cross-entropy is taken over rows whose mask is 1. The reference code
+builds the same mask with per-sample Python loops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MASKED = -1e4
+
+
+def inbatch_debiased_loss(user_states: torch.Tensor, item_embeddings: torch.Tensor, ids: torch.Tensor,
+                          mask: torch.Tensor, log_popularity: torch.Tensor) -> torch.Tensor:
+    """user_states [B, L, d] (position j predicts slot j + 1); item_embeddings [B, L + 1, d]; ids [B, L + 1]
+    (0 = padding); mask [B, L] (1 where slot j + 1 is a real next item); log_popularity [N + 1] (log p, 0 at
+    index 0)."""
+    B, L, d = user_states.shape
+    slots = L + 1
+    H = user_states.reshape(B * L, d)
+    E = item_embeddings.reshape(B * slots, d)
+    flat_ids = ids.reshape(B * slots)
+    logits = H @ E.T - log_popularity[flat_ids].to(H.dtype)[None, :]          # [B L, B (L+1)]
+    positives = (torch.arange(B, device=ids.device)[:, None] * slots
+                 + torch.arange(1, slots, device=ids.device)[None, :]).reshape(B * L)
+    positive_logits = logits.gather(1, positives[:, None])
+    # Column c is masked for user b if its id is padding or is any of user b's slot ids.
+    same_user_item = (flat_ids[None, :, None] == ids[:, None, :]).any(dim=2)   # [B, B (L+1)]
+    masked = same_user_item.repeat_interleave(L, dim=0) | (flat_ids == 0)[None, :]
+    logits = logits.masked_fill(masked, MASKED).scatter(1, positives[:, None], positive_logits)
+    keep = mask.reshape(B * L).bool()
+    kept = logits[keep]
+    return F.cross_entropy(kept.to(torch.promote_types(kept.dtype, torch.float32)), positives[keep])
