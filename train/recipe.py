@@ -1,0 +1,258 @@
+"""Stage 2 as one readable recipe (torchtune style): setup, train loop, evaluation, checkpoints, report.
+
+A run folder `runs/<dataset>/<method>-<pipeline>-<UTC time>/` holds config.json, provenance.json, and per
+seed: metrics.jsonl (one line per epoch), best.safetensors (the best-valid weights), last.pt (everything
+needed to resume), report.json. `--resume RUN_DIR` continues each unfinished seed from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from iisan import __version__
+from iisan.data.dataset import Dataset, load_dataset
+from iisan.data.protocol import ProtocolConfig, SplitData
+from iisan.errors import IisanError
+from iisan.evaluate.metrics import RankingResult, rank_targets
+from iisan.train.config import TrainConfig, load_config
+from iisan.train.data import SlotStates, load_slot, slot_sources, train_batches
+from iisan.train.model import FrozenItems, IDItems, IISANItems, Recommender
+from iisan.train.san import SANConfig
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, split: SplitData, slots: dict[str, SlotStates]) -> Recommender:
+    states = {slot: s.states for slot, s in slots.items()}
+    if cfg.method == "iisan":
+        items = IISANItems(states, SANConfig(cfg.bottleneck, cfg.embedding_dim, cfg.fusion, cfg.intra, cfg.inter))
+    elif cfg.method == "frozen":
+        items = FrozenItems(states, cfg.embedding_dim)
+    else:
+        items = IDItems(split.n_items, cfg.embedding_dim)
+    return Recommender(items, split.n_items, cfg.embedding_dim, cfg.heads, cfg.blocks, cfg.max_seq_len, cfg.dropout)
+
+
+def optimizer_for(model: Recommender, cfg: TrainConfig) -> torch.optim.Adam:
+    """SPEC §8: the side network's SAN blocks, gates and DTLs at lr_san; everything else at lr."""
+    san, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        inside_towers = name.startswith("items.side.intra.") or name.startswith("items.side.inter.")
+        (san if inside_towers else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": san, "lr": cfg.lr_san}] if san else [])
+    return torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=0.0)
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig) -> RankingResult:
+    model.eval()
+    device = next(model.parameters()).device
+    table = model.item_table()
+    inputs = torch.from_numpy(split.valid_inputs if which == "valid" else split.test_inputs).to(device)
+    users = torch.cat([model.user_vectors(inputs[i:i + cfg.eval_batch_size], table)
+                       for i in range(0, len(inputs), cfg.eval_batch_size)])
+    targets = torch.from_numpy(split.valid_target if which == "valid" else split.test_target)
+    history = torch.from_numpy(split.valid_history if which == "valid" else split.test_history)
+    return rank_targets(users, table, targets, history, cfg.faithful, cfg.eval_batch_size)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    dataset: Dataset
+    split: SplitData
+    slots: dict[str, SlotStates]
+    device: torch.device
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    device = pick_device(cfg.device)
+    dataset = load_dataset(cfg.dataset)
+    split = dataset.split(ProtocolConfig(cfg.max_seq_len, cfg.min_seq_len))
+    slots = {} if cfg.method == "sasrec-id" else {
+        slot: load_slot(cfg, dataset, split, slot, source, device) for slot, source in slot_sources(cfg).items()}
+    return Setup(cfg, dataset, split, slots, device)
+
+
+def provenance(s: Setup) -> dict[str, Any]:
+    def version(name: str) -> str:
+        try:
+            from importlib.metadata import version as v
+
+            return v(name)
+        except Exception:
+            return "not installed"
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"iisan_version": __version__, "commit": commit, "python": sys.version.split()[0],
+            "platform": platform.platform(), "device": str(s.device),
+            "packages": {p: version(p) for p in ("torch", "transformers", "zarr", "numpy", "safetensors")},
+            "caches": {slot: {"path": str(x.path), "manifest": x.manifest.to_dict(), "layers_read": x.layers,
+                              "standardized": x.standardized} for slot, x in s.slots.items()},
+            "dataset": {"name": s.dataset.name, "folder": str(s.dataset.location.folder), "users": s.split.n_users,
+                        "items": s.split.n_items, "interactions": s.split.n_interactions}}
+
+
+def train_seed(s: Setup, seed: int, folder: Path, log) -> dict[str, Any]:
+    """Train one seed to early stopping (resuming from folder/last.pt if present); returns its report."""
+    cfg, split, device = s.cfg, s.split, s.device
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "report.json").exists():
+        return json.loads((folder / "report.json").read_text())
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(cfg, split, s.slots).to(device)
+    optimizer = optimizer_for(model, cfg)
+    log_pop = torch.log(torch.from_numpy(split.popularity())).float().to(device)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    state = {"epoch": 0, "best_hr": -1.0, "best_epoch": 0, "bad_epochs": 0, "train_seconds": [], "eval_seconds": []}
+    if (folder / "last.pt").exists():
+        checkpoint = torch.load(folder / "last.pt", map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"], strict=True)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = checkpoint["state"]
+        torch.set_rng_state(checkpoint["rng"])
+        generator.set_state(checkpoint["generator"])
+        log(f"seed {seed}: resumed after epoch {state['epoch']} (best valid HR@10 {100 * state['best_hr']:.2f} "
+            f"at epoch {state['best_epoch']})")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+        epoch = state["epoch"] + 1
+        model.train()
+        start, total, steps = time.perf_counter(), 0.0, 0
+        batches = list(train_batches(split, cfg.batch_size, generator))
+        for ids in tqdm(batches, desc=f"seed {seed} epoch {epoch}", unit="step", leave=False,
+                        disable=not cfg.progress, file=sys.stderr):
+            ids = ids.to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss = model.calculate_loss(ids, log_pop)
+            if not torch.isfinite(loss):
+                raise IisanError(f"loss is {loss.item()} at epoch {epoch}, step {steps + 1} (seed {seed}): lower "
+                                 f"--lr / --lr-san, or standardise the cached states (--standardize on)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.item()
+            steps += 1
+        train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        valid = evaluate(model, split, "valid", cfg)
+        eval_seconds = time.perf_counter() - start
+        hr = valid.metrics["HR@10"]
+        improved = hr > state["best_hr"]
+        state.update(epoch=epoch, train_seconds=state["train_seconds"] + [train_seconds],
+                     eval_seconds=state["eval_seconds"] + [eval_seconds])
+        if improved:
+            state.update(best_hr=hr, best_epoch=epoch, bad_epochs=0)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "best.safetensors")
+        else:
+            state["bad_epochs"] += 1
+        with open(folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"epoch": epoch, "loss": total / max(steps, 1), "train_seconds": train_seconds,
+                                "eval_seconds": eval_seconds, "valid": valid.metrics, "best": improved}) + "\n")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                    "rng": torch.get_rng_state(), "generator": generator.get_state()}, folder / "last.pt.tmp")
+        (folder / "last.pt.tmp").replace(folder / "last.pt")
+        log(f"seed {seed} epoch {epoch}: loss {total / max(steps, 1):.4f}, valid HR@10 {100 * hr:.2f} "
+            f"NDCG@10 {100 * valid.metrics['NDCG@10']:.2f} ({train_seconds:.1f} s train, {eval_seconds:.1f} s eval)"
+            + (" *" if improved else ""))
+    model.load_state_dict(load_file(folder / "best.safetensors", device=str(device)), strict=True)
+    valid, test = evaluate(model, split, "valid", cfg), evaluate(model, split, "test", cfg)
+    report = {"seed": seed, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
+              "seconds_per_epoch": statistics.mean(state["train_seconds"]),
+              "seconds_per_evaluation": statistics.mean(state["eval_seconds"]),
+              "peak_memory_mib": peak_memory_mib(device), "trainable_parameters": trainable_parameters(model),
+              "valid": valid.metrics, "test": test.metrics}
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def run_dir_for(cfg: TrainConfig) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.out) / cfg.dataset / f"{cfg.method}-{cfg.pipeline}-{stamp}"
+
+
+def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print) -> dict[str, Any]:
+    if resume is not None:
+        if not (resume / "config.json").is_file():
+            raise IisanError(f"{resume}: not a run folder (no config.json)")
+        cfg = load_config(resume / "config.json")
+        run_dir = resume
+        log(f"resuming {run_dir}")
+    else:
+        assert cfg is not None
+        run_dir = run_dir_for(cfg)
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    s = setup(cfg)
+    (run_dir / "provenance.json").write_text(json.dumps(provenance(s), indent=2, default=str))
+    reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log) for i in range(cfg.seeds)]
+    summary = summarize(reports)
+    (run_dir / "report.json").write_text(json.dumps({"config": cfg.to_dict(), "seeds": reports, **summary},
+                                                    indent=2))
+    for line in report_lines(reports, summary):
+        log(line)
+    return {"run_dir": str(run_dir), "seeds": reports, **summary}
+
+
+def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    out: dict[str, Any] = {}
+    for split in ("valid", "test"):
+        out[split] = {k: stats([r[split][k] for r in reports]) for k in reports[0][split]}
+    return out
+
+
+def report_lines(reports: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    first = reports[0]
+    lines = [f"seconds per epoch {statistics.mean(r['seconds_per_epoch'] for r in reports):.2f}, "
+             f"seconds per evaluation {statistics.mean(r['seconds_per_evaluation'] for r in reports):.2f}, "
+             f"peak memory {max(r['peak_memory_mib'] for r in reports):.0f} MiB, "
+             f"trainable parameters {first['trainable_parameters']:,}"]
+    if len(reports) > 1:
+        for split in ("valid", "test"):
+            hr, ndcg = summary[split]["HR@10"], summary[split]["NDCG@10"]
+            lines.append(f"{split} over {len(reports)} seeds: HR@10 {100 * hr['mean']:.2f} ± {100 * hr['std']:.2f}, "
+                         f"NDCG@10 {100 * ndcg['mean']:.2f} ± {100 * ndcg['std']:.2f}")
+    for split in ("valid", "test"):
+        hr, ndcg = summary[split]["HR@10"]["mean"], summary[split]["NDCG@10"]["mean"]
+        lines.append(f"{split} HR@10 {100 * hr:.2f} NDCG@10 {100 * ndcg:.2f}")
+    return lines
