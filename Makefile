@@ -8,7 +8,7 @@ EXTRAS ?= dev,gptq,bnb
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 
-.PHONY: setup demo test data-stats extract bench-extract bench-cache clean
+.PHONY: setup demo test data-stats extract train bench-extract bench-cache clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/iisan data fetch ml-100k
 	$(VENV)/bin/iisan data stats ml-100k
+	$(VENV)/bin/iisan demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -41,6 +42,11 @@ data-stats: setup
 extract: setup
 	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) --no-python,) \
 	  $(VENV)/bin/iisan extract --model $(MODEL) --dataset $(DATASET) $(ARGS)
+
+# Stage 2: make train DATASET=scientific [PIPELINE=text-only] [ARGS="--seeds 3"]
+PIPELINE ?=
+train: setup
+	$(VENV)/bin/iisan train --dataset $(DATASET) $(if $(PIPELINE),--pipeline $(PIPELINE),) $(ARGS)
 
 # Extraction items/s next to the bare forward pass, for a text and an image encoder.
 bench-extract: setup

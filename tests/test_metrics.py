@@ -12,7 +12,7 @@ from evaluate_reference import argsort_ranks
 from iisan.evaluate.metrics import metrics_from_ranks, rank_targets
 
 
-def random_case(seed: int, users: int = 200, items: int = 300, dim: int = 8, history: int = 12):
+def random_case(seed: int, users: int = 400, items: int = 120, dim: int = 8, history: int = 12):
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(users, dim, generator=g)
     e = torch.randn(items + 1, dim, generator=g)
@@ -32,7 +32,8 @@ def test_ranks_equal_the_argsort_reference(seed, faithful):
     result = rank_targets(u, e, targets, hist, mask_target_in_history=faithful, batch_size=37)
     scores = (u @ e.T).numpy()
     expected = argsort_ranks(scores, targets.numpy(), hist.numpy(), faithful)
-    assert result.ranks.tolist() == expected.tolist()
+    assert result.ranks.tolist() == np.minimum(expected, 21).tolist()  # exact up to 20, 21 for a miss
+    assert (expected <= 20).sum() > 10                                     # hits exist to be checked
     repeats = (hist == targets[:, None]).any(1)
     assert repeats.sum() > 10
     if faithful:  # a repeated target is a guaranteed miss

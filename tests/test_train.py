@@ -1,0 +1,135 @@
+"""Stage 2 end to end on tiny cached encoders: the CLI, run folders, determinism, resume, baselines, and the
+errors a user meets. Seconds-scale: one or two epochs, nothing converges here."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from iisan.cli import main as iisan_cli
+from iisan.errors import IisanError
+from iisan.extract.run import ExtractConfig, run_extraction
+from iisan.train.config import resolve
+from iisan.train.recipe import train
+
+from conftest import write_tsv
+from tiny_models import WORDS, build_tiny_bert, build_tiny_dinov2, write_registry
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A toy dataset with images, a registry of tiny encoders and pipelines, and their caches."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("train")
+    rng = random.Random(0)
+    data = root / "data"
+    items = [f"i{k:03d}\t" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for k in range(120)]
+    write_tsv(data / "toy" / "items.tsv", items)
+    users = [f"u{u}\t" + " ".join(f"i{rng.randrange(100):03d}" for _ in range(rng.randint(5, 15))) for u in range(150)]
+    write_tsv(data / "toy" / "users.tsv", users)
+    (data / "toy" / "images").mkdir()
+    pixels = np.random.default_rng(0)
+    for k in range(0, 120, 2):
+        Image.fromarray(pixels.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / "toy" / "images" / f"i{k:03d}.jpg")
+    write_tsv(data / "plain" / "items.tsv", items)
+    write_tsv(data / "plain" / "users.tsv", users)
+    models = {"tiny-bert": {"source": str(build_tiny_bert(root / "bert")), "kind": "text", "family": "encoder"},
+              "tiny-dino": {"source": str(build_tiny_dinov2(root / "dino")), "kind": "image", "family": "vision"}}
+    registry = write_registry(root / "pipelines.yaml", models, {"toy": {}, "plain": {"pipeline": "text-only"}})
+    text = registry.read_text() + ("pipelines:\n  text-image: {text: tiny-bert, image: tiny-dino, epochs: 2}\n"
+                                   "  text-only: {text: tiny-bert, epochs: 2}\n"
+                                   "  ghost: {text: nobody}\n")
+    registry.write_text(text)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IISAN_PIPELINES", str(registry))
+        mp.setenv("IISAN_DATA_DIR", str(data))
+        for model, dataset in (("tiny-bert", "toy"), ("tiny-dino", "toy"), ("tiny-bert", "plain")):
+            run_extraction(ExtractConfig(model=model, dataset=dataset, out=root / "cache", chunk_rows=32,
+                                         progress=False), log=lambda m: None)
+        yield root
+
+
+@pytest.fixture
+def env(world, monkeypatch):
+    monkeypatch.setenv("IISAN_PIPELINES", str(world / "pipelines.yaml"))
+    monkeypatch.setenv("IISAN_DATA_DIR", str(world / "data"))
+    return world
+
+
+def options(world: Path, out: Path, **extra):
+    return {"dataset": "toy", "cache": str(world / "cache"), "out": str(out), "progress": False, **extra}
+
+
+def test_cli_trains_and_reports(env, tmp_path):
+    result = CliRunner().invoke(iisan_cli, ["train", "--dataset", "toy", "--cache", str(env / "cache"), "--out",
+                                            str(tmp_path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    run_dir = Path(lines[-1])
+    assert run_dir.parent == tmp_path / "toy" and run_dir.name.startswith("iisan-text-image-")
+    assert lines[-3].startswith("valid HR@10 ") and lines[-2].startswith("test HR@10 ")
+    assert "seconds per epoch" in result.output and "trainable parameters" in result.output
+    seed = run_dir / "seed-12345"
+    assert [json.loads(l)["epoch"] for l in (seed / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert {p.name for p in seed.iterdir()} == {"metrics.jsonl", "best.safetensors", "last.pt", "report.json"}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["text"], config["image"], config["epochs"]) == ("tiny-bert", "tiny-dino", 2)
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert set(provenance["caches"]) == {"txt", "img"} and provenance["packages"]["torch"]
+    again = CliRunner().invoke(iisan_cli, ["evaluate", str(run_dir)])
+    assert again.exit_code == 0 and again.output.strip().endswith(lines[-2].split("test ", 1)[1])
+
+
+def test_fixed_seed_gives_identical_metrics_and_resume_continues_exactly(env, tmp_path):
+    full = train(resolve(options(env, tmp_path / "a")), log=lambda m: None)
+    same = train(resolve(options(env, tmp_path / "b")), log=lambda m: None)
+    assert full["seeds"][0]["test"] == same["seeds"][0]["test"]
+    assert full["seeds"][0]["valid"] == same["seeds"][0]["valid"]
+    half = train(resolve(options(env, tmp_path / "c", epochs=1)), log=lambda m: None)
+    run_dir = Path(half["run_dir"])
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "epochs": 2}))
+    (run_dir / "seed-12345" / "report.json").unlink()
+    messages = []
+    resumed = train(resume=run_dir, log=messages.append)
+    assert any("resumed after epoch 1" in m for m in messages)
+    assert resumed["seeds"][0]["test"] == full["seeds"][0]["test"]
+
+
+def test_seeds_and_baselines(env, tmp_path):
+    result = train(resolve(options(env, tmp_path, seeds=2, epochs=1)), log=lambda m: None)
+    assert [r["seed"] for r in result["seeds"]] == [12345, 12346]
+    assert result["test"]["HR@10"]["std"] >= 0
+    frozen = train(resolve(options(env, tmp_path, method="frozen", epochs=1)), log=lambda m: None)
+    # GELU(Linear(32 -> 64)) per modality + Linear(128 -> 64) + the user encoder (100,224 at d = 64)
+    assert frozen["seeds"][0]["trainable_parameters"] == 2 * (32 * 64 + 64) + 128 * 64 + 64 + 100_224
+    ids = train(resolve(options(env, tmp_path, method="sasrec-id", epochs=1)), log=lambda m: None)
+    n_items = json.loads((Path(ids["run_dir"]) / "provenance.json").read_text())["dataset"]["items"]
+    assert ids["seeds"][0]["trainable_parameters"] == (n_items + 1) * 64 + 100_224
+
+
+def test_text_only_dataset_default_pipeline(env, tmp_path):
+    result = train(resolve({**options(env, tmp_path), "dataset": "plain"}), log=lambda m: None)
+    assert Path(result["run_dir"]).name.startswith("iisan-text-only-")
+
+
+def test_errors_name_the_problem(env, tmp_path, monkeypatch):
+    with pytest.raises(IisanError, match=r"no cache for nobody on toy .*run `iisan extract --model nobody --dataset toy`"):
+        train(resolve(options(env, tmp_path, pipeline="ghost")), log=lambda m: None)
+    with pytest.raises(IisanError, match=r"no cache for tiny-dino on plain"):
+        train(resolve({**options(env, tmp_path), "dataset": "plain", "pipeline": "text-image"}), log=lambda m: None)
+    # A changed items file no longer matches the cache's fingerprint.
+    changed = tmp_path / "data"
+    shutil.copytree(env / "data", changed)
+    items = changed / "toy" / "items.tsv"
+    items.write_text(items.read_text().replace("i005\t", "i005\tchanged "))
+    monkeypatch.setenv("IISAN_DATA_DIR", str(changed))
+    with pytest.raises(IisanError, match=r"dataset fingerprint is .* the dataset now gives"):
+        train(resolve(options(env, tmp_path)), log=lambda m: None)
