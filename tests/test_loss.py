@@ -7,19 +7,18 @@ import math
 import pytest
 import torch
 
-from iisan.train.loss import inbatch_debiased_loss
+from iisan.train.loss import inbatch_debiased_loss, masked_logits
 
 
-def slow_loss(H, E, ids, mask, log_pop):
+def slow_rows(H, E, ids, log_pop):
+    """Every row's masked logits and positive column, one user and position at a time (SPEC §3)."""
     B, L, _ = H.shape
-    total, count = 0.0, 0
     flat_ids = ids.reshape(-1).tolist()
     E_flat = E.reshape(B * (L + 1), -1)
+    rows = {}
     for b in range(B):
         user_items = set(ids[b].tolist())
         for j in range(L):
-            if mask[b, j] == 0:
-                continue
             positive = b * (L + 1) + j + 1
             row = []
             for c, item in enumerate(flat_ids):
@@ -27,10 +26,28 @@ def slow_loss(H, E, ids, mask, log_pop):
                 if c != positive and (item == 0 or item in user_items):
                     value = -1e4
                 row.append(value)
-            m = max(row)
-            total += -(row[positive] - m - math.log(sum(math.exp(v - m) for v in row)))
-            count += 1
+            rows[(b, j)] = (row, positive)
+    return rows
+
+
+def slow_loss(H, E, ids, mask, log_pop):
+    total, count = 0.0, 0
+    for (b, j), (row, positive) in slow_rows(H, E, ids, log_pop).items():
+        if mask[b, j] == 0:
+            continue
+        m = max(row)
+        total += -(row[positive] - m - math.log(sum(math.exp(v - m) for v in row)))
+        count += 1
     return total / count
+
+
+def test_masked_logits_equal_the_per_sample_reference():
+    H, E, ids, mask, log_pop = random_batch(1)
+    logits, positives = masked_logits(H, E, ids, log_pop)
+    L = H.shape[1]
+    for (b, j), (row, positive) in slow_rows(H, E, ids, log_pop).items():
+        assert positives[b * L + j].item() == positive
+        assert torch.allclose(logits[b * L + j], torch.tensor(row, dtype=logits.dtype), atol=1e-12)
 
 
 def random_batch(seed, B=6, L=10, n_items=15, d=8):

@@ -15,24 +15,30 @@ import torch.nn.functional as F
 MASKED = -1e4
 
 
-def inbatch_debiased_loss(user_states: torch.Tensor, item_embeddings: torch.Tensor, ids: torch.Tensor,
-                          mask: torch.Tensor, log_popularity: torch.Tensor) -> torch.Tensor:
-    """user_states [B, L, d] (position j predicts slot j + 1); item_embeddings [B, L + 1, d]; ids [B, L + 1]
-    (0 = padding); mask [B, L] (1 where slot j + 1 is a real next item); log_popularity [N + 1] (log p, 0 at
-    index 0)."""
+def masked_logits(user_states: torch.Tensor, item_embeddings: torch.Tensor, ids: torch.Tensor,
+                  log_popularity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The debiased, masked logits [B L, B (L+1)] and each row's positive column [B L]."""
     B, L, d = user_states.shape
     slots = L + 1
     H = user_states.reshape(B * L, d)
     E = item_embeddings.reshape(B * slots, d)
     flat_ids = ids.reshape(B * slots)
-    logits = H @ E.T - log_popularity[flat_ids].to(H.dtype)[None, :]          # [B L, B (L+1)]
+    logits = H @ E.T - log_popularity[flat_ids].to(H.dtype)[None, :]
     positives = (torch.arange(B, device=ids.device)[:, None] * slots
                  + torch.arange(1, slots, device=ids.device)[None, :]).reshape(B * L)
     positive_logits = logits.gather(1, positives[:, None])
     # Column c is masked for user b if its id is padding or is any of user b's slot ids.
     same_user_item = (flat_ids[None, :, None] == ids[:, None, :]).any(dim=2)   # [B, B (L+1)]
     masked = same_user_item.repeat_interleave(L, dim=0) | (flat_ids == 0)[None, :]
-    logits = logits.masked_fill(masked, MASKED).scatter(1, positives[:, None], positive_logits)
-    keep = mask.reshape(B * L).bool()
+    return logits.masked_fill(masked, MASKED).scatter(1, positives[:, None], positive_logits), positives
+
+
+def inbatch_debiased_loss(user_states: torch.Tensor, item_embeddings: torch.Tensor, ids: torch.Tensor,
+                          mask: torch.Tensor, log_popularity: torch.Tensor) -> torch.Tensor:
+    """user_states [B, L, d] (position j predicts slot j + 1); item_embeddings [B, L + 1, d]; ids [B, L + 1]
+    (0 = padding); mask [B, L] (1 where slot j + 1 is a real next item); log_popularity [N + 1] (log p, 0 at
+    index 0)."""
+    logits, positives = masked_logits(user_states, item_embeddings, ids, log_popularity)
+    keep = mask.reshape(-1).bool()
     kept = logits[keep]
     return F.cross_entropy(kept.to(torch.promote_types(kept.dtype, torch.float32)), positives[keep])
