@@ -133,3 +133,29 @@ def test_errors_name_the_problem(env, tmp_path, monkeypatch):
     monkeypatch.setenv("IISAN_DATA_DIR", str(changed))
     with pytest.raises(IisanError, match=r"dataset fingerprint is .* the dataset now gives"):
         train(resolve(options(env, tmp_path)), log=lambda m: None)
+
+
+def test_standardized_uses_training_items_and_keeps_padding_zero():
+    import torch
+
+    from iisan.train.data import standardized
+
+    torch.manual_seed(0)
+    states = torch.randn(50, 3, 4) * 30 + 7
+    states[0] = 0
+    in_training = torch.zeros(50, dtype=torch.bool)
+    in_training[1:40] = True
+    out = standardized(states, in_training)
+    assert torch.equal(out[0], torch.zeros(3, 4))
+    torch.testing.assert_close(out[in_training].mean(0), torch.zeros(3, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[in_training].std(0), torch.ones(3, 4), atol=1e-5, rtol=0)
+
+
+def test_nan_loss_stops_with_a_message(env, tmp_path, monkeypatch):
+    import torch
+
+    from iisan.train.model import Recommender
+
+    monkeypatch.setattr(Recommender, "calculate_loss", lambda self, ids, log_pop: torch.tensor(float("nan")))
+    with pytest.raises(IisanError, match=r"loss is nan at epoch 1, step 1 \(seed 12345\): lower --lr"):
+        train(resolve(options(env, tmp_path)), log=lambda m: None)
