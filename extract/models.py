@@ -366,8 +366,9 @@ def loading_plan(spec: ModelSpec, device: torch.device) -> dict[str, Any]:
     return kwargs
 
 
-def load_backbone(info: BackboneInfo, device: str | torch.device = "auto") -> Backbone:
-    """Load a frozen backbone in eval mode (weights never trainable), as `loading_plan` says."""
+def load_backbone(info: BackboneInfo, device: str | torch.device = "auto", dtype: torch.dtype | None = None) -> Backbone:
+    """Load a frozen backbone in eval mode (weights not trainable), as `loading_plan` says; `dtype` overrides
+    the plan's (training methods keep fp32 master weights and use autocast on GPU)."""
     import time
 
     from transformers import AutoModel
@@ -379,6 +380,8 @@ def load_backbone(info: BackboneInfo, device: str | torch.device = "auto") -> Ba
         # gptqmodel's CPU kernels size their worker pool from this; unset, it oversubscribes small machines.
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))
     kwargs = loading_plan(spec, device)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     try:
         model = AutoModel.from_pretrained(info.source, **kwargs)
     except (OSError, ValueError, ImportError, RuntimeError) as e:

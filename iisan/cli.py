@@ -9,6 +9,7 @@ import click
 
 from iisan import __version__
 from iisan.errors import IisanError
+from iisan.train.methods import METHODS
 
 
 class IisanGroup(click.Group):
@@ -134,7 +135,8 @@ def extract_cmd(model, dataset, field, layers, out, fmt, device, batch_size, chu
 @click.option("--text", default=None, help="MODEL[@FIELD] feeding the text slot (overrides the pipeline).")
 @click.option("--image", default=None, help="MODEL feeding the image slot.")
 @click.option("--text2", default=None, help="MODEL@FIELD feeding a second text slot (multimodal text).")
-@click.option("--method", type=click.Choice(["iisan", "frozen", "sasrec-id"]), default=None)
+@click.option("--method", type=click.Choice(list(METHODS)), default=None,
+              help="iisan (default); baselines: " + ", ".join(m for m in METHODS if m != "iisan") + ".")
 @click.option("--cache", default=None, help="Cache root (default cache/).")
 @click.option("--out", default=None, help="Runs root (default runs/).")
 @click.option("--seeds", type=int, default=None, help="Run N seeds and report mean ± std.")
@@ -144,6 +146,13 @@ def extract_cmd(model, dataset, field, layers, out, fmt, device, batch_size, chu
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--lr-san", type=float, default=None)
+@click.option("--lr-backbone-text", type=float, default=None, help="Embedded methods: text backbone lr.")
+@click.option("--lr-backbone-image", type=float, default=None, help="Embedded methods: image backbone lr.")
+@click.option("--adapter-bottleneck", type=int, default=None)
+@click.option("--lora-rank", type=int, default=None)
+@click.option("--lora-alpha", type=float, default=None)
+@click.option("--text-clean", type=click.Choice(["clean", "raw"]), default=None,
+              help="Embedded methods: how raw titles are cleaned before tokenizing.")
 @click.option("--fusion", type=click.Choice(["gated", "add"]), default=None, help="add: the no-gate ablation.")
 @click.option("--no-inter", "inter", flag_value=False, default=None, help="Ablation: no inter-modal tower.")
 @click.option("--no-intra", "intra", flag_value=False, default=None, help="Ablation: no intra-modal towers.")
@@ -177,7 +186,7 @@ def evaluate_cmd(run_dir: Path, split: str) -> None:
     from safetensors.torch import load_file
 
     from iisan.train.config import load_config
-    from iisan.train.recipe import build_model, evaluate, setup
+    from iisan.train.recipe import build_model, evaluate, load_checkpoint_state, setup
 
     cfg = load_config(run_dir / "config.json")
     s = setup(cfg)
@@ -185,8 +194,8 @@ def evaluate_cmd(run_dir: Path, split: str) -> None:
         best = run_dir / f"seed-{cfg.seed + i}" / "best.safetensors"
         if not best.is_file():
             raise IisanError(f"{best}: no checkpoint (the run has not finished an epoch)")
-        model = build_model(cfg, s.split, s.slots).to(s.device)
-        model.load_state_dict(load_file(best, device=str(s.device)))
+        model = build_model(s).to(s.device)
+        load_checkpoint_state(model, load_file(best, device=str(s.device)))
         click.echo(f"seed {cfg.seed + i}: " + evaluate(model, s.split, split, cfg).line(split))
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,55 @@ def write_tsv(path: Path, lines: list[str] | bytes) -> Path:
     else:
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A toy dataset with images, a registry of tiny encoders and pipelines, and their caches (stage-2 tests)."""
+    import numpy as np
+    from PIL import Image
+
+    from iisan.extract.run import ExtractConfig, run_extraction
+    from tiny_models import WORDS, build_tiny_bert, build_tiny_dinov2, write_registry
+
+    root = tmp_path_factory.mktemp("train")
+    rng = random.Random(0)
+    data = root / "data"
+    items = [f"i{k:03d}\t" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for k in range(120)]
+    write_tsv(data / "toy" / "items.tsv", items)
+    users = [f"u{u}\t" + " ".join(f"i{rng.randrange(100):03d}" for _ in range(rng.randint(5, 15))) for u in range(150)]
+    write_tsv(data / "toy" / "users.tsv", users)
+    (data / "toy" / "images").mkdir()
+    pixels = np.random.default_rng(0)
+    for k in range(0, 120, 2):
+        Image.fromarray(pixels.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / "toy" / "images" / f"i{k:03d}.jpg")
+    write_tsv(data / "plain" / "items.tsv", items)
+    write_tsv(data / "plain" / "users.tsv", users)
+    models = {"tiny-bert": {"source": str(build_tiny_bert(root / "bert")), "kind": "text", "family": "encoder"},
+              "tiny-dino": {"source": str(build_tiny_dinov2(root / "dino")), "kind": "image", "family": "vision"}}
+    registry = write_registry(root / "pipelines.yaml", models, {"toy": {}, "plain": {"pipeline": "text-only"}})
+    text = registry.read_text() + ("pipelines:\n  text-image: {text: tiny-bert, image: tiny-dino, epochs: 2}\n"
+                                   "  text-only: {text: tiny-bert, epochs: 2}\n"
+                                   "  ghost: {text: nobody}\n")
+    registry.write_text(text)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IISAN_PIPELINES", str(registry))
+        mp.setenv("IISAN_DATA_DIR", str(data))
+        for model, dataset in (("tiny-bert", "toy"), ("tiny-dino", "toy"), ("tiny-bert", "plain")):
+            run_extraction(ExtractConfig(model=model, dataset=dataset, out=root / "cache", chunk_rows=32,
+                                         progress=False), log=lambda m: None)
+        for model in ("tiny-bert", "tiny-dino"):  # fp32 caches: cached vs uncached IISAN compared within 1e-5
+            run_extraction(ExtractConfig(model=model, dataset="toy", out=root / "cache32", storage_dtype="float32",
+                                         progress=False), log=lambda m: None)
+        yield root
+
+
+@pytest.fixture
+def env(world, monkeypatch):
+    monkeypatch.setenv("IISAN_PIPELINES", str(world / "pipelines.yaml"))
+    monkeypatch.setenv("IISAN_DATA_DIR", str(world / "data"))
+    return world
+
+
+def options(world: Path, out: Path, **extra):
+    return {"dataset": "toy", "cache": str(world / "cache"), "out": str(out), "progress": False, **extra}

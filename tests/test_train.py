@@ -4,67 +4,18 @@ errors a user meets. Seconds-scale: one or two epochs, nothing converges here.""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from iisan.cli import main as iisan_cli
 from iisan.errors import IisanError
-from iisan.extract.run import ExtractConfig, run_extraction
 from iisan.train.config import resolve
 from iisan.train.recipe import train
 
-from conftest import write_tsv
-from tiny_models import WORDS, build_tiny_bert, build_tiny_dinov2, write_registry
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A toy dataset with images, a registry of tiny encoders and pipelines, and their caches."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("train")
-    rng = random.Random(0)
-    data = root / "data"
-    items = [f"i{k:03d}\t" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for k in range(120)]
-    write_tsv(data / "toy" / "items.tsv", items)
-    users = [f"u{u}\t" + " ".join(f"i{rng.randrange(100):03d}" for _ in range(rng.randint(5, 15))) for u in range(150)]
-    write_tsv(data / "toy" / "users.tsv", users)
-    (data / "toy" / "images").mkdir()
-    pixels = np.random.default_rng(0)
-    for k in range(0, 120, 2):
-        Image.fromarray(pixels.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / "toy" / "images" / f"i{k:03d}.jpg")
-    write_tsv(data / "plain" / "items.tsv", items)
-    write_tsv(data / "plain" / "users.tsv", users)
-    models = {"tiny-bert": {"source": str(build_tiny_bert(root / "bert")), "kind": "text", "family": "encoder"},
-              "tiny-dino": {"source": str(build_tiny_dinov2(root / "dino")), "kind": "image", "family": "vision"}}
-    registry = write_registry(root / "pipelines.yaml", models, {"toy": {}, "plain": {"pipeline": "text-only"}})
-    text = registry.read_text() + ("pipelines:\n  text-image: {text: tiny-bert, image: tiny-dino, epochs: 2}\n"
-                                   "  text-only: {text: tiny-bert, epochs: 2}\n"
-                                   "  ghost: {text: nobody}\n")
-    registry.write_text(text)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IISAN_PIPELINES", str(registry))
-        mp.setenv("IISAN_DATA_DIR", str(data))
-        for model, dataset in (("tiny-bert", "toy"), ("tiny-dino", "toy"), ("tiny-bert", "plain")):
-            run_extraction(ExtractConfig(model=model, dataset=dataset, out=root / "cache", chunk_rows=32,
-                                         progress=False), log=lambda m: None)
-        yield root
-
-
-@pytest.fixture
-def env(world, monkeypatch):
-    monkeypatch.setenv("IISAN_PIPELINES", str(world / "pipelines.yaml"))
-    monkeypatch.setenv("IISAN_DATA_DIR", str(world / "data"))
-    return world
-
-
-def options(world: Path, out: Path, **extra):
-    return {"dataset": "toy", "cache": str(world / "cache"), "out": str(out), "progress": False, **extra}
+from conftest import options
 
 
 def test_cli_trains_and_reports(env, tmp_path):

@@ -1,7 +1,7 @@
 """Training configuration: one dataclass, defaults from SPEC §8, every field documented where it lives.
 
-Resolution order: these defaults < the pipeline's presets in pipelines.yaml < command-line options. The
-resolved config is saved with every run (config.json).
+Resolution order: these defaults < the method's presets (train/methods.py) < the pipeline's presets in
+pipelines.yaml < command-line options. The resolved config is saved with every run (config.json).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from iisan.errors import RegistryError
 from iisan.registry import dataset_entry, load_registry, registry_path
+from iisan.train.methods import METHODS, method as method_entry
 
-METHODS = ("iisan", "frozen", "sasrec-id")
 
 
 @dataclass
@@ -26,7 +26,7 @@ class TrainConfig:
     text2: str = field(default="", metadata={"help": "MODEL@FIELD feeding a second text slot"})
     layers_text: str = field(default="", metadata={"help": "cached hidden states the text tower reads (rule)"})
     layers_image: str = field(default="", metadata={"help": "cached hidden states the image tower reads"})
-    method: str = field(default="iisan", metadata={"help": "iisan | frozen | sasrec-id"})
+    method: str = field(default="iisan", metadata={"help": " | ".join(METHODS) + " (train/methods.py)"})
     cache: str = field(default="cache", metadata={"help": "cache root (stores in CACHE/<dataset>/)"})
     out: str = field(default="runs", metadata={"help": "runs root (runs in OUT/<dataset>/)"})
     epochs: int = field(default=100, metadata={"help": "maximum epochs"})
@@ -34,6 +34,15 @@ class TrainConfig:
     batch_size: int = field(default=64, metadata={"help": "users per batch"})
     lr: float = field(default=2e-4, metadata={"help": "Adam lr: user encoder, heads, fusion, embeddings"})
     lr_san: float = field(default=1e-4, metadata={"help": "Adam lr: SAN blocks, gates, DTLs"})
+    lr_backbone_text: float = field(default=5e-5, metadata={
+        "help": "Adam lr: the trainable part of the text backbone(s) (embedded methods; preset per method)"})
+    lr_backbone_image: float = field(default=1e-4, metadata={
+        "help": "Adam lr: the trainable part of the image backbone (embedded methods; preset per method)"})
+    adapter_bottleneck: int = field(default=64, metadata={"help": "Houlsby adapter width (method adapter)"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA r (method lora)"})
+    lora_alpha: float = field(default=1.0, metadata={"help": "LoRA alpha; scaling alpha / r (SPEC §7: 1)"})
+    text_clean: str = field(default="clean", metadata={
+        "help": "text cleaning when backbones read raw titles (embedded methods): clean | raw"})
     embedding_dim: int = field(default=64, metadata={"help": "d"})
     heads: int = field(default=2, metadata={"help": "user-encoder attention heads"})
     blocks: int = field(default=2, metadata={"help": "user-encoder blocks"})
@@ -74,16 +83,15 @@ def resolve(overrides: dict[str, Any]) -> TrainConfig:
     unknown = set(preset) - names
     if unknown:
         raise RegistryError(f"{registry_path()}: pipeline '{pipeline}' has unknown keys {sorted(unknown)}")
+    method_name = given.get("method") or preset.get("method") or "iisan"
+    values.update(method_entry(method_name).presets)
     values.update(preset)
     values.update(given)
     if values.get("image") and values.get("text2"):
         raise RegistryError(f"pipeline '{pipeline}': give image or text2, not both")
     if not values.get("text") and values.get("method", "iisan") != "sasrec-id":
         raise RegistryError(f"pipeline '{pipeline}' names no text encoder")
-    cfg = TrainConfig(**values)
-    if cfg.method not in METHODS:
-        raise RegistryError(f"method '{cfg.method}' not one of {', '.join(METHODS)}")
-    return cfg
+    return TrainConfig(**values)
 
 
 def load_config(path: Path) -> TrainConfig:

@@ -15,6 +15,8 @@ from iisan.train.user_encoder import UserEncoder
 class CachedItems(nn.Module):
     """Base for item encoders over cached states held as buffers (not parameters, not in checkpoints)."""
 
+    table_batch_size = 4096  # items per call when the whole item table is encoded for evaluation
+
     def __init__(self, states: dict[str, torch.Tensor]):
         super().__init__()
         self.slots = list(states)
@@ -35,22 +37,35 @@ class IISANItems(CachedItems):
         return self.side(self.gather(index))
 
 
+class LastStateHeads(nn.Module):
+    """SPEC §7's heads: each modality's last-layer vector through GELU(Linear(D -> d)), the parts (image
+    first) fused by Linear(parts * d -> d). Shared by the frozen-backbone baseline and the embedded ones."""
+
+    def __init__(self, dims: dict[str, int], dim: int):
+        super().__init__()
+        self.order = [s for s in ("img", "txt") if s in dims]
+        self.heads = nn.ModuleDict({s: nn.Linear(dims[s], dim) for s in self.order})
+        self.fusion = nn.Linear(len(self.order) * dim, dim)
+
+    def forward(self, last: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fusion(torch.cat([nn.functional.gelu(self.heads[s](last[s])) for s in self.order], -1))
+
+
 class FrozenItems(CachedItems):
-    """SPEC §7 "Frozen backbone": the last cached layer of each modality through GELU(Linear(D -> d)), fused."""
+    """SPEC §7 "Frozen backbone": the last cached layer of each modality through the baseline heads."""
 
     def __init__(self, states: dict[str, torch.Tensor], dim: int):
         super().__init__(states)
-        self.heads = nn.ModuleDict({s: nn.Linear(t.shape[2], dim) for s, t in states.items()})
-        self.fusion = nn.Linear(len(states) * dim, dim)
+        self.head = LastStateHeads({s: t.shape[2] for s, t in states.items()}, dim)
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        states = self.gather(index)
-        order = [s for s in ("img", "txt") if s in states]
-        return self.fusion(torch.cat([nn.functional.gelu(self.heads[s](states[s][:, -1])) for s in order], -1))
+        return self.head({s: t[:, -1] for s, t in self.gather(index).items()})
 
 
 class IDItems(nn.Module):
     """SASRec with ID embeddings, no content."""
+
+    table_batch_size = 1 << 20
 
     def __init__(self, n_items: int, dim: int):
         super().__init__()
@@ -82,9 +97,10 @@ class Recommender(nn.Module):
         return inbatch_debiased_loss(user_states, embeddings, ids, mask, log_popularity)
 
     @torch.no_grad()
-    def item_table(self, batch_size: int = 4096) -> torch.Tensor:
+    def item_table(self) -> torch.Tensor:
         """Embeddings of items 0..N, once per evaluation: [N + 1, d]."""
         device = next(self.parameters()).device
+        batch_size = getattr(self.items, "table_batch_size", 4096)
         index = torch.arange(self.n_items + 1, device=device)
         return torch.cat([self.items(index[i:i + batch_size]) for i in range(0, len(index), batch_size)])
 

@@ -7,6 +7,7 @@ needed to resume), report.json. `--resume RUN_DIR` continues each unfinished see
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -30,6 +31,8 @@ from iisan.errors import IisanError
 from iisan.evaluate.metrics import RankingResult, rank_targets
 from iisan.train.config import TrainConfig, load_config
 from iisan.train.data import SlotStates, load_slot, slot_sources, train_batches
+from iisan.train.embedded import EmbeddedItems, RawSlot, UncachedIISANItems, check_raw_slot
+from iisan.train.methods import method as method_entry
 from iisan.train.model import FrozenItems, IDItems, IISANItems, Recommender
 from iisan.train.san import SANConfig
 
@@ -40,27 +43,61 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: TrainConfig, split: SplitData, slots: dict[str, SlotStates]) -> Recommender:
-    states = {slot: s.states for slot, s in slots.items()}
+def build_model(s: "Setup") -> Recommender:
+    cfg, split = s.cfg, s.split
+    kind = method_entry(cfg.method).items
     if cfg.method == "iisan":
-        items = IISANItems(states, SANConfig(cfg.bottleneck, cfg.embedding_dim, cfg.fusion, cfg.intra, cfg.inter))
+        items = IISANItems({slot: x.states for slot, x in s.slots.items()}, san_config(cfg))
     elif cfg.method == "frozen":
-        items = FrozenItems(states, cfg.embedding_dim)
+        items = FrozenItems({slot: x.states for slot, x in s.slots.items()}, cfg.embedding_dim)
+    elif cfg.method == "iisan-uncached":
+        items = UncachedIISANItems(s.raw, san_config(cfg))
+    elif kind == "backbone":
+        items = EmbeddedItems(s.raw, cfg.embedding_dim)
     else:
         items = IDItems(split.n_items, cfg.embedding_dim)
     return Recommender(items, split.n_items, cfg.embedding_dim, cfg.heads, cfg.blocks, cfg.max_seq_len, cfg.dropout)
 
 
+def san_config(cfg: TrainConfig) -> SANConfig:
+    return SANConfig(cfg.bottleneck, cfg.embedding_dim, cfg.fusion, cfg.intra, cfg.inter)
+
+
 def optimizer_for(model: Recommender, cfg: TrainConfig) -> torch.optim.Adam:
-    """SPEC §8: the side network's SAN blocks, gates and DTLs at lr_san; everything else at lr."""
-    san, rest = [], []
+    """SPEC §7 / §8 learning rates: the side network's SAN blocks, gates and DTLs at lr_san; the trainable
+    part of a text backbone at lr_backbone_text, of an image backbone at lr_backbone_image; the rest (user
+    encoder, heads, fusion, embeddings) at lr."""
+    image_slot_is_text = bool(cfg.text2)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        inside_towers = name.startswith("items.side.intra.") or name.startswith("items.side.inter.")
-        (san if inside_towers else rest).append(p)
-    groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": san, "lr": cfg.lr_san}] if san else [])
-    return torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=0.0)
+        if name.startswith("items.side.intra.") or name.startswith("items.side.inter."):
+            lr = cfg.lr_san
+        elif name.startswith("items.backbones.txt.") or (image_slot_is_text and name.startswith("items.backbones.img.")):
+            lr = cfg.lr_backbone_text
+        elif name.startswith("items.backbones.img."):
+            lr = cfg.lr_backbone_image
+        else:
+            lr = cfg.lr
+        groups.setdefault(lr, []).append(p)
+    return torch.optim.Adam([{"params": params, "lr": lr} for lr, params in groups.items()],
+                            betas=(0.9, 0.999), weight_decay=0.0)
+
+
+def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: every trainable parameter and the model's own weights, but not the frozen
+    weights of a backbone (reloaded from its source; for a 70B backbone they would dwarf the run)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad and name.startswith("items.backbones.")}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_checkpoint_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad and name.startswith("items.backbones.")}
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise IisanError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
@@ -90,17 +127,49 @@ class Setup:
     cfg: TrainConfig
     dataset: Dataset
     split: SplitData
-    slots: dict[str, SlotStates]
+    slots: dict[str, SlotStates]       # cached methods
     device: torch.device
+    raw: dict[str, RawSlot] = dataclasses.field(default_factory=dict)  # backbone methods
 
 
 def setup(cfg: TrainConfig) -> Setup:
     device = pick_device(cfg.device)
     dataset = load_dataset(cfg.dataset)
     split = dataset.split(ProtocolConfig(cfg.max_seq_len, cfg.min_seq_len))
-    slots = {} if cfg.method == "sasrec-id" else {
-        slot: load_slot(cfg, dataset, split, slot, source, device) for slot, source in slot_sources(cfg).items()}
-    return Setup(cfg, dataset, split, slots, device)
+    kind = method_entry(cfg.method).items
+    slots = {slot: load_slot(cfg, dataset, split, slot, source, device)
+             for slot, source in slot_sources(cfg).items()} if kind == "cached" else {}
+    raw = load_raw_slots(cfg, dataset, split, device) if kind == "backbone" else {}
+    return Setup(cfg, dataset, split, slots, device, raw)
+
+
+def load_raw_slots(cfg: TrainConfig, dataset: Dataset, split: SplitData, device: torch.device) -> dict[str, RawSlot]:
+    """Load each slot's backbone for a method that runs it, made trainable as the method says."""
+    from iisan.extract.layers import select_layers
+    from iisan.extract.models import describe_backbone, load_backbone, model_spec
+    from iisan.train.tuning import make_trainable
+
+    entry = method_entry(cfg.method)
+    raw = {}
+    for slot, source in slot_sources(cfg).items():
+        spec = model_spec(source.partition("@")[0])
+        check_raw_slot(slot, source, dataset, spec.kind)
+        if entry.tunes in ("all", "bias") and spec.quantization in ("gptq", "bnb-8bit", "bnb-4bit"):
+            raise IisanError(f"--method {cfg.method} trains the weights of {spec.name}, which are quantized "
+                             f"({spec.quantization}); use --method lora or adapter, or iisan")
+        decoder = spec.family == "decoder"
+        if entry.name == "iisan-uncached" and (cfg.standardize == "on" or (cfg.standardize == "auto" and decoder)):
+            raise IisanError(f"iisan-uncached does not standardise states ({spec.name}): the statistics need a pass "
+                             f"over every item, which is what the cache is for; use --standardize off or --method iisan")
+        info = describe_backbone(spec, fetch=True)
+        rule = (cfg.layers_text if slot == "txt" else cfg.layers_image) or spec.layers
+        trainable = entry.tunes != "none"
+        # Trained weights stay fp32 (autocast runs fp16 on GPU); a frozen backbone loads as for extraction.
+        backbone = load_backbone(info, device, dtype=torch.float32 if trainable and spec.quantization == "none" else None)
+        make_trainable(backbone.model, entry.tunes, cfg.adapter_bottleneck, cfg.lora_rank, cfg.lora_alpha)
+        raw[slot] = RawSlot.build(slot, source, backbone, dataset, split, select_layers(rule, info.n_hidden_states),
+                                  cfg.text_clean)
+    return raw
 
 
 def provenance(s: Setup) -> dict[str, Any]:
@@ -134,7 +203,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log) -> dict[str, Any]:
         return json.loads((folder / "report.json").read_text())
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_model(cfg, split, s.slots).to(device)
+    model = build_model(s).to(device)
     optimizer = optimizer_for(model, cfg)
     log_pop = torch.log(torch.from_numpy(split.popularity())).float().to(device)
     use_amp = device.type == "cuda"
@@ -142,7 +211,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log) -> dict[str, Any]:
     state = {"epoch": 0, "best_hr": -1.0, "best_epoch": 0, "bad_epochs": 0, "train_seconds": [], "eval_seconds": []}
     if (folder / "last.pt").exists():
         checkpoint = torch.load(folder / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"], strict=True)
+        load_checkpoint_state(model, checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = checkpoint["state"]
         torch.set_rng_state(checkpoint["rng"])
@@ -180,19 +249,19 @@ def train_seed(s: Setup, seed: int, folder: Path, log) -> dict[str, Any]:
                      eval_seconds=state["eval_seconds"] + [eval_seconds])
         if improved:
             state.update(best_hr=hr, best_epoch=epoch, bad_epochs=0)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "best.safetensors")
+            save_file({k: v.contiguous() for k, v in checkpoint_state(model).items()}, folder / "best.safetensors")
         else:
             state["bad_epochs"] += 1
         with open(folder / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"epoch": epoch, "loss": total / max(steps, 1), "train_seconds": train_seconds,
                                 "eval_seconds": eval_seconds, "valid": valid.metrics, "best": improved}) + "\n")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+        torch.save({"model": checkpoint_state(model), "optimizer": optimizer.state_dict(), "state": state,
                     "rng": torch.get_rng_state(), "generator": generator.get_state()}, folder / "last.pt.tmp")
         (folder / "last.pt.tmp").replace(folder / "last.pt")
         log(f"seed {seed} epoch {epoch}: loss {total / max(steps, 1):.4f}, valid HR@10 {100 * hr:.2f} "
             f"NDCG@10 {100 * valid.metrics['NDCG@10']:.2f} ({train_seconds:.1f} s train, {eval_seconds:.1f} s eval)"
             + (" *" if improved else ""))
-    model.load_state_dict(load_file(folder / "best.safetensors", device=str(device)), strict=True)
+    load_checkpoint_state(model, load_file(folder / "best.safetensors", device=str(device)))
     valid, test = evaluate(model, split, "valid", cfg), evaluate(model, split, "test", cfg)
     report = {"seed": seed, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
               "seconds_per_epoch": statistics.mean(state["train_seconds"]),

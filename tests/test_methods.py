@@ -1,0 +1,193 @@
+"""The embedded baselines and uncached IISAN on tiny encoders (tiny BERT + tiny DINOv2, 3 blocks, 32-d):
+which parameters train, that one step moves exactly those, that training lowers the loss, that LoRA keeps the
+pretrained weights, and that uncached IISAN equals cached IISAN."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from iisan.train.config import resolve
+from iisan.train.data import train_batches
+from iisan.train.recipe import build_model, checkpoint_state, optimizer_for, setup, train
+
+from conftest import options
+
+BACKBONE_METHODS = ("iisan-uncached", "fft", "adapter", "lora", "bitfit")
+BLOCKS, HIDDEN, BOTTLENECK = 3, 32, 64
+
+
+def built(env, tmp_path, method: str, **extra):
+    cfg = resolve(options(env, tmp_path, method=method, **extra))
+    s = setup(cfg)
+    torch.manual_seed(0)
+    return cfg, s, build_model(s)
+
+
+def backbone_trainable(model) -> dict[str, set[str]]:
+    return {slot: {n for n, p in backbone.named_parameters() if p.requires_grad}
+            for slot, backbone in model.items.backbones.items()}
+
+
+def expected_trainable(method: str, names: set[str]) -> set[str]:
+    if method in ("iisan-uncached",):
+        return set()
+    if method == "fft":
+        return {n for n in names if not n.startswith("pooler.") and not n.endswith("mask_token")}
+    if method == "bitfit":
+        return {n for n in names if n.endswith("bias") and not n.startswith("pooler.")}
+    if method == "adapter":
+        return {n for n in names if ".adapter." in n}
+    return {n for n in names if "lora_" in n}
+
+
+@pytest.mark.parametrize("method", BACKBONE_METHODS)
+def test_trainable_parameter_sets(env, tmp_path, method):
+    _, _, model = built(env, tmp_path, method)
+    trainable = backbone_trainable(model)
+    for slot, backbone in model.items.backbones.items():
+        names = {n for n, _ in backbone.named_parameters()}
+        assert trainable[slot] == expected_trainable(method, names), slot
+        assert not any(n.startswith("pooler.") for n in trainable[slot])
+    # Everything outside the backbones (user encoder, heads, fusion, side network) trains.
+    outside = [(n, p) for n, p in model.named_parameters() if not n.startswith("items.backbones.")]
+    assert outside and all(p.requires_grad for _, p in outside)
+    per_layer = {"adapter": 2, "lora": 2}.get(method)
+    if per_layer:  # two adapters / two LoRA pairs per block, in every block of both backbones
+        for slot in ("txt", "img"):
+            marker = ".adapter.down.weight" if method == "adapter" else ".lora_A.default.weight"
+            assert sum(n.endswith(marker) for n in trainable[slot]) == per_layer * BLOCKS
+    if method == "adapter":
+        adapters = sum(p.numel() for slot in trainable for n, p in model.items.backbones[slot].named_parameters()
+                       if p.requires_grad)
+        assert adapters == 2 * 2 * BLOCKS * (HIDDEN * BOTTLENECK + BOTTLENECK + BOTTLENECK * HIDDEN + HIDDEN)
+    if method == "lora":  # r = 8 on query and value: A [8, 32] and B [32, 8] each
+        lora = sum(p.numel() for slot in trainable for n, p in model.items.backbones[slot].named_parameters()
+                   if p.requires_grad)
+        assert lora == 2 * 2 * BLOCKS * (8 * HIDDEN + HIDDEN * 8)
+
+
+def one_step(model, cfg, split, ids):
+    optimizer = optimizer_for(model, cfg)
+    log_pop = torch.log(torch.from_numpy(split.popularity())).float()
+    model.train()
+    loss = model.calculate_loss(ids, log_pop)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("method", BACKBONE_METHODS)
+def test_one_step_moves_every_trainable_parameter_and_no_frozen_one(env, tmp_path, method):
+    cfg, s, model = built(env, tmp_path, method)
+    ids = next(iter(train_batches(s.split, 16, torch.Generator().manual_seed(0))))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = one_step(model, cfg, s.split, ids)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if method == "lora":
+        # B starts at zero, so A's first gradient is exactly zero: A moves from the second step on.
+        lora_a = {n for n in trainable if ".lora_A." in n}
+        assert lora_a and moved == trainable - lora_a
+        log_pop = torch.log(torch.from_numpy(s.split.popularity())).float()
+        loss = model.calculate_loss(ids, log_pop)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == trainable
+
+
+@pytest.mark.parametrize("method", BACKBONE_METHODS)
+def test_twenty_steps_on_a_fixed_batch_lower_the_loss(env, tmp_path, method):
+    fast = dict(lr=5e-3, lr_san=5e-3, lr_backbone_text=1e-3, lr_backbone_image=1e-3)
+    cfg, s, model = built(env, tmp_path, method, **fast)
+    ids = next(iter(train_batches(s.split, 16, torch.Generator().manual_seed(1))))
+    log_pop = torch.log(torch.from_numpy(s.split.popularity())).float()
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model.calculate_loss(ids, log_pop).item()
+
+    start = eval_loss()
+    optimizer = optimizer_for(model, cfg)
+    for _ in range(20):
+        model.train()
+        loss = model.calculate_loss(ids, log_pop)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # Random toy users leave little to learn: the drop is small (0.07-0.1 nats at these settings), but real.
+    assert eval_loss() < start - 0.05
+
+
+def test_lora_at_initialisation_equals_the_pretrained_backbone(env, tmp_path):
+    from transformers import AutoModel
+
+    _, s, model = built(env, tmp_path, "lora")
+    registry = (env / "pipelines.yaml").read_text()
+    for slot, name in (("txt", "bert"), ("img", "dino")):
+        assert str(env / name) in registry
+        fresh = AutoModel.from_pretrained(env / name).eval()
+        wrapped = model.items.backbones[slot].eval()
+        assert any("lora_B" in n for n, _ in wrapped.named_parameters())
+        inputs = s.raw[slot].inputs([1, 2, 3, 5, 8])
+        with torch.no_grad():
+            expected = fresh(**inputs).last_hidden_state
+            got = wrapped(**inputs).last_hidden_state
+        assert torch.equal(got, expected)
+        # The pretrained query weights are kept, not replaced by freshly initialised ones.
+        base = dict(wrapped.named_parameters())
+        query = next(n for n in base if n.endswith(("query.base_layer.weight", "q_proj.base_layer.weight")))
+
+        original = dict(fresh.named_parameters())[query.replace(".base_layer", "")]
+        assert torch.equal(base[query], original)
+
+
+def test_uncached_iisan_equals_cached_iisan(env, tmp_path):
+    _, _, uncached = built(env, tmp_path, "iisan-uncached")
+    cfg = resolve({**options(env, tmp_path), "cache": str(env / "cache32")})
+    s = setup(cfg)
+    cached = build_model(s)
+    assert s.slots["txt"].manifest.storage_dtype == "float32"
+    missing, unexpected = cached.load_state_dict(checkpoint_state(uncached), strict=False)
+    assert not missing and not unexpected
+    uncached.eval()
+    cached.eval()
+    torch.testing.assert_close(uncached.item_table(), cached.item_table(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "iisan-uncached"])
+def test_embedded_run_end_to_end_saves_only_what_trains(env, tmp_path, method):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from iisan.cli import main as iisan_cli
+
+    result = train(resolve(options(env, tmp_path, method=method, epochs=1, batch_size=32)), log=lambda m: None)
+    run_dir = Path(result["run_dir"])
+    assert run_dir.name.startswith(f"{method}-text-image-")
+    saved = load_file(run_dir / "seed-12345" / "best.safetensors")
+    frozen_weights = [k for k in saved if k.startswith("items.backbones.") and "lora_" not in k]
+    assert not frozen_weights
+    if method == "lora":
+        assert sum(".lora_" in k for k in saved) == 2 * 2 * 2 * BLOCKS  # A and B, query and value, 2 backbones
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["method"] == method
+    again = CliRunner().invoke(iisan_cli, ["evaluate", str(run_dir)])
+    assert again.exit_code == 0, again.output
+    test_hr = result["seeds"][0]["test"]["HR@10"]
+    assert f"HR@10 {100 * test_hr:.2f}" in again.output
+
+
+def test_method_presets_sit_under_the_command_line(env, tmp_path):
+    fft = resolve(options(env, tmp_path, method="fft"))
+    assert (fft.batch_size, fft.lr, fft.lr_backbone_text, fft.lr_backbone_image) == (32, 1e-4, 5e-5, 1e-4)
+    adapter = resolve(options(env, tmp_path, method="adapter", batch_size=8))
+    assert (adapter.batch_size, adapter.lr, adapter.lr_backbone_text) == (8, 2e-4, 4e-4)
+    assert resolve(options(env, tmp_path)).batch_size == 64
