@@ -8,7 +8,7 @@ EXTRAS ?= dev,gptq,bnb
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 
-.PHONY: setup demo test data-stats extract train bench-extract bench-cache clean
+.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,15 @@ extract: setup
 PIPELINE ?=
 train: setup
 	$(VENV)/bin/iisan train --dataset $(DATASET) $(if $(PIPELINE),--pipeline $(PIPELINE),) $(ARGS)
+
+# Training cost of every method (FFT, Adapter, LoRA, BitFit, uncached and cached IISAN) on the same data,
+# encoders, seed and batch size: reports/bench-ml-100k.md (title + poster) and reports/bench-scientific.md
+# (title text), each with two PNG plots. Missing caches are extracted first. make bench ARGS="--full" also
+# trains every method to convergence (long on CPU).
+bench: setup
+	$(VENV)/bin/iisan data fetch ml-100k
+	$(VENV)/bin/iisan bench --dataset ml-100k $(ARGS)
+	$(VENV)/bin/iisan bench --dataset scientific $(ARGS)
 
 # Extraction items/s next to the bare forward pass, for a text and an image encoder.
 bench-extract: setup

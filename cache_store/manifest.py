@@ -43,6 +43,8 @@ class Manifest:
     layer_selection: str = field(default="", metadata={"help": "the rule that chose `layers`"})
     package_version: str = field(default="", metadata={"help": "iisan-versa version that wrote the store"})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "cache format version"})
+    extraction_seconds: float = field(default=0.0, metadata={
+        "help": "wall seconds rank 0 spent encoding, summed over resumed runs (model loading excluded)"})
     complete: bool = field(default=False, metadata={"help": "every chunk flagged done (set at finalize)"})
 
     def __post_init__(self) -> None:

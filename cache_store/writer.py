@@ -122,11 +122,13 @@ class CacheWriter:
             missing = np.concatenate([[False], missing])
         self.backend.write_chunk(chunk, self.manifest.chunk_range(chunk).start, states, missing)
 
-    def finalize(self) -> bool:
-        """Rank 0: mark the store complete if every chunk is done. Returns whether it is complete."""
+    def finalize(self, seconds: float = 0.0) -> bool:
+        """Rank 0: add this run's encoding seconds and mark the store complete if every chunk is done.
+        Returns whether it is complete."""
         complete = bool(self.done().all())
-        if self.rank == 0 and complete != self.manifest.complete:
+        if self.rank == 0 and (complete != self.manifest.complete or seconds > 0):
             self.manifest.complete = complete
+            self.manifest.extraction_seconds = round(self.manifest.extraction_seconds + seconds, 3)
             self.backend.set_manifest(self.manifest)
         return complete
 

@@ -225,7 +225,7 @@ def _extract(cfg, dataset, spec, info, layers, writer, rank, world, local_rank, 
     if rank == 0:
         if world > 1:
             _wait_for_all_chunks(writer, log)
-        complete = writer.finalize()
+        complete = writer.finalize(seconds if encoded else 0.0)
     else:
         complete = bool(writer.done().all())
     writer.close()

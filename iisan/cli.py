@@ -9,7 +9,7 @@ import click
 
 from iisan import __version__
 from iisan.errors import IisanError
-from iisan.train.methods import METHODS
+from iisan.train.methods import BENCH_METHODS as DEFAULT_BENCH_METHODS, METHODS
 
 
 class IisanGroup(click.Group):
@@ -197,6 +197,40 @@ def evaluate_cmd(run_dir: Path, split: str) -> None:
         model = build_model(s).to(s.device)
         load_checkpoint_state(model, load_file(best, device=str(s.device)))
         click.echo(f"seed {cfg.seed + i}: " + evaluate(model, s.split, split, cfg).line(split))
+
+
+@main.command("bench")
+@click.option("--dataset", required=True, help="Dataset name in pipelines.yaml.")
+@click.option("--pipeline", default=None, help="Pipeline (default: the dataset's).")
+@click.option("--text", default=None, help="Text encoder MODEL[@FIELD] (default: the pipeline's).")
+@click.option("--image", default=None, help="Image encoder (default: the pipeline's).")
+@click.option("--text-only", is_flag=True, help="Leave the pipeline's image slot out.")
+@click.option("--methods", default=",".join(DEFAULT_BENCH_METHODS), show_default=True,
+              help="Comma-separated methods, in table order.")
+@click.option("--batch-size", type=int, default=0, help="Users per step (default 8 on CPU, 32 on a GPU).")
+@click.option("--sweep", default="", help="Batch sizes for the memory plot, e.g. 1,2,4,8 (default by device).")
+@click.option("--steps", type=int, default=2, show_default=True, help="Timed steps after one warm-up step.")
+@click.option("--cache", default="cache", show_default=True)
+@click.option("--out", default="reports", show_default=True, help="Report folder.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--full", is_flag=True, help="Also train every method to convergence and report test metrics.")
+@click.option("--runs", default="runs", show_default=True, help="Runs root for --full.")
+def bench_cmd(methods: str, sweep: str, **options) -> None:
+    """Training cost of every method on the same data, encoders, seed and batch size: s/step, s/epoch, peak
+    memory, parameters, TPME; writes reports/bench-<dataset>.md and PNG plots."""
+    from iisan.evaluate.bench import BenchConfig, run_bench
+
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise IisanError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    try:
+        sizes = tuple(int(b) for b in sweep.split(",") if b.strip())
+    except ValueError:
+        raise IisanError(f"--sweep '{sweep}': expected batch sizes like 1,2,4,8") from None
+    given = {k: v for k, v in options.items() if v is not None}
+    config = BenchConfig(methods=chosen, sweep=sizes, command="iisan " + " ".join(sys.argv[1:]), **given)
+    run_bench(config, log=lambda message: click.echo(message, err=True))
 
 
 @main.command("demo")

@@ -191,3 +191,49 @@ def test_method_presets_sit_under_the_command_line(env, tmp_path):
     adapter = resolve(options(env, tmp_path, method="adapter", batch_size=8))
     assert (adapter.batch_size, adapter.lr, adapter.lr_backbone_text) == (8, 2e-4, 4e-4)
     assert resolve(options(env, tmp_path)).batch_size == 64
+
+
+def test_bench_writes_report_and_plots(env, tmp_path):
+    from click.testing import CliRunner
+
+    from iisan.cli import main as iisan_cli
+
+    out = tmp_path / "reports"
+    result = CliRunner().invoke(iisan_cli, ["bench", "--dataset", "toy", "--cache", str(env / "cache"), "--out", str(out),
+                                            "--methods", "fft,lora,iisan", "--batch-size", "4", "--sweep", "4",
+                                            "--steps", "1", "--full", "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    report = (out / "bench-toy.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and " | 4 | " in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == ["fft", "lora", "iisan"]
+    fft, lora, iisan = ([cell.strip() for cell in row.split("|")] for row in rows)
+    assert fft[11] == "1.000" and float(iisan[11]) < 1  # time ÷ FFT
+    # Trainable parameters: everything for FFT but DINOv2's unused mask token; far fewer for LoRA.
+    assert int(fft[9].replace(",", "")) - int(fft[8].replace(",", "")) == HIDDEN
+    assert int(lora[8].replace(",", "")) < int(lora[9].replace(",", ""))
+    assert "cached iisan excludes the one-off extraction: tiny-bert" in report.lower()
+    assert "| fft | " in report.split("by batch size")[1]
+    # --full trained each method (the toy pipeline presets 2 epochs) and put its test metrics in the table.
+    runs = sorted(p.name.split("-text-image-")[0] for p in (tmp_path / "runs" / "toy").iterdir())
+    assert runs == ["fft", "iisan", "lora"]
+    for row, method in ((fft, "fft"), (lora, "lora"), (iisan, "iisan")):
+        run = next((tmp_path / "runs" / "toy").glob(f"{method}-text-image-*"))
+        test = json.loads((run / "report.json").read_text())["test"]
+        assert row[13] == f"{100 * test['HR@10']['mean']:.2f}"
+    for name in ("bench-toy-cost.png", "bench-toy-memory.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tpme_and_memory_projection():
+    from iisan.evaluate.efficiency import projected_memory, tpme
+
+    rows = [{"status": "ok", "seconds_per_epoch": 100.0, "trainable_parameters": 1000, "peak_memory_mib": 50.0},
+            {"status": "ok", "seconds_per_epoch": 10.0, "trainable_parameters": 100, "peak_memory_mib": 10.0},
+            {"status": "ok", "seconds_per_epoch": 55.0, "trainable_parameters": 100, "peak_memory_mib": 20.0},
+            {"status": "out of memory"}]
+    tpme(rows)
+    assert rows[0]["tpme"] == pytest.approx(1.0) and rows[1]["tpme"] == pytest.approx(0.0)
+    assert rows[2]["tpme"] == pytest.approx(0.45 * 0.5 + 0.1 * 0 + 0.45 * 0.25)
+    assert "tpme" not in rows[3]
+    assert projected_memory([(1, 100.0), (2, 150.0), (4, 250.0)], 8) == pytest.approx(450.0)
+    assert projected_memory([(1, 100.0)], 8) is None

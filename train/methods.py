@@ -44,6 +44,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            presets=dict(_PEFT_PRESETS)),
 )}
 
+# What `iisan bench` compares by default, in table order (the papers' Figure 5 methods).
+BENCH_METHODS = ("fft", "adapter", "lora", "bitfit", "iisan-uncached", "iisan")
+
 
 def method(name: str) -> Method:
     from iisan.errors import RegistryError

@@ -1,0 +1,282 @@
+"""`iisan bench`: every method on the same data, encoders, seed and batch size; cost (and with --full, quality)
+side by side, written to reports/bench-<dataset>.md with two PNG plots.
+
+Cached IISAN's cost excludes the one-off extraction, which is reported apart (read from the cache manifests;
+the caches are extracted first if they are missing, which is resumable and a no-op when complete).
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from iisan.evaluate.efficiency import MEMORY_FRACTION, run_measurement, total_memory_mib, tpme
+from iisan.train.methods import BENCH_METHODS as DEFAULT_METHODS
+PAPER_RATIOS = {"fft_over_cached_time": (443 / 22, "443 s / 22 s"),
+                "uncached_over_cached_time": (179 / 22, "179 s / 22 s"),
+                "fft_over_cached_memory": (46.76 / 3.11, "46.76 GB / 3.11 GB")}
+
+
+@dataclass
+class BenchConfig:
+    dataset: str = field(metadata={"help": "dataset name in the registry"})
+    pipeline: str = field(default="", metadata={"help": "pipeline (default: the dataset's)"})
+    text: str = field(default="", metadata={"help": "text encoder (MODEL[@FIELD]); default: the pipeline's"})
+    image: str = field(default="", metadata={"help": "image encoder; default: the pipeline's"})
+    text_only: bool = field(default=False, metadata={"help": "drop the pipeline's image slot"})
+    methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "methods, in table order"})
+    batch_size: int = field(default=0, metadata={"help": "users per step for the table (0: 8 on CPU, 32 on GPU)"})
+    sweep: tuple[int, ...] = field(default=(), metadata={
+        "help": "batch sizes for the memory plot (default: 1, 2, 4, 8 on CPU; up to 32 on a GPU)"})
+    warmup: int = field(default=1, metadata={"help": "untimed steps before timing"})
+    steps: int = field(default=2, metadata={"help": "timed steps at the table's batch size"})
+    full_epoch_under: float = field(default=60.0, metadata={
+        "help": "run the whole epoch (label 'measured') when its projection is under this many seconds"})
+    max_seconds: float = field(default=900.0, metadata={"help": "stop one measurement after this long"})
+    cache: str = field(default="cache", metadata={"help": "cache root"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    out: str = field(default="reports", metadata={"help": "report folder"})
+    full: bool = field(default=False, metadata={"help": "also train every method to convergence (test metrics)"})
+    runs: str = field(default="runs", metadata={"help": "runs root for --full"})
+    command: str = field(default="", metadata={"help": "the command line, for the report header"})
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train_options(bench: BenchConfig, method: str, batch_size: int | None) -> dict[str, Any]:
+    options: dict[str, Any] = {"dataset": bench.dataset, "method": method, "cache": bench.cache,
+                               "device": bench.device, "progress": False, "out": bench.runs}
+    if bench.pipeline:
+        options["pipeline"] = bench.pipeline
+    if bench.text:
+        options["text"] = bench.text
+    if bench.image:
+        options["image"] = bench.image
+    if bench.text_only:
+        options["image"] = options["text2"] = ""
+    if batch_size:
+        options["batch_size"] = batch_size
+    return options
+
+
+def ensure_caches(cfg, log) -> dict[str, float]:
+    """Extract any missing or unfinished cache the cached methods read; returns each source's recorded
+    extraction seconds."""
+    from iisan.cache_store import open_cache, store_path
+    from iisan.extract.run import ExtractConfig, run_extraction
+    from iisan.train.data import slot_sources
+
+    seconds = {}
+    for source in slot_sources(cfg).values():
+        model, _, text_field = source.partition("@")
+        paths = [store_path(cfg.cache, cfg.dataset, model, text_field or None, fmt) for fmt in ("zarr", "h5")]
+        path = next((p for p in paths if p.exists()), None)
+        complete = False
+        if path is not None:
+            with open_cache(path) as store:
+                complete = store.manifest.complete
+        if not complete:
+            log(f"extracting {source} on {cfg.dataset} (once; cached IISAN reads it)")
+            run_extraction(ExtractConfig(model=model, dataset=cfg.dataset, text_field=text_field or None,
+                                         out=cfg.cache, progress=False), log=log)
+            path = next(p for p in paths if p.exists())
+        with open_cache(path) as store:
+            seconds[source] = store.manifest.extraction_seconds
+    log("caches ready: " + ", ".join(f"{s} (extraction {v:.0f} s)" if v else f"{s} (extraction time not recorded)"
+                                     for s, v in seconds.items()))
+    return seconds
+
+
+def run_bench(bench: BenchConfig, log=print) -> Path:
+    import torch
+
+    from iisan.train.config import resolve
+
+    device = _device(bench.device)
+    gpu = device.type == "cuda"
+    batch = bench.batch_size or (32 if gpu else 8)
+    sweep = sorted(set(bench.sweep or ((1, 2, 4, 8, 16, 32) if gpu else (1, 2, 4, 8))) | {batch})
+    if gpu:
+        limit = MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory / 2**20
+    else:
+        limit = MEMORY_FRACTION * total_memory_mib()
+    base_cfg = resolve(train_options(bench, "iisan", batch))
+    extraction = ensure_caches(base_cfg, log)
+    rows: list[dict[str, Any]] = []
+    sweep_rows: list[dict[str, Any]] = []
+    for method in bench.methods:
+        previous: list[tuple[int, float]] = []
+        for b in sweep:
+            cfg = resolve(train_options(bench, method, b))
+            main = b == batch
+            result = run_measurement(cfg.to_dict(), warmup=bench.warmup if main else 0,
+                                     steps=bench.steps if main else 1,
+                                     full_epoch_under=bench.full_epoch_under if main else 0.0,
+                                     limit_mib=limit, max_seconds=bench.max_seconds, previous=previous, log=log)
+            if result.get("status") == "ok":
+                previous.append((b, result["peak_memory_mib"]))
+            log(_progress_line(result, main))
+            sweep_rows.append(result)
+            if main:
+                rows.append(result)
+    tpme(rows)
+    if bench.full:
+        for row in rows:
+            from iisan.train.recipe import train
+
+            result = train(resolve(train_options(bench, row["method"], None)), log=log)
+            row["test"] = result["test"]
+            row["full_run"] = result["run_dir"]
+    out = Path(bench.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / f"bench-{bench.dataset}.md"
+    plots = plot(rows, sweep_rows, out, bench.dataset)
+    report.write_text(markdown(bench, base_cfg, device, batch, rows, sweep_rows, extraction, plots, limit))
+    log(f"wrote {report} and {', '.join(str(p) for p in plots)}")
+    return report
+
+
+def _progress_line(r: dict[str, Any], main: bool) -> str:
+    what = f"{r['method']} batch {r['batch_size']}"
+    if r.get("status") != "ok":
+        return f"{what}: {r.get('status')} ({r.get('note', '')})"
+    timing = f"{r['seconds_per_step']:.3f} s/step, {r['seconds_per_epoch']:.1f} s/epoch ({r['epoch']}), " if main else ""
+    return f"{what}: {timing}peak {r['peak_memory_mib']:,.0f} MiB"
+
+
+def _ratio(rows: dict[str, dict[str, Any]], top: str, bottom: str, key: str) -> float | None:
+    a, b = rows.get(top), rows.get(bottom)
+    if not a or not b or a.get("status") != "ok" or b.get("status") != "ok" or not b[key]:
+        return None
+    return a[key] / b[key]
+
+
+def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, Any]],
+             sweep_rows: list[dict[str, Any]], extraction: dict[str, float], plots: list[Path], limit: float) -> str:
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU ({platform.processor() or platform.machine()}, {total_memory_mib() / 1024:.0f} GiB)"
+    encoders = cfg.text + (f" + {cfg.image}" if cfg.image else "") + (f" + {cfg.text2}" if cfg.text2 else "")
+    first_ok = next((r for r in rows if r.get("status") == "ok"), {})
+    lines = [f"# Training cost on {bench.dataset}: {encoders}", "",
+             f"- command: `{bench.command or 'iisan bench --dataset ' + bench.dataset}`",
+             f"- commit {commit}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"- device: {device_name}; torch {torch.__version__}, {first_ok.get('threads', torch.get_num_threads())} "
+             f"threads; Python {sys.version.split()[0]}",
+             f"- every method: same data, encoders, seed {cfg.seed}, batch size {batch} users; s/step is the mean "
+             f"of {bench.steps} steps after {bench.warmup} warm-up step(s); s/epoch = s/step × steps per epoch "
+             f"(\"projected\"), or a whole epoch run when that is under {bench.full_epoch_under:.0f} s (\"measured\")",
+             f"- peak memory: {first_ok.get('memory_kind', 'peak RSS')} of a fresh process per (method, batch size)"
+             + ("" if device.type == "cuda" else ", which includes Python and the imported libraries (torch, "
+                                                 "transformers, peft): the same floor for every method, given apart; "
+                                                 "\"above floor\" is what the method itself (data, model, "
+                                                 "activations, optimizer) added")
+             + f"; a run past {limit:,.0f} MiB ({MEMORY_FRACTION:.0%} of memory) is recorded as out of memory",
+             "- TPME = 0.45·time + 0.1·params + 0.45·memory, each min-max normalised over this table (lower is better)",
+             "- cached IISAN excludes the one-off extraction: " + (", ".join(
+                 f"{s} {v:.0f} s" if v else f"{s} not recorded" for s, v in extraction.items()) or "none"), "",
+             "| method | batch | s/step | s/epoch | epoch | peak memory (MiB) | above floor (MiB) | trainable params "
+             "| total params | TPME | time ÷ FFT | memory ÷ FFT |" + (" test HR@10 | test NDCG@10 |" if bench.full else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if bench.full else "")]
+    by_method = {r["method"]: r for r in rows}
+    fft = by_method.get("fft")
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['method']} | {r['batch_size']} | {r['status']} | | | "
+                         f"{r.get('peak_memory_mib', 0):,.0f} | | | | | | |" + (" | |" if bench.full else ""))
+            continue
+        time_ratio = f"{r['seconds_per_epoch'] / fft['seconds_per_epoch']:.3f}" if fft and fft.get("status") == "ok" else ""
+        mem_ratio = f"{r['peak_memory_mib'] / fft['peak_memory_mib']:.3f}" if fft and fft.get("status") == "ok" else ""
+        quality = ""
+        if bench.full and "test" in r:
+            quality = f" {100 * r['test']['HR@10']['mean']:.2f} | {100 * r['test']['NDCG@10']['mean']:.2f} |"
+        lines.append(f"| {r['method']} | {r['batch_size']} | {r['seconds_per_step']:.3f} | {r['seconds_per_epoch']:.1f} "
+                     f"| {r['epoch']} | {r['peak_memory_mib']:,.0f} | {r['peak_memory_mib'] - r.get('floor_mib', 0):,.0f} "
+                     f"| {r['trainable_parameters']:,} "
+                     f"| {r['total_parameters']:,} | {r.get('tpme', 0):.3f} | {time_ratio} | {mem_ratio} |{quality}")
+    lines += ["", "Ratios that matter (ours, this table; the papers' on one A6000 with BERT-base + ViT-base):", ""]
+    for key, (top, bottom, measure) in {"fft_over_cached_time": ("fft", "iisan", "seconds_per_epoch"),
+                                         "uncached_over_cached_time": ("iisan-uncached", "iisan", "seconds_per_epoch"),
+                                         "fft_over_cached_memory": ("fft", "iisan", "peak_memory_mib")}.items():
+        ours = _ratio(by_method, top, bottom, measure)
+        paper, how = PAPER_RATIOS[key]
+        label = {"seconds_per_epoch": "s/epoch", "peak_memory_mib": "peak memory"}[measure]
+        extra = ""
+        if measure == "peak_memory_mib" and ours is not None and device.type != "cuda":
+            a, b = by_method[top], by_method[bottom]
+            above = (a["peak_memory_mib"] - a["floor_mib"]) / max(b["peak_memory_mib"] - b["floor_mib"], 1e-9)
+            extra = f"; above the import floor: **{above:.1f}×**"
+        lines.append(f"- {top} ÷ cached iisan, {label}: "
+                     + (f"**{ours:.1f}×**" if ours is not None else "n/a") + extra + f" (papers: {paper:.1f}×, {how})")
+    lines += ["", f"Peak memory (MiB) by batch size ({', '.join(str(b) for b in sorted({r['batch_size'] for r in sweep_rows}))}):",
+              "", "| method | " + " | ".join(str(b) for b in sorted({r["batch_size"] for r in sweep_rows})) + " |",
+              "|---|" + "---|" * len({r["batch_size"] for r in sweep_rows})]
+    sizes = sorted({r["batch_size"] for r in sweep_rows})
+    for method in bench.methods:
+        cells = []
+        for b in sizes:
+            r = next((x for x in sweep_rows if x["method"] == method and x["batch_size"] == b), None)
+            cells.append("" if r is None else f"{r['peak_memory_mib']:,.0f}" if r.get("status") == "ok"
+                         else f"{r.get('status')}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]], out: Path, dataset: str) -> list[Path]:
+    """Time and memory per method (the papers' Figure 5), and memory against batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.get("status") == "ok"]
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["method"] for r in done]
+    for ax, key, label in ((axes[0], "seconds_per_epoch", "seconds per epoch (log scale)"),
+                           (axes[1], "peak_memory_mib", "peak memory (MiB)")):
+        bars = ax.bar(names, [r[key] for r in done], color=["#c44e52" if n == "iisan" else "#4c72b0" for n in names])
+        ax.set_ylabel(label)
+        if key == "seconds_per_epoch":
+            ax.set_yscale("log")
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.tick_params(axis="x", rotation=30)
+    batch = done[0]["batch_size"] if done else 0
+    fig.suptitle(f"{dataset}: training cost per method, batch size {batch}")
+    fig.tight_layout()
+    paths.append(out / f"bench-{dataset}-cost.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in sweep_rows):
+        points = sorted((r["batch_size"], r["peak_memory_mib"]) for r in sweep_rows
+                        if r["method"] == method and r.get("status") == "ok")
+        if points:
+            ax.plot([b for b, _ in points], [m for _, m in points], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (users)")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.set_title(f"{dataset}: peak memory vs batch size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / f"bench-{dataset}-memory.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
