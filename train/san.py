@@ -27,10 +27,12 @@ class SANConfig:
 
 
 class SANBlock(nn.Module):
-    """x + W_up ReLU(W_down x + b_d) + b_u; weights N(0, 0.01²), zero biases; no LayerNorm, no dropout."""
+    """x + W_up ReLU(W_down x + b_d) + b_u; weights N(0, 0.01²), zero biases; no LayerNorm, no dropout.
+    (With `activation=gelu` it is also the Houlsby adapter of the embedded baseline, train/tuning.py.)"""
 
-    def __init__(self, dim: int, bottleneck: int):
+    def __init__(self, dim: int, bottleneck: int, activation=torch.relu):
         super().__init__()
+        self.activation = activation
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         for layer in (self.down, self.up):
@@ -38,7 +40,7 @@ class SANBlock(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(torch.relu(self.down(x)))
+        return x + self.up(self.activation(self.down(x)))
 
 
 class Gates(nn.Module):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from iisan.errors import IisanError
+from iisan.train.san import SANBlock
 
 # Attention-output and FFN-output projections: BERT / ViT (attention.output.dense, output.dense), DINOv2
 # (mlp.fc2, mlp.weights_out), MPNet (attn.o), CLIP (out_proj, fc2), Llama / Mistral / Gemma (o_proj, down_proj).
@@ -28,19 +29,11 @@ ADAPTER_TARGETS = ("output.dense", "attn.o", "out_proj", "o_proj", "fc2", "weigh
 LORA_TARGETS = ("query", "value", "attn.q", "attn.v", "q_proj", "v_proj")
 
 
-class HoulsbyAdapter(nn.Module):
-    """x + W_up GELU(W_down x + b_down) + b_up."""
+class HoulsbyAdapter(SANBlock):
+    """x + W_up GELU(W_down x + b_down) + b_up: a SAN block with GELU, initialised the same way."""
 
     def __init__(self, dim: int, bottleneck: int):
-        super().__init__()
-        self.down = nn.Linear(dim, bottleneck)
-        self.up = nn.Linear(bottleneck, dim)
-        for layer in (self.down, self.up):
-            nn.init.normal_(layer.weight, std=0.01)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(nn.functional.gelu(self.down(x)))
+        super().__init__(dim, bottleneck, activation=nn.functional.gelu)
 
 
 class AdaptedLinear(nn.Module):
