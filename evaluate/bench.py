@@ -34,7 +34,9 @@ class BenchConfig:
     sweep: tuple[int, ...] = field(default=(), metadata={
         "help": "batch sizes for the memory plot (default: 1, 2, 4, 8 on CPU; up to 32 on a GPU)"})
     warmup: int = field(default=1, metadata={"help": "untimed steps before timing"})
-    steps: int = field(default=2, metadata={"help": "timed steps at the table's batch size"})
+    steps: int = field(default=3, metadata={"help": "at most this many timed steps at the table's batch size"})
+    budget: float = field(default=20.0, metadata={
+        "help": "stop timing (after at least one step) once this many seconds have been timed"})
     full_epoch_under: float = field(default=60.0, metadata={
         "help": "run the whole epoch (label 'measured') when its projection is under this many seconds"})
     max_seconds: float = field(default=900.0, metadata={"help": "stop one measurement after this long"})
@@ -42,6 +44,8 @@ class BenchConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     out: str = field(default="reports", metadata={"help": "report folder"})
     full: bool = field(default=False, metadata={"help": "also train every method to convergence (test metrics)"})
+    epochs: int = field(default=0, metadata={"help": "--full: cap every method at this many epochs (0: its own)"})
+    patience: int = field(default=0, metadata={"help": "--full: early-stopping patience (0: each method's own)"})
     runs: str = field(default="runs", metadata={"help": "runs root for --full"})
     command: str = field(default="", metadata={"help": "the command line, for the report header"})
 
@@ -56,7 +60,8 @@ def _device(name: str):
 
 def train_options(bench: BenchConfig, method: str, batch_size: int | None) -> dict[str, Any]:
     options: dict[str, Any] = {"dataset": bench.dataset, "method": method, "cache": bench.cache,
-                               "device": bench.device, "progress": False, "out": bench.runs}
+                               "device": bench.device, "progress": False, "out": bench.runs,
+                               "epochs": bench.epochs or None, "patience": bench.patience or None}
     if bench.pipeline:
         options["pipeline"] = bench.pipeline
     if bench.text:
@@ -120,8 +125,10 @@ def run_bench(bench: BenchConfig, log=print) -> Path:
         for b in sweep:
             cfg = resolve(train_options(bench, method, b))
             main = b == batch
-            result = run_measurement(cfg.to_dict(), warmup=bench.warmup if main else 0,
-                                     steps=bench.steps if main else 1,
+            # Every point runs warm-up + at least one step, so its peak includes Adam's state (allocated in
+            # the first step) alongside a step's activations; the sweep points time that one step only.
+            result = run_measurement(cfg.to_dict(), warmup=max(bench.warmup, 1),
+                                     steps=bench.steps if main else 1, budget=bench.budget if main else 0.0,
                                      full_epoch_under=bench.full_epoch_under if main else 0.0,
                                      limit_mib=limit, max_seconds=bench.max_seconds, previous=previous, log=log)
             if result.get("status") == "ok":
@@ -132,12 +139,16 @@ def run_bench(bench: BenchConfig, log=print) -> Path:
                 rows.append(result)
     tpme(rows)
     if bench.full:
-        for row in rows:
-            from iisan.train.recipe import train
+        from iisan.train.recipe import train_or_reuse
 
-            result = train(resolve(train_options(bench, row["method"], None)), log=log)
+        for row in rows:
+            log(f"--full: training {row['method']} with its own presets (a finished run with the same config "
+                f"is reused, an unfinished one resumed)")
+            result = train_or_reuse(resolve(train_options(bench, row["method"], None)), log=log)
             row["test"] = result["test"]
             row["full_run"] = result["run_dir"]
+            row["full_epochs"] = [(r["best_epoch"], r["epochs"]) for r in result["seeds"]]
+            row["full_seconds_per_epoch"] = sum(r["seconds_per_epoch"] for r in result["seeds"]) / len(result["seeds"])
     out = Path(bench.out)
     out.mkdir(parents=True, exist_ok=True)
     report = out / f"bench-{bench.dataset}.md"
@@ -151,7 +162,8 @@ def _progress_line(r: dict[str, Any], main: bool) -> str:
     what = f"{r['method']} batch {r['batch_size']}"
     if r.get("status") != "ok":
         return f"{what}: {r.get('status')} ({r.get('note', '')})"
-    timing = f"{r['seconds_per_step']:.3f} s/step, {r['seconds_per_epoch']:.1f} s/epoch ({r['epoch']}), " if main else ""
+    timing = f"{r['seconds_per_step']:.3f} s/step"
+    timing += f" ({r['steps_timed']} timed), {r['seconds_per_epoch']:.1f} s/epoch ({r['epoch']}), " if main else ", "
     return f"{what}: {timing}peak {r['peak_memory_mib']:,.0f} MiB"
 
 
@@ -180,7 +192,8 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
              f"- device: {device_name}; torch {torch.__version__}, {first_ok.get('threads', torch.get_num_threads())} "
              f"threads; Python {sys.version.split()[0]}",
              f"- every method: same data, encoders, seed {cfg.seed}, batch size {batch} users; s/step is the mean "
-             f"of {bench.steps} steps after {bench.warmup} warm-up step(s); s/epoch = s/step × steps per epoch "
+             f"of the timed steps after {max(bench.warmup, 1)} warm-up step(s): 1 to {bench.steps}, stopping once "
+             f"{bench.budget:.0f} s are timed (column \"timed\"); s/epoch = s/step × steps per epoch "
              f"(\"projected\"), or a whole epoch run when that is under {bench.full_epoch_under:.0f} s (\"measured\")",
              f"- peak memory: {first_ok.get('memory_kind', 'peak RSS')} of a fresh process per (method, batch size)"
              + ("" if device.type == "cuda" else ", which includes Python and the imported libraries (torch, "
@@ -189,24 +202,36 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
                                                  "activations, optimizer) added")
              + f"; a run past {limit:,.0f} MiB ({MEMORY_FRACTION:.0%} of memory) is recorded as out of memory",
              "- TPME = 0.45·time + 0.1·params + 0.45·memory, each min-max normalised over this table (lower is better)",
+             *([f"- test HR@10 / NDCG@10 (%): each method trained with its own presets (batch size, learning rates) "
+                f"by `iisan train`, early stopping on valid HR@10 with patience "
+                f"{bench.patience or 'per method'}, "
+                + (f"capped at {bench.epochs} epochs" if bench.epochs else "up to each method's maximum epochs")
+                + "; \"epochs\" is best / run, and \"train s/epoch\" the mean epoch time of that run"]
+               if bench.full else []),
              "- cached IISAN excludes the one-off extraction: " + (", ".join(
                  f"{s} {v:.0f} s" if v else f"{s} not recorded" for s, v in extraction.items()) or "none"), "",
-             "| method | batch | s/step | s/epoch | epoch | peak memory (MiB) | above floor (MiB) | trainable params "
-             "| total params | TPME | time ÷ FFT | memory ÷ FFT |" + (" test HR@10 | test NDCG@10 |" if bench.full else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if bench.full else "")]
+             "| method | batch | s/step | timed | s/epoch | epoch | peak memory (MiB) | above floor (MiB) "
+             "| trainable params | total params | TPME | time ÷ FFT | memory ÷ FFT |"
+             + (" test HR@10 | test NDCG@10 | epochs | train s/epoch |" if bench.full else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if bench.full else "")]
     by_method = {r["method"]: r for r in rows}
     fft = by_method.get("fft")
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {r['method']} | {r['batch_size']} | {r['status']} | | | "
-                         f"{r.get('peak_memory_mib', 0):,.0f} | | | | | | |" + (" | |" if bench.full else ""))
+            lines.append(f"| {r['method']} | {r['batch_size']} | {r['status']} | | | | "
+                         f"{r.get('peak_memory_mib', 0):,.0f} | | | | | | |" + (" | | | |" if bench.full else ""))
             continue
         time_ratio = f"{r['seconds_per_epoch'] / fft['seconds_per_epoch']:.3f}" if fft and fft.get("status") == "ok" else ""
         mem_ratio = f"{r['peak_memory_mib'] / fft['peak_memory_mib']:.3f}" if fft and fft.get("status") == "ok" else ""
         quality = ""
         if bench.full and "test" in r:
-            quality = f" {100 * r['test']['HR@10']['mean']:.2f} | {100 * r['test']['NDCG@10']['mean']:.2f} |"
-        lines.append(f"| {r['method']} | {r['batch_size']} | {r['seconds_per_step']:.3f} | {r['seconds_per_epoch']:.1f} "
+            epochs = ", ".join(f"{best}/{run}" for best, run in r["full_epochs"])
+            quality = (f" {100 * r['test']['HR@10']['mean']:.2f} | {100 * r['test']['NDCG@10']['mean']:.2f} "
+                       f"| {epochs} | {r['full_seconds_per_epoch']:.1f} |")
+        elif bench.full:
+            quality = " | | | |"
+        lines.append(f"| {r['method']} | {r['batch_size']} | {r['seconds_per_step']:.3f} | {r['steps_timed']} "
+                     f"| {r['seconds_per_epoch']:.1f} "
                      f"| {r['epoch']} | {r['peak_memory_mib']:,.0f} | {r['peak_memory_mib'] - r.get('floor_mib', 0):,.0f} "
                      f"| {r['trainable_parameters']:,} "
                      f"| {r['total_parameters']:,} | {r.get('tpme', 0):.3f} | {time_ratio} | {mem_ratio} |{quality}")
@@ -224,17 +249,18 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
             extra = f"; above the import floor: **{above:.1f}×**"
         lines.append(f"- {top} ÷ cached iisan, {label}: "
                      + (f"**{ours:.1f}×**" if ours is not None else "n/a") + extra + f" (papers: {paper:.1f}×, {how})")
-    lines += ["", f"Peak memory (MiB) by batch size ({', '.join(str(b) for b in sorted({r['batch_size'] for r in sweep_rows}))}):",
-              "", "| method | " + " | ".join(str(b) for b in sorted({r["batch_size"] for r in sweep_rows})) + " |",
-              "|---|" + "---|" * len({r["batch_size"] for r in sweep_rows})]
     sizes = sorted({r["batch_size"] for r in sweep_rows})
-    for method in bench.methods:
-        cells = []
-        for b in sizes:
-            r = next((x for x in sweep_rows if x["method"] == method and x["batch_size"] == b), None)
-            cells.append("" if r is None else f"{r['peak_memory_mib']:,.0f}" if r.get("status") == "ok"
-                         else f"{r.get('status')}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for title, cell in (("Peak memory (MiB)", lambda r: f"{r['peak_memory_mib']:,.0f}"),
+                        ("Seconds per step (one step after warm-up; the table's batch size: as above)",
+                         lambda r: f"{r['seconds_per_step']:.3f}")):
+        lines += ["", f"{title} by batch size:", "", "| method | " + " | ".join(str(b) for b in sizes) + " |",
+                  "|---|" + "---|" * len(sizes)]
+        for method in bench.methods:
+            cells = []
+            for b in sizes:
+                r = next((x for x in sweep_rows if x["method"] == method and x["batch_size"] == b), None)
+                cells.append("" if r is None else cell(r) if r.get("status") == "ok" else f"{r.get('status')}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     return "\n".join(lines)
 

@@ -5,11 +5,16 @@ fresh one to have a peak of its own; and a run that would exhaust the machine ca
 
 What is measured (`measure_step_cost`, run in the child):
 - wall seconds per training step (forward, loss, backward, Adam step) after `warmup` steps, averaged over
-  `steps` steps on the first batches of a seeded epoch (the same batches for every method);
+  the timed steps on the first batches of a seeded epoch (the same batches for every method): at least one
+  and at most `steps`, stopping once `budget` seconds have been timed, so a 30-second step is timed once
+  and a 20-millisecond one `steps` times;
 - seconds per epoch: s/step × the steps of a full epoch over all training users, labelled "projected"; when
   that projection is under `full_epoch_under` seconds the whole epoch is run and the label is "measured";
 - peak memory: `torch.cuda.max_memory_allocated` on a GPU; on CPU the child's peak resident set (which
-  includes Python and the imported libraries, the same floor for every method, recorded apart as `floor_mib`);
+  includes Python and the imported libraries, the same floor for every method, recorded apart as `floor_mib`).
+  It is read after at least two steps (warm-up included), because Adam allocates its state in the first
+  step's `optimizer.step()`, after that step's activations are gone: only from the second step on do
+  activations, gradients and optimizer state coexist, as they do for the rest of training;
 - trainable and total parameters.
 
 The parent (`run_measurement`) refuses to start a run whose memory, extrapolated from the same method at
@@ -55,9 +60,10 @@ def resident_mib(pid: int) -> float | None:
     return None
 
 
-def measure_step_cost(config: dict[str, Any], warmup: int = 1, steps: int = 2,
+def measure_step_cost(config: dict[str, Any], warmup: int = 1, steps: int = 3, budget: float = 20.0,
                       full_epoch_under: float = 60.0) -> dict[str, Any]:
-    """Runs in the child: set up the method as `iisan train` would, time `steps` steps after `warmup`."""
+    """Runs in the child: set up the method as `iisan train` would, then time one step at a time after
+    `warmup` untimed ones, from 1 up to `steps` steps, stopping when `budget` seconds have been timed."""
     import torch
 
     from iisan.train.config import TrainConfig
@@ -103,9 +109,13 @@ def measure_step_cost(config: dict[str, Any], warmup: int = 1, steps: int = 2,
 
     model.train()
     warm = min(warmup, steps_per_epoch - 1) if steps_per_epoch > 1 else 0
-    timed(batches[:warm])
-    measured = batches[warm:warm + steps]
-    per_step = timed(measured) / max(len(measured), 1)
+    warmup_seconds = timed(batches[:warm])
+    step_seconds: list[float] = []
+    for ids in batches[warm:warm + max(steps, 1)]:
+        step_seconds.append(timed([ids]))
+        if sum(step_seconds) >= budget:
+            break
+    per_step = sum(step_seconds) / len(step_seconds)
     projected = per_step * steps_per_epoch
     epoch = "projected"
     seconds_per_epoch = projected
@@ -115,7 +125,8 @@ def measure_step_cost(config: dict[str, Any], warmup: int = 1, steps: int = 2,
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"method": cfg.method, "batch_size": cfg.batch_size, "status": "ok",
-            "seconds_per_step": per_step, "steps_timed": len(measured), "steps_per_epoch": steps_per_epoch,
+            "seconds_per_step": per_step, "steps_timed": len(step_seconds), "step_seconds": step_seconds,
+            "warmup_steps": warm, "warmup_seconds": warmup_seconds, "steps_per_epoch": steps_per_epoch,
             "seconds_per_epoch": seconds_per_epoch, "epoch": epoch, "peak_memory_mib": peak,
             "memory_kind": "GPU allocated" if device.type == "cuda" else "peak RSS",
             "floor_mib": 0.0 if device.type == "cuda" else floor,
@@ -134,7 +145,7 @@ def projected_memory(previous: list[tuple[int, float]], batch_size: int) -> floa
     return m2 + slope * (batch_size - b2)
 
 
-def run_measurement(config: dict[str, Any], warmup: int, steps: int, full_epoch_under: float,
+def run_measurement(config: dict[str, Any], warmup: int, steps: int, budget: float, full_epoch_under: float,
                     limit_mib: float, max_seconds: float, previous: list[tuple[int, float]] | None = None,
                     log=print) -> dict[str, Any]:
     """Measure one (method, batch size) in a child process, guarding memory and time."""
@@ -145,7 +156,8 @@ def run_measurement(config: dict[str, Any], warmup: int, steps: int, full_epoch_
                 "note": f"projected {guess:,.0f} MiB > limit {limit_mib:,.0f} MiB: not attempted"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        args = {"config": config, "warmup": warmup, "steps": steps, "full_epoch_under": full_epoch_under}
+        args = {"config": config, "warmup": warmup, "steps": steps, "budget": budget,
+                "full_epoch_under": full_epoch_under}
         (Path(tmp) / "args.json").write_text(json.dumps(args))
         child = subprocess.Popen([sys.executable, "-m", "iisan.evaluate.efficiency", str(Path(tmp) / "args.json"),
                                   str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -191,7 +203,8 @@ def tpme(rows: list[dict[str, Any]], weights: tuple[float, float, float] = (0.45
 
 def _child(args_path: str, out_path: str) -> None:
     args = json.loads(Path(args_path).read_text())
-    result = measure_step_cost(args["config"], args["warmup"], args["steps"], args["full_epoch_under"])
+    result = measure_step_cost(args["config"], args["warmup"], args["steps"], args["budget"],
+                               args["full_epoch_under"])
     Path(out_path).write_text(json.dumps(result))
 
 

@@ -209,11 +209,17 @@ def evaluate_cmd(run_dir: Path, split: str) -> None:
               help="Comma-separated methods, in table order.")
 @click.option("--batch-size", type=int, default=0, help="Users per step (default 8 on CPU, 32 on a GPU).")
 @click.option("--sweep", default="", help="Batch sizes for the memory plot, e.g. 1,2,4,8 (default by device).")
-@click.option("--steps", type=int, default=2, show_default=True, help="Timed steps after one warm-up step.")
+@click.option("--steps", type=int, default=3, show_default=True,
+              help="At most this many timed steps after one warm-up step.")
+@click.option("--budget", type=float, default=20.0, show_default=True,
+              help="Stop timing a method (after at least one step) once this many seconds are timed.")
 @click.option("--cache", default="cache", show_default=True)
 @click.option("--out", default="reports", show_default=True, help="Report folder.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--full", is_flag=True, help="Also train every method to convergence and report test metrics.")
+@click.option("--full", is_flag=True, help="Also train every method to convergence and report test metrics "
+              "(a finished run with the same config is reused, an unfinished one resumed).")
+@click.option("--epochs", type=int, default=0, help="--full: cap every method at this many epochs (0: its own).")
+@click.option("--patience", type=int, default=0, help="--full: early-stopping patience (0: each method's own).")
 @click.option("--runs", default="runs", show_default=True, help="Runs root for --full.")
 def bench_cmd(methods: str, sweep: str, **options) -> None:
     """Training cost of every method on the same data, encoders, seed and batch size: s/step, s/epoch, peak

@@ -198,30 +198,60 @@ def test_bench_writes_report_and_plots(env, tmp_path):
 
     from iisan.cli import main as iisan_cli
 
-    out = tmp_path / "reports"
-    result = CliRunner().invoke(iisan_cli, ["bench", "--dataset", "toy", "--cache", str(env / "cache"), "--out", str(out),
-                                            "--methods", "fft,lora,iisan", "--batch-size", "4", "--sweep", "4",
-                                            "--steps", "1", "--full", "--runs", str(tmp_path / "runs")])
-    assert result.exit_code == 0, result.output
-    report = (out / "bench-toy.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| ") and " | 4 | " in line]
-    assert [row.split(" | ")[0][2:] for row in rows] == ["fft", "lora", "iisan"]
-    fft, lora, iisan = ([cell.strip() for cell in row.split("|")] for row in rows)
-    assert fft[11] == "1.000" and float(iisan[11]) < 1  # time ÷ FFT
+    out, runs_root = tmp_path / "reports", tmp_path / "runs"
+
+    def bench(*extra: str) -> str:
+        result = CliRunner().invoke(iisan_cli, ["bench", "--dataset", "toy", "--cache", str(env / "cache"),
+                                                "--out", str(out), "--batch-size", "4", "--sweep", "4",
+                                                "--steps", "1", "--full", "--runs", str(runs_root), *extra])
+        assert result.exit_code == 0, result.output
+        return (out / "bench-toy.md").read_text()
+
+    def table(report: str) -> list[list[str]]:
+        return [[cell.strip() for cell in line.split("|")] for line in report.split("by batch size")[0].splitlines()
+                if line.startswith("| ") and " | 4 | " in line]
+
+    report = bench("--methods", "fft,lora,iisan")
+    rows = table(report)
+    assert [row[1] for row in rows] == ["fft", "lora", "iisan"]
+    fft, lora, iisan = rows
+    assert [row[4] for row in rows] == ["1", "1", "1"]  # steps timed (--steps 1)
+    assert fft[12] == "1.000" and float(iisan[12]) < 1  # time ÷ FFT
     # Trainable parameters: everything for FFT but DINOv2's unused mask token; far fewer for LoRA.
-    assert int(fft[9].replace(",", "")) - int(fft[8].replace(",", "")) == HIDDEN
-    assert int(lora[8].replace(",", "")) < int(lora[9].replace(",", ""))
+    assert int(fft[10].replace(",", "")) - int(fft[9].replace(",", "")) == HIDDEN
+    assert int(lora[9].replace(",", "")) < int(lora[10].replace(",", ""))
     assert "cached iisan excludes the one-off extraction: tiny-bert" in report.lower()
-    assert "| fft | " in report.split("by batch size")[1]
+    assert "| fft | " in report.split("Peak memory (MiB) by batch size")[1]
+    assert "| iisan | " in report.split("Seconds per step")[1]
     # --full trained each method (the toy pipeline presets 2 epochs) and put its test metrics in the table.
-    runs = sorted(p.name.split("-text-image-")[0] for p in (tmp_path / "runs" / "toy").iterdir())
+    runs = sorted(p.name.split("-text-image-")[0] for p in (runs_root / "toy").iterdir())
     assert runs == ["fft", "iisan", "lora"]
     for row, method in ((fft, "fft"), (lora, "lora"), (iisan, "iisan")):
-        run = next((tmp_path / "runs" / "toy").glob(f"{method}-text-image-*"))
-        test = json.loads((run / "report.json").read_text())["test"]
-        assert row[13] == f"{100 * test['HR@10']['mean']:.2f}"
+        run = next((runs_root / "toy").glob(f"{method}-text-image-*"))
+        saved = json.loads((run / "report.json").read_text())
+        assert row[14] == f"{100 * saved['test']['HR@10']['mean']:.2f}"
+        assert row[16] == f"{saved['seeds'][0]['best_epoch']}/2"
     for name in ("bench-toy-cost.png", "bench-toy-memory.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Same config again: the finished run is reused, not retrained. A changed config (an epoch cap) trains anew.
+    again = table(bench("--methods", "iisan"))[0]
+    assert again[14] == iisan[14] and len(list((runs_root / "toy").iterdir())) == 3
+    capped = table(bench("--methods", "iisan", "--epochs", "1"))[0]
+    assert capped[16].endswith("/1") and len(list((runs_root / "toy").glob("iisan-*"))) == 2
+
+
+@pytest.mark.parametrize("budget, steps_timed", [(0.0, 1), (1e9, 3)])
+def test_step_timing_budget(env, tmp_path, budget, steps_timed):
+    from iisan.evaluate.efficiency import measure_step_cost
+    from iisan.train.config import resolve
+
+    cfg = resolve(options(env, tmp_path, method="iisan", batch_size=2))
+    result = measure_step_cost(cfg.to_dict(), warmup=1, steps=3, budget=budget, full_epoch_under=0.0)
+    assert (result["warmup_steps"], result["steps_timed"], len(result["step_seconds"])) == (1, steps_timed, steps_timed)
+    assert result["seconds_per_step"] == pytest.approx(sum(result["step_seconds"]) / steps_timed)
+    assert result["seconds_per_epoch"] == pytest.approx(result["seconds_per_step"] * result["steps_per_epoch"])
+    assert result["steps_per_epoch"] > 4 and result["epoch"] == "projected"
 
 
 def test_tpme_and_memory_projection():

@@ -277,6 +277,29 @@ def run_dir_for(cfg: TrainConfig) -> Path:
     return Path(cfg.out) / cfg.dataset / f"{cfg.method}-{cfg.pipeline}-{stamp}"
 
 
+def matching_run(cfg: TrainConfig) -> Path | None:
+    """The newest run folder under OUT/<dataset>/ trained with exactly this config (progress display aside),
+    finished or not; None if there is none."""
+    wanted = {k: v for k, v in cfg.to_dict().items() if k != "progress"}
+    for folder in sorted((Path(cfg.out) / cfg.dataset).glob(f"{cfg.method}-{cfg.pipeline}-*"), reverse=True):
+        try:
+            saved = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if {k: v for k, v in saved.items() if k != "progress"} == wanted:
+            return folder
+    return None
+
+
+def train_or_reuse(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    """Train, unless a run with the same config exists: then its finished seeds are reused and an unfinished
+    one resumes from its last checkpoint (what makes `iisan bench --full` resumable)."""
+    found = matching_run(cfg)
+    if found is None:
+        return train(cfg, log=log)
+    return train(resume=found, log=log)
+
+
 def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print) -> dict[str, Any]:
     if resume is not None:
         if not (resume / "config.json").is_file():
