@@ -151,11 +151,17 @@ def run_bench(bench: BenchConfig, log=print) -> Path:
             row["full_seconds_per_epoch"] = sum(r["seconds_per_epoch"] for r in result["seeds"]) / len(result["seeds"])
     out = Path(bench.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = out / f"bench-{bench.dataset}.md"
-    plots = plot(rows, sweep_rows, out, bench.dataset)
+    stem = report_stem(bench)
+    report = out / f"{stem}.md"
+    plots = plot(rows, sweep_rows, out, stem, bench.dataset)
     report.write_text(markdown(bench, base_cfg, device, batch, rows, sweep_rows, extraction, plots, limit))
     log(f"wrote {report} and {', '.join(str(p) for p in plots)}")
     return report
+
+
+def report_stem(bench: BenchConfig) -> str:
+    """bench-<dataset>, with -text-only and -full when those apply, so that they do not overwrite the default."""
+    return f"bench-{bench.dataset}" + ("-text-only" if bench.text_only else "") + ("-full" if bench.full else "")
 
 
 def _progress_line(r: dict[str, Any], main: bool) -> str:
@@ -195,7 +201,8 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
              f"of the timed steps after {max(bench.warmup, 1)} warm-up step(s): 1 to {bench.steps}, stopping once "
              f"{bench.budget:.0f} s are timed (column \"timed\"); s/epoch = s/step × steps per epoch "
              f"(\"projected\"), or a whole epoch run when that is under {bench.full_epoch_under:.0f} s (\"measured\")",
-             f"- peak memory: {first_ok.get('memory_kind', 'peak RSS')} of a fresh process per (method, batch size)"
+             f"- peak memory: {first_ok.get('memory_kind', 'peak resident set (VmHWM)')} of a fresh process per "
+             f"(method, batch size)"
              + ("" if device.type == "cuda" else ", which includes Python and the imported libraries (torch, "
                                                  "transformers, peft): the same floor for every method, given apart; "
                                                  "\"above floor\" is what the method itself (data, model, "
@@ -265,7 +272,8 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]], out: Path, dataset: str) -> list[Path]:
+def plot(rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]], out: Path, stem: str,
+         dataset: str) -> list[Path]:
     """Time and memory per method (the papers' Figure 5), and memory against batch size."""
     import matplotlib
 
@@ -287,7 +295,7 @@ def plot(rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]], out: Path
     batch = done[0]["batch_size"] if done else 0
     fig.suptitle(f"{dataset}: training cost per method, batch size {batch}")
     fig.tight_layout()
-    paths.append(out / f"bench-{dataset}-cost.png")
+    paths.append(out / f"{stem}-cost.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -302,7 +310,7 @@ def plot(rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]], out: Path
     ax.set_title(f"{dataset}: peak memory vs batch size")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / f"bench-{dataset}-memory.png")
+    paths.append(out / f"{stem}-memory.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths

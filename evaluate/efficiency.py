@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,23 @@ def resident_mib(pid: int) -> float | None:
     return None
 
 
+def peak_resident_mib() -> float:
+    """This process's peak resident set since it started its program (VmHWM). Not `ru_maxrss`: Linux carries
+    that across fork + exec, so a child's ru_maxrss starts at its parent's resident size at the fork and a
+    bench parent that had just run an extraction (~1 GiB) would lift every child's peak to that."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # no /proc (macOS): the best there is; macOS reports bytes, Linux KiB
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def measure_step_cost(config: dict[str, Any], warmup: int = 1, steps: int = 3, budget: float = 20.0,
                       full_epoch_under: float = 60.0) -> dict[str, Any]:
     """Runs in the child: set up the method as `iisan train` would, then time one step at a time after
@@ -68,7 +84,7 @@ def measure_step_cost(config: dict[str, Any], warmup: int = 1, steps: int = 3, b
 
     from iisan.train.config import TrainConfig
     from iisan.train.data import train_batches
-    from iisan.train.recipe import build_model, optimizer_for, setup
+    from iisan.train.recipe import build_model, optimizer_for, peak_memory_mib, setup
 
     try:  # LoRA imports peft (and what peft imports): give every method the same import floor
         import peft  # noqa: F401
@@ -122,13 +138,12 @@ def measure_step_cost(config: dict[str, Any], warmup: int = 1, steps: int = 3, b
     if projected <= full_epoch_under:
         seconds_per_epoch = timed(batches)
         epoch = "measured"
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = peak_memory_mib(device)
     return {"method": cfg.method, "batch_size": cfg.batch_size, "status": "ok",
             "seconds_per_step": per_step, "steps_timed": len(step_seconds), "step_seconds": step_seconds,
             "warmup_steps": warm, "warmup_seconds": warmup_seconds, "steps_per_epoch": steps_per_epoch,
             "seconds_per_epoch": seconds_per_epoch, "epoch": epoch, "peak_memory_mib": peak,
-            "memory_kind": "GPU allocated" if device.type == "cuda" else "peak RSS",
+            "memory_kind": "GPU allocated" if device.type == "cuda" else "peak resident set (VmHWM)",
             "floor_mib": 0.0 if device.type == "cuda" else floor,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total_parameters": sum(p.numel() for p in model.parameters()),

@@ -5,6 +5,7 @@ pretrained weights, and that uncached IISAN equals cached IISAN."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,7 @@ def test_bench_writes_report_and_plots(env, tmp_path):
                                                 "--out", str(out), "--batch-size", "4", "--sweep", "4",
                                                 "--steps", "1", "--full", "--runs", str(runs_root), *extra])
         assert result.exit_code == 0, result.output
-        return (out / "bench-toy.md").read_text()
+        return (out / "bench-toy-full.md").read_text()
 
     def table(report: str) -> list[list[str]]:
         return [[cell.strip() for cell in line.split("|")] for line in report.split("by batch size")[0].splitlines()
@@ -231,7 +232,7 @@ def test_bench_writes_report_and_plots(env, tmp_path):
         saved = json.loads((run / "report.json").read_text())
         assert row[14] == f"{100 * saved['test']['HR@10']['mean']:.2f}"
         assert row[16] == f"{saved['seeds'][0]['best_epoch']}/2"
-    for name in ("bench-toy-cost.png", "bench-toy-memory.png"):
+    for name in ("bench-toy-full-cost.png", "bench-toy-full-memory.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Same config again: the finished run is reused, not retrained. A changed config (an epoch cap) trains anew.
@@ -267,3 +268,21 @@ def test_tpme_and_memory_projection():
     assert "tpme" not in rows[3]
     assert projected_memory([(1, 100.0), (2, 150.0), (4, 250.0)], 8) == pytest.approx(450.0)
     assert projected_memory([(1, 100.0)], 8) is None
+
+
+def test_child_peak_memory_is_its_own(tmp_path):
+    """A child's peak must not start at its parent's resident size (Linux carries ru_maxrss across exec)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from iisan.evaluate.efficiency import resident_mib
+
+    ballast = np.ones(2**27)  # 1 GiB, touched, in this (the parent) process
+    assert resident_mib(os.getpid()) > 1024
+    code = "from iisan.evaluate.efficiency import peak_resident_mib; print(peak_resident_mib())"
+    child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout.split()[-1])
+    assert 5 < child_peak < 512, child_peak
+    del ballast

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -119,7 +118,9 @@ def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig)
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    from iisan.evaluate.efficiency import peak_resident_mib
+
+    return peak_resident_mib()
 
 
 @dataclass
