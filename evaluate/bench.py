@@ -7,9 +7,12 @@ the caches are extracted first if they are missing, which is resumable and a no-
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import platform
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -139,15 +142,14 @@ def run_bench(bench: BenchConfig, log=print) -> Path:
                 rows.append(result)
     tpme(rows)
     if bench.full:
-        from iisan.train.recipe import train_or_reuse
-
         for row in rows:
             log(f"--full: training {row['method']} with its own presets (a finished run with the same config "
                 f"is reused, an unfinished one resumed)")
-            result = train_or_reuse(resolve(train_options(bench, row["method"], None)), log=log)
+            result = train_in_child(resolve(train_options(bench, row["method"], None)))
             row["test"] = result["test"]
             row["full_run"] = result["run_dir"]
             row["full_epochs"] = [(r["best_epoch"], r["epochs"]) for r in result["seeds"]]
+            row["full_capped"] = any(r.get("stopped_by") == "epoch cap" for r in result["seeds"])
             row["full_seconds_per_epoch"] = sum(r["seconds_per_epoch"] for r in result["seeds"]) / len(result["seeds"])
     out = Path(bench.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,6 +159,29 @@ def run_bench(bench: BenchConfig, log=print) -> Path:
     report.write_text(markdown(bench, base_cfg, device, batch, rows, sweep_rows, extraction, plots, limit))
     log(f"wrote {report} and {', '.join(str(p) for p in plots)}")
     return report
+
+
+def _train_child(config: dict[str, Any], out_path: str) -> None:
+    from iisan.train.config import TrainConfig
+    from iisan.train.recipe import train_or_reuse
+
+    Path(out_path).write_text(json.dumps(train_or_reuse(TrainConfig(**config))))
+
+
+def train_in_child(cfg) -> dict[str, Any]:
+    """`train_or_reuse` in a fresh (spawned) process: a process's peak memory only grows, so in one process each
+    run's recorded peak would include every earlier method's."""
+    from iisan.errors import IisanError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        child = multiprocessing.get_context("spawn").Process(target=_train_child, args=(cfg.to_dict(), str(out)))
+        child.start()
+        child.join()
+        if child.exitcode != 0 or not out.is_file():
+            raise IisanError(f"--full: training {cfg.method} on {cfg.dataset} failed (exit code {child.exitcode}); "
+                             f"its output is above, and rerunning resumes it")
+        return json.loads(out.read_text())
 
 
 def report_stem(bench: BenchConfig) -> str:
@@ -213,7 +238,8 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
                 f"by `iisan train`, early stopping on valid HR@10 with patience "
                 f"{bench.patience or 'per method'}, "
                 + (f"capped at {bench.epochs} epochs" if bench.epochs else "up to each method's maximum epochs")
-                + "; \"epochs\" is best / run, and \"train s/epoch\" the mean epoch time of that run"]
+                + "; \"epochs\" is best / run, \"(cap)\" where the cap, not early stopping, ended the run (valid "
+                  "HR@10 may still have been rising), and \"train s/epoch\" the mean epoch time of that run"]
                if bench.full else []),
              "- cached IISAN excludes the one-off extraction: " + (", ".join(
                  f"{s} {v:.0f} s" if v else f"{s} not recorded" for s, v in extraction.items()) or "none"), "",
@@ -233,6 +259,7 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
         quality = ""
         if bench.full and "test" in r:
             epochs = ", ".join(f"{best}/{run}" for best, run in r["full_epochs"])
+            epochs += " (cap)" if r.get("full_capped") else ""
             quality = (f" {100 * r['test']['HR@10']['mean']:.2f} | {100 * r['test']['NDCG@10']['mean']:.2f} "
                        f"| {epochs} | {r['full_seconds_per_epoch']:.1f} |")
         elif bench.full:

@@ -265,6 +265,8 @@ def train_seed(s: Setup, seed: int, folder: Path, log) -> dict[str, Any]:
     load_checkpoint_state(model, load_file(folder / "best.safetensors", device=str(device)))
     valid, test = evaluate(model, split, "valid", cfg), evaluate(model, split, "test", cfg)
     report = {"seed": seed, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
+              # Whether early stopping ended the run or the epoch cap cut it while valid HR@10 could still rise.
+              "stopped_by": "patience" if state["bad_epochs"] >= cfg.patience else "epoch cap",
               "seconds_per_epoch": statistics.mean(state["train_seconds"]),
               "seconds_per_evaluation": statistics.mean(state["eval_seconds"]),
               "peak_memory_mib": peak_memory_mib(device), "trainable_parameters": trainable_parameters(model),
