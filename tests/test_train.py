@@ -110,3 +110,22 @@ def test_nan_loss_stops_with_a_message(env, tmp_path, monkeypatch):
     monkeypatch.setattr(Recommender, "calculate_loss", lambda self, ids, log_pop: torch.tensor(float("nan")))
     with pytest.raises(IisanError, match=r"loss is nan at epoch 1, step 1 \(seed 12345\): lower --lr"):
         train(resolve(options(env, tmp_path)), log=lambda m: None)
+
+
+@pytest.mark.parametrize("method", ["iisan", "frozen"])
+def test_fp16_cache_is_held_in_fp16_and_encodes_exactly_as_an_fp32_copy(env, tmp_path, method):
+    import torch
+
+    from iisan.train.recipe import build_model, setup
+
+    s = setup(resolve(options(env, tmp_path, method=method)))
+    assert {slot: x.states.dtype for slot, x in s.slots.items()} == {"txt": torch.float16, "img": torch.float16}
+    torch.manual_seed(0)
+    held = build_model(s).items
+    for x in s.slots.values():
+        x.states = x.states.float()
+    widened = build_model(s).items
+    widened.load_state_dict(held.state_dict())
+    every = torch.arange(s.slots["txt"].states.shape[0])
+    with torch.no_grad():
+        assert torch.equal(held(every), widened(every))

@@ -29,7 +29,7 @@ class SlotStates:
     path: Path
     manifest: Manifest
     layers: list[int]
-    states: torch.Tensor       # [N + 1, K, D] float32
+    states: torch.Tensor       # [N + 1, K, D], the cache's storage dtype (fp32 when standardised)
     standardized: bool
 
 
@@ -71,10 +71,13 @@ def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, s
     rule = cfg.layers_text if slot == "txt" else cfg.layers_image
     layers = select_layers(rule, manifest.total_layers) if rule else manifest.layers
     model, _ = _split_source(source)
-    loaded = load_cache(path, CacheExpectation(dataset=dataset.name, dataset_fingerprint=fingerprint, model=model,
-                                               layers=layers), item_ids=split.item_ids, dtype=torch.float32)
-    states = loaded.states
     standardize = cfg.standardize == "on" or (cfg.standardize == "auto" and _is_decoder(model, manifest))
+    # Held in the cache's storage dtype (an fp16 cache takes half the memory of an fp32 copy); the item encoder
+    # casts only the rows it gathers, which is exact. Standardised states are new values, so they are fp32.
+    loaded = load_cache(path, CacheExpectation(dataset=dataset.name, dataset_fingerprint=fingerprint, model=model,
+                                               layers=layers), item_ids=split.item_ids,
+                        dtype=torch.float32 if standardize else None)
+    states = loaded.states
     if standardize:
         states = standardized(states, torch.from_numpy(split.train_counts > 0))
     return SlotStates(slot, source, path, manifest, layers, states.to(device), standardize)

@@ -24,7 +24,8 @@ class CachedItems(nn.Module):
             self.register_buffer(f"states_{slot}", tensor, persistent=False)
 
     def gather(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {slot: getattr(self, f"states_{slot}")[index] for slot in self.slots}
+        # States may be held in fp16 (the cache's dtype); only the gathered rows are cast, exactly.
+        return {slot: getattr(self, f"states_{slot}")[index].float() for slot in self.slots}
 
 
 class IISANItems(CachedItems):
