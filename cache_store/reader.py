@@ -81,7 +81,8 @@ class CacheStore:
         return float(done.mean()) if len(done) else 1.0
 
     def load(self, layers: Sequence[int] | None = None, item_ids: Sequence[str] | None = None,
-             device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedCache:
+             device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             progress: bool = True) -> LoadedCache:
         """Load `layers` (hidden-state indices; default all kept) into memory once.
 
         With `item_ids` (the caller's items for index 1..N), rows are re-ordered so that index i holds
@@ -110,7 +111,7 @@ class CacheStore:
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         for chunk in tqdm(range(m.n_chunks), desc=f"loading {self.path.name}", unit="chunk", leave=False,
-                          disable=m.n_chunks < 64):
+                          disable=not progress or m.n_chunks < 64):
             span = m.chunk_range(chunk)
             lo, hi = np.searchsorted(sorted_rows, [span.start, span.stop])
             if lo == hi:
@@ -139,7 +140,7 @@ def open_cache(path: str | Path) -> CacheStore:
 def load_cache(path: str | Path, expect: CacheExpectation = CacheExpectation(),
                layers: Sequence[int] | None = None, item_ids: Sequence[str] | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               allow_incomplete: bool = False) -> LoadedCache:
+               allow_incomplete: bool = False, progress: bool = True) -> LoadedCache:
     """Open, check against `expect`, and load. Refuses an incomplete store unless `allow_incomplete`."""
     with open_cache(path) as store:
         check_expectation(store.manifest, expect, str(store.path))
@@ -148,4 +149,4 @@ def load_cache(path: str | Path, expect: CacheExpectation = CacheExpectation(),
             raise CacheError(f"{store.path}: cache is incomplete ({fraction:.1%} of chunks done); "
                              f"re-run the extraction to complete it: iisan extract --model "
                              f"{store.manifest.model} --dataset {store.manifest.dataset}")
-        return store.load(layers if layers is not None else expect.layers, item_ids, device, dtype)
+        return store.load(layers if layers is not None else expect.layers, item_ids, device, dtype, progress)

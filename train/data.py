@@ -76,7 +76,7 @@ def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, s
     # casts only the rows it gathers, which is exact. Standardised states are new values, so they are fp32.
     loaded = load_cache(path, CacheExpectation(dataset=dataset.name, dataset_fingerprint=fingerprint, model=model,
                                                layers=layers), item_ids=split.item_ids,
-                        dtype=torch.float32 if standardize else None)
+                        dtype=torch.float32 if standardize else None, progress=cfg.progress)
     states = loaded.states
     if standardize:
         states = standardized(states, torch.from_numpy(split.train_counts > 0))
