@@ -13,9 +13,14 @@ from click.testing import CliRunner
 from iisan.cli import main as iisan_cli
 from iisan.errors import IisanError
 from iisan.train.config import resolve
-from iisan.train.recipe import train
+from iisan.train.recipe import run_label, train
 
 from conftest import options
+
+
+def test_run_folder_says_text_only_when_the_image_slot_is_emptied(env, tmp_path):
+    assert run_label(resolve(options(env, tmp_path))) == "iisan-text-image"
+    assert run_label(resolve(options(env, tmp_path, method="fft", image=""))) == "fft-text-image-text-only"
 
 
 def test_cli_trains_and_reports(env, tmp_path):

@@ -27,6 +27,7 @@ from iisan import __version__
 from iisan.data.dataset import Dataset, load_dataset
 from iisan.data.protocol import ProtocolConfig, SplitData
 from iisan.errors import IisanError
+from iisan.registry import load_registry
 from iisan.evaluate.metrics import RankingResult, rank_targets
 from iisan.train.config import TrainConfig, load_config
 from iisan.train.data import SlotStates, load_slot, slot_sources, train_batches
@@ -275,16 +276,24 @@ def train_seed(s: Setup, seed: int, folder: Path, log) -> dict[str, Any]:
     return report
 
 
+def run_label(cfg: TrainConfig) -> str:
+    """<method>-<pipeline>, plus "-text-only" when the command line emptied the second slot of a pipeline that
+    has one (`--image ""`), so that a folder's name never claims a tower its run did not train."""
+    preset = (load_registry().get("pipelines") or {}).get(cfg.pipeline) or {}
+    dropped = bool(preset.get("image") or preset.get("text2")) and not (cfg.image or cfg.text2)
+    return f"{cfg.method}-{cfg.pipeline}" + ("-text-only" if dropped else "")
+
+
 def run_dir_for(cfg: TrainConfig) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.out) / cfg.dataset / f"{cfg.method}-{cfg.pipeline}-{stamp}"
+    return Path(cfg.out) / cfg.dataset / f"{run_label(cfg)}-{stamp}"
 
 
 def matching_run(cfg: TrainConfig) -> Path | None:
     """The newest run folder under OUT/<dataset>/ trained with exactly this config (progress display aside),
     finished or not; None if there is none."""
     wanted = {k: v for k, v in cfg.to_dict().items() if k != "progress"}
-    for folder in sorted((Path(cfg.out) / cfg.dataset).glob(f"{cfg.method}-{cfg.pipeline}-*"), reverse=True):
+    for folder in sorted((Path(cfg.out) / cfg.dataset).glob(f"{run_label(cfg)}-*"), reverse=True):
         try:
             saved = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
