@@ -16,10 +16,14 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iisan.evaluate.efficiency import MEMORY_FRACTION, run_measurement, total_memory_mib, tpme
 from iisan.train.methods import BENCH_METHODS as DEFAULT_METHODS
+
+if TYPE_CHECKING:  # imported lazily at run time: the bench children import only what they need
+    from iisan.train.config import TrainConfig
+
 PAPER_RATIOS = {"fft_over_cached_time": (443 / 22, "443 s / 22 s"),
                 "uncached_over_cached_time": (179 / 22, "179 s / 22 s"),
                 "fft_over_cached_memory": (46.76 / 3.11, "46.76 GB / 3.11 GB")}
@@ -168,7 +172,7 @@ def _train_child(config: dict[str, Any], out_path: str) -> None:
     Path(out_path).write_text(json.dumps(train_or_reuse(TrainConfig(**config))))
 
 
-def train_in_child(cfg) -> dict[str, Any]:
+def train_in_child(cfg: TrainConfig) -> dict[str, Any]:
     """`train_or_reuse` in a fresh (spawned) process: a process's peak memory only grows, so in one process each
     run's recorded peak would include every earlier method's."""
     from iisan.errors import IisanError

@@ -27,8 +27,8 @@ from iisan import __version__
 from iisan.data.dataset import Dataset, load_dataset
 from iisan.data.protocol import ProtocolConfig, SplitData
 from iisan.errors import IisanError
-from iisan.registry import load_registry
 from iisan.evaluate.metrics import RankingResult, rank_targets
+from iisan.registry import load_registry
 from iisan.train.config import TrainConfig, load_config
 from iisan.train.data import SlotStates, load_slot, slot_sources, train_batches
 from iisan.train.embedded import EmbeddedItems, RawSlot, UncachedIISANItems, check_raw_slot
