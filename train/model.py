@@ -88,7 +88,10 @@ class Recommender(nn.Module):
     def encode_slots(self, ids: torch.Tensor) -> torch.Tensor:
         """Item embeddings of every slot, the unique items of the batch encoded once: [b, L + 1, d]."""
         unique, inverse = torch.unique(ids, return_inverse=True)
-        return self.items(unique)[inverse]
+        # index_select, not `[inverse]`: the backward of advanced indexing accumulates with parallel atomic
+        # adds on CPU, whose order (and so the last bits of the gradient) changes from run to run;
+        # index_select's backward (index_add) is deterministic.
+        return self.items(unique).index_select(0, inverse.reshape(-1)).view(*ids.shape, -1)
 
     def calculate_loss(self, ids: torch.Tensor, log_popularity: torch.Tensor) -> torch.Tensor:
         embeddings = self.encode_slots(ids)
