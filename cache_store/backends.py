@@ -3,7 +3,8 @@
 zarr 3 (directory store, default): every array is chunked on whole items; `done` has one element per chunk
 in its own chunk file, so each writer touches only the chunks it owns (an attribute updated by several
 writers loses updates). zarr's local store writes each chunk file atomically (temp file + rename), and the
-writer fsyncs a chunk's data files before it sets the chunk's flag.
+writer fsyncs a chunk's data files (`states`, `missing` and, where the manifest says final_state "stored",
+`final`) before it sets the chunk's flag.
 
 HDF5 (`.h5`, h5py): one writer at a time. The writer flushes after a chunk's data and again after its flag.
 A SIGKILL between chunks leaves a readable file that resumes (tested); HDF5 itself cannot make its flush
@@ -51,6 +52,15 @@ class Backend:
             raise CacheError(f"{self.path}: no IISAN manifest (not a cache store written by iisan)")
         return Manifest.from_dict(raw, str(self.path))
 
+    def _final_expected(self) -> bool:
+        """Whether the manifest says final_state "stored" (False where the manifest cannot be read: that is
+        reported by `manifest()`)."""
+        try:
+            raw = self._raw_manifest()
+        except CacheError:
+            return False
+        return isinstance(raw, dict) and raw.get("final_state") == "stored"
+
     # Implemented per format ------------------------------------------------------------------------
     def _raw_manifest(self) -> dict | None: ...
     def set_manifest(self, manifest: Manifest) -> None: ...
@@ -62,7 +72,12 @@ class Backend:
     def read_missing(self) -> np.ndarray: ...
     def read_item_ids(self) -> list[str]: ...
     def read_rows(self, start: int, stop: int) -> np.ndarray: ...
-    def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray) -> None: ...
+    def has_final(self) -> bool: ...
+    def final_shape(self) -> tuple[int, ...]: ...
+    def final_dtype(self) -> np.dtype: ...
+    def read_final_rows(self, start: int, stop: int) -> np.ndarray: ...
+    def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray,
+                    final: np.ndarray | None = None) -> None: ...
     def close(self) -> None: ...
 
     def bytes_on_disk(self) -> int:
@@ -97,6 +112,7 @@ class ZarrBackend(Backend):
     def __init__(self, path: Path, group) -> None:
         self.path = path
         self.group = group
+        self.stores_final = False  # the manifest says final_state "stored" (set by open)
 
     @classmethod
     def create(cls, path: Path, manifest: Manifest, item_ids: list[str]) -> "ZarrBackend":
@@ -111,6 +127,9 @@ class ZarrBackend(Backend):
         always = {"write_empty_chunks": True}
         group.create_array("states", shape=(manifest.rows, K, D), chunks=(C, K, D), dtype=manifest.storage_dtype,
                            fill_value=0, compressors=None, config=always)
+        if manifest.final_state == "stored":  # the pooled last_hidden_state, chunked like `states`
+            group.create_array("final", shape=(manifest.rows, D), chunks=(C, D), dtype=manifest.storage_dtype,
+                               fill_value=0, compressors=None, config=always)
         group.create_array("missing", shape=(manifest.rows,), chunks=(C,), dtype="bool", fill_value=False,
                            compressors=None, config=always)
         group.create_array("done", shape=(manifest.n_chunks,), chunks=(1,), dtype="bool", fill_value=False,
@@ -133,15 +152,29 @@ class ZarrBackend(Backend):
                 if name not in group:
                     raise CacheError(f"{path}: array '{name}' missing")
                 group[name]  # parse each array's metadata now, not halfway through a read
+            backend = cls(path, group)
+            backend.stores_final = backend._final_expected()
+            if backend.stores_final:
+                if "final" not in group:
+                    raise CacheError(f"{path}: array 'final' missing (the manifest says final_state 'stored')")
+                group["final"]
         except CacheError:
             raise
         except Exception as e:  # zarr raises several types for damaged metadata
             raise CacheError(f"{path}: not a readable zarr store ({e.__class__.__name__}: {e})") from None
-        return cls(path, group)
+        return backend
+
+    def _chunk_file(self, name: str, chunk: int) -> Path:
+        array = self.group[name]
+        key = (chunk,) + (0,) * (len(array.shape) - 1)
+        return self.path / array.path / array.metadata.encode_chunk_key(key)
+
+    def _data_arrays(self) -> tuple[str, ...]:
+        return ("states", "final", "missing") if self.stores_final else ("states", "missing")
 
     def chunk_file_present(self, chunk: int) -> bool:
-        array = self.group["states"]
-        return (self.path / array.path / array.metadata.encode_chunk_key((chunk, 0, 0))).is_file()
+        """Whether the chunk's `states` file (and `final` file, where the manifest says it is stored) exists."""
+        return all(self._chunk_file(name, chunk).is_file() for name in self._data_arrays() if name != "missing")
 
     def _raw_manifest(self) -> dict | None:
         raw = self.group.attrs.get(MANIFEST_KEY)
@@ -171,14 +204,28 @@ class ZarrBackend(Backend):
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.group["states"][start:stop])
 
-    def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray) -> None:
+    def has_final(self) -> bool:
+        return "final" in self.group
+
+    def final_shape(self) -> tuple[int, ...]:
+        return tuple(self.group["final"].shape)
+
+    def final_dtype(self) -> np.dtype:
+        return np.dtype(self.group["final"].dtype)
+
+    def read_final_rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.group["final"][start:stop])
+
+    def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray,
+                    final: np.ndarray | None = None) -> None:
         stop = start + len(states)
-        states_array, missing_array = self.group["states"], self.group["missing"]
-        states_array[start:stop] = states
-        missing_array[start:stop] = missing
+        self.group["states"][start:stop] = states
+        if final is not None:
+            self.group["final"][start:stop] = final
+        self.group["missing"][start:stop] = missing
         # The flag means "this chunk's data is durable": sync the data files before setting it.
-        for array, key in ((states_array, (chunk, 0, 0)), (missing_array, (chunk,))):
-            chunk_file = self.path / array.path / array.metadata.encode_chunk_key(key)
+        for name in self._data_arrays():
+            chunk_file = self._chunk_file(name, chunk)
             if chunk_file.is_file():
                 _fsync(chunk_file)
         self.group["done"][chunk] = True
@@ -201,6 +248,9 @@ class Hdf5Backend(Backend):
         K, D, C = len(manifest.layers), manifest.hidden_size, manifest.chunk_rows
         f.create_dataset("states", shape=(manifest.rows, K, D), chunks=(min(C, manifest.rows), K, D),
                          dtype=manifest.storage_dtype, fillvalue=0)
+        if manifest.final_state == "stored":  # the pooled last_hidden_state, chunked like `states`
+            f.create_dataset("final", shape=(manifest.rows, D), chunks=(min(C, manifest.rows), D),
+                             dtype=manifest.storage_dtype, fillvalue=0)
         f.create_dataset("missing", shape=(manifest.rows,), dtype=bool, fillvalue=False)
         f.create_dataset("done", shape=(manifest.n_chunks,), dtype=bool, fillvalue=False)
         f.create_dataset("item_ids", data=np.asarray([""] + list(item_ids), dtype=object),
@@ -233,7 +283,11 @@ class Hdf5Backend(Backend):
             if name not in f:
                 f.close()
                 raise CacheError(f"{path}: dataset '{name}' missing")
-        return cls(path, f)
+        backend = cls(path, f)
+        if backend._final_expected() and "final" not in f:
+            f.close()
+            raise CacheError(f"{path}: dataset 'final' missing (the manifest says final_state 'stored')")
+        return backend
 
     def _raw_manifest(self) -> dict | None:
         raw = self.file.attrs.get(MANIFEST_KEY)
@@ -272,9 +326,24 @@ class Hdf5Backend(Backend):
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.file["states"][start:stop])
 
-    def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray) -> None:
+    def has_final(self) -> bool:
+        return "final" in self.file
+
+    def final_shape(self) -> tuple[int, ...]:
+        return tuple(self.file["final"].shape)
+
+    def final_dtype(self) -> np.dtype:
+        return np.dtype(self.file["final"].dtype)
+
+    def read_final_rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.file["final"][start:stop])
+
+    def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray,
+                    final: np.ndarray | None = None) -> None:
         stop = start + len(states)
         self.file["states"][start:stop] = states
+        if final is not None:
+            self.file["final"][start:stop] = final
         self.file["missing"][start:stop] = missing
         self.file.flush()
         self.file["done"][chunk] = True

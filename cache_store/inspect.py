@@ -1,4 +1,7 @@
-"""`cache_store stats` and `cache_store verify`: what is cached, how big, how complete, and is it sound."""
+"""`cache_store stats` and `cache_store verify`: what is cached, how big, how complete, and is it sound.
+
+"on disk" counts every file of a store (the `final` array included); verify checks `states` and, where the
+manifest says final_state "stored", `final` (shape, dtype, NaN / Inf, row 0 zeros)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from iisan.cache_store.backends import backend_for
-from iisan.cache_store.manifest import CacheError
+from iisan.cache_store.manifest import CacheError, Manifest
 from iisan.cache_store.reader import CacheStore, open_cache
 
 STORE_SUFFIXES = (".zarr", ".h5", ".hdf5")
@@ -111,6 +114,14 @@ def _check_structure(store: CacheStore) -> list[str]:
         problems.append(f"states shape {b.shape()}, manifest implies {expected_shape}")
     if b.dtype() != np.dtype(m.storage_dtype):
         problems.append(f"states dtype {b.dtype()}, manifest says {m.storage_dtype}")
+    if m.final_state == "stored":  # opening checked the array is there
+        if b.final_shape() != (m.rows, m.hidden_size):
+            problems.append(f"final shape {b.final_shape()}, manifest implies {(m.rows, m.hidden_size)}")
+        if b.final_dtype() != np.dtype(m.storage_dtype):
+            problems.append(f"final dtype {b.final_dtype()}, manifest says {m.storage_dtype}")
+    elif b.has_final():
+        problems.append(f"a `final` array is present, but the manifest says final_state {m.final_state!r} "
+                        f"(only 'stored' has one)")
     for name, dtype in b.array_dtypes().items():
         if dtype != "bool":
             problems.append(f"{name} dtype {dtype}, expected bool")
@@ -143,25 +154,34 @@ def _check_structure(store: CacheStore) -> list[str]:
 
 
 def _scan_values(store: CacheStore) -> list[str]:
-    m, problems = store.manifest, []
+    """NaN / Inf and a non-zero row 0 in `states`, and in `final` where the manifest says it is stored."""
+    m = store.manifest
+    problems = _scan_array(m, store.backend.read_rows, "")
+    if m.final_state == "stored":
+        problems += _scan_array(m, store.backend.read_final_rows, "final: ")
+    return problems
+
+
+def _scan_array(m: Manifest, read, label: str) -> list[str]:
+    problems: list[str] = []
     bad_rows = 0
     first_bad: list[int] = []
     for chunk in range(m.n_chunks):
         span = m.chunk_range(chunk)
         try:
-            block = store.backend.read_rows(span.start, span.stop).astype(np.float32)
+            block = read(span.start, span.stop).astype(np.float32)
         except Exception as e:
-            problems.append(f"chunk {chunk} (rows {span.start}..{span.stop - 1}) is unreadable "
+            problems.append(f"{label}chunk {chunk} (rows {span.start}..{span.stop - 1}) is unreadable "
                             f"({e.__class__.__name__}: {e})")
             continue
         if chunk == 0 and np.any(block[0] != 0):
-            problems.append("row 0 (padding) is not all zeros")
-        bad = ~np.isfinite(block).all(axis=(1, 2))
+            problems.append(f"{label}row 0 (padding) is not all zeros")
+        bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
         if bad.any():
             bad_rows += int(bad.sum())
             first_bad += [span.start + int(r) for r in np.flatnonzero(bad)[:5 - len(first_bad)]]
     if bad_rows:
-        problems.append(f"{bad_rows:,} row(s) hold NaN or Inf (first rows {first_bad})")
+        problems.append(f"{label}{bad_rows:,} row(s) hold NaN or Inf (first rows {first_bad})")
     return problems
 
 
@@ -173,10 +193,8 @@ def _check_fingerprint(store: CacheStore, item_ids: list[str], data_dir: Path | 
         dataset = load_dataset(m.dataset, folder=data_dir)
     except Exception as e:  # registry or data problems: report them as the reason the check could not run
         return [f"cannot check the dataset fingerprint: {e} (pass --data-dir, or --skip-fingerprint)"]
-    inputs = m.fingerprint_inputs or {}
     try:
-        now = dataset.fingerprint(inputs.get("fields", []), bool(inputs.get("images", False)),
-                                  inputs.get("extra") or {})
+        now = dataset.fingerprint_of(m.fingerprint_inputs)
     except Exception as e:
         return [f"cannot recompute the dataset fingerprint: {e}"]
     problems = []

@@ -11,6 +11,12 @@ from iisan.errors import IisanError
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float16", "float32")
 POOLINGS = ("cls", "mean", "last")
+# What a store records of the model's final output (its `last_hidden_state`, after any final norm):
+#   "stored"      array `final` [rows, D] holds it, pooled like `states` (the model has a final norm, so its
+#                 last_hidden_state differs from its last hidden state);
+#   "last_layer"  nothing extra is stored: last_hidden_state equals the last hidden state (total_layers - 1);
+#   ""            unknown: the store was written before this field existed.
+FINAL_STATES = ("", "stored", "last_layer")
 
 
 class CacheError(IisanError):
@@ -32,6 +38,10 @@ class Manifest:
     rows: int = field(metadata={"help": "N_items + 1: every item of the items file plus row 0 (padding)"})
     chunk_rows: int = field(default=256, metadata={"help": "rows per chunk; writers own whole chunks"})
     storage_dtype: str = field(default="float16", metadata={"help": "dtype of `states`"})
+    final_state: str = field(default="", metadata={
+        "help": "stored (array `final` holds the pooled last_hidden_state, after the model's final norm) | "
+                "last_layer (the model's last_hidden_state is its last hidden state) | \"\" (written before "
+                "stores recorded it: unknown)"})
     fingerprint_inputs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "what the fingerprint covers (fields, images, extra options), so verify can recompute it"})
     text_field: str | None = field(default=None, metadata={"help": "text field encoded (None for images)"})
@@ -52,6 +62,9 @@ class Manifest:
             raise CacheError(f"storage dtype '{self.storage_dtype}' not one of {', '.join(STORAGE_DTYPES)}")
         if self.pooling not in POOLINGS:
             raise CacheError(f"pooling '{self.pooling}' not one of {', '.join(POOLINGS)}")
+        if self.final_state not in FINAL_STATES:
+            raise CacheError(f"final_state {self.final_state!r} not one of "
+                             f"{', '.join(repr(v) for v in FINAL_STATES)}")
         for name in ("total_layers", "hidden_size", "rows", "chunk_rows"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise CacheError(f"manifest field {name} = {getattr(self, name)!r} is not an integer")

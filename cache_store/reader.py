@@ -51,13 +51,15 @@ def check_expectation(manifest: Manifest, expect: CacheExpectation, where: str) 
 
 @dataclass
 class LoadedCache:
-    """The requested layers in memory. `states[i]` is item index i's [k, D] stack; index 0 is zeros."""
+    """The requested layers in memory. `states[i]` is item index i's [k, D] stack; index 0 is zeros.
+    `final[i]` (when asked for) is item index i's pooled last_hidden_state, after the model's final norm."""
 
     manifest: Manifest
     layers: list[int]          # hidden-state indices, in the order of states' second axis
     states: torch.Tensor       # [rows, k, D]
     missing: torch.Tensor      # [rows] bool
     item_ids: list[str]        # item id of each row ("" for row 0)
+    final: torch.Tensor | None = None  # [rows, D], rows ordered like `states`; None unless load(final=True)
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Rows for a tensor of item indices: shape index.shape + (k, D)."""
@@ -80,17 +82,41 @@ class CacheStore:
         done = self.backend.read_done()
         return float(done.mean()) if len(done) else 1.0
 
+    def final_source(self) -> str | int:
+        """Where the model's final output (the pooled last_hidden_state) is read: "final" (the array) or the
+        position, along `states`' second axis, of the last hidden state that equals it. Raises CacheError
+        where the store cannot give it."""
+        m = self.manifest
+        if m.final_state == "stored":
+            return "final"
+        if m.final_state == "last_layer":
+            last = m.total_layers - 1
+            if last not in m.layers:
+                raise CacheError(f"{self.path}: the model's final output is its last hidden state (index {last}), "
+                                 f"which this store does not keep (it keeps {m.layers}); re-extract with a layer "
+                                 f"selection that keeps it: iisan extract --model {m.model} --dataset "
+                                 f"{m.dataset} --layers {','.join(map(str, sorted(set(m.layers) | {last})))} "
+                                 f"--overwrite")
+            return m.layers.index(last)
+        raise CacheError(f"{self.path}: written before stores recorded the model's final output (the pooled "
+                         f"last_hidden_state, after the final norm), which the frozen baseline reads; "
+                         f"re-extract: iisan extract --model {m.model} --dataset {m.dataset} --overwrite")
+
     def load(self, layers: Sequence[int] | None = None, item_ids: Sequence[str] | None = None,
              device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             progress: bool = True) -> LoadedCache:
+             progress: bool = True, final: bool = False) -> LoadedCache:
         """Load `layers` (hidden-state indices; default all kept) into memory once.
 
         With `item_ids` (the caller's items for index 1..N), rows are re-ordered so that index i holds
         item_ids[i - 1]; row 0 stays zeros. Reads one chunk at a time to keep peak memory near the result.
+        With `final`, also the model's final output (`LoadedCache.final` [rows, D], ordered like `states`):
+        the `final` array where the manifest says final_state "stored", the last hidden state where it says
+        "last_layer"; a store written before final_state existed is refused (see `final_source`).
         """
         m = self.manifest
         layers = list(m.layers if layers is None else layers)
         check_expectation(m, CacheExpectation(layers=layers), str(self.path))
+        source = self.final_source() if final else None
         positions = [m.layers.index(i) for i in layers]
         stored_ids = self.backend.read_item_ids()
         missing = self.backend.read_missing()
@@ -107,6 +133,7 @@ class CacheStore:
             out_ids = [""] + list(item_ids)
         target_dtype = dtype or (torch.float16 if m.storage_dtype == "float16" else torch.float32)
         out = torch.empty((len(rows), len(layers), m.hidden_size), dtype=target_dtype)
+        out_final = torch.empty((len(rows), m.hidden_size), dtype=target_dtype) if final else None
         # Map each store chunk to the output rows it feeds, then read chunks in order.
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
@@ -116,11 +143,16 @@ class CacheStore:
             lo, hi = np.searchsorted(sorted_rows, [span.start, span.stop])
             if lo == hi:
                 continue
-            block = self.backend.read_rows(span.start, span.stop)[:, positions, :]
-            wanted = order[lo:hi]
-            out[torch.from_numpy(wanted)] = torch.from_numpy(
-                np.ascontiguousarray(block[sorted_rows[lo:hi] - span.start])).to(target_dtype)
-        return LoadedCache(m, layers, out.to(device), torch.from_numpy(missing[rows]).to(device), out_ids)
+            stored = self.backend.read_rows(span.start, span.stop)
+            wanted = torch.from_numpy(order[lo:hi])
+            picked = sorted_rows[lo:hi] - span.start
+            out[wanted] = torch.from_numpy(np.ascontiguousarray(stored[picked][:, positions, :])).to(target_dtype)
+            if final:
+                block = self.backend.read_final_rows(span.start, span.stop) if source == "final" \
+                    else stored[:, source, :]
+                out_final[wanted] = torch.from_numpy(np.ascontiguousarray(block[picked])).to(target_dtype)
+        return LoadedCache(m, layers, out.to(device), torch.from_numpy(missing[rows]).to(device), out_ids,
+                           out_final.to(device) if final else None)
 
     def close(self) -> None:
         self.backend.close()
@@ -140,13 +172,17 @@ def open_cache(path: str | Path) -> CacheStore:
 def load_cache(path: str | Path, expect: CacheExpectation = CacheExpectation(),
                layers: Sequence[int] | None = None, item_ids: Sequence[str] | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               allow_incomplete: bool = False, progress: bool = True) -> LoadedCache:
-    """Open, check against `expect`, and load. Refuses an incomplete store unless `allow_incomplete`."""
+               allow_incomplete: bool = False, progress: bool = True, final: bool = False) -> LoadedCache:
+    """Open, check against `expect`, and load. Refuses an incomplete store unless `allow_incomplete`. With
+    `final`, also the model's final output (`LoadedCache.final`; see `CacheStore.load`)."""
     with open_cache(path) as store:
         check_expectation(store.manifest, expect, str(store.path))
+        if final:
+            store.final_source()  # refuse a store that cannot give it before anything else
         fraction = store.done_fraction()
         if fraction < 1.0 and not allow_incomplete:
             raise CacheError(f"{store.path}: cache is incomplete ({fraction:.1%} of chunks done); "
                              f"re-run the extraction to complete it: iisan extract --model "
                              f"{store.manifest.model} --dataset {store.manifest.dataset}")
-        return store.load(layers if layers is not None else expect.layers, item_ids, device, dtype, progress)
+        return store.load(layers if layers is not None else expect.layers, item_ids, device, dtype, progress,
+                          final)

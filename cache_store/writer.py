@@ -1,13 +1,15 @@
 """Writing a cache: chunk-aligned, resumable, shardable over processes.
 
-A writer owns whole chunks (rank r of W takes the chunks c with c % W == r). It writes a chunk's states
-and missing flags, makes them durable, then sets the chunk's `done` flag; re-running skips done chunks.
-Rank 0 alone creates the store; the other ranks attach to it after it exists.
+A writer owns whole chunks (rank r of W takes the chunks c with c % W == r). It writes a chunk's states,
+missing flags and (where the manifest says final_state "stored") pooled final outputs, makes them durable,
+then sets the chunk's `done` flag; re-running skips done chunks. Rank 0 alone creates the store; the other
+ranks attach to it after it exists.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -18,7 +20,7 @@ from iisan.cache_store.manifest import CacheError, Manifest
 # Manifest fields that must agree for a resumed run to continue an existing store.
 RESUME_KEYS = ("format_version", "dataset", "dataset_fingerprint", "model", "model_source", "model_revision",
                "pooling", "layers", "total_layers", "hidden_size", "rows", "chunk_rows", "storage_dtype",
-               "text_field", "quantization", "model_dtype", "preprocessing")
+               "text_field", "quantization", "model_dtype", "preprocessing", "final_state")
 
 
 def store_path(root: str | Path, dataset: str, model: str, field: str | None = None, fmt: str = "zarr") -> Path:
@@ -29,15 +31,29 @@ def store_path(root: str | Path, dataset: str, model: str, field: str | None = N
     return Path(root) / dataset / f"{name}.{fmt}"
 
 
+def find_store(root: str | Path, dataset: str, model: str, field: str | None = None) -> Path | None:
+    """The existing store for (dataset, model[@field]) under `root`, zarr first, then HDF5; None if neither."""
+    for fmt in ("zarr", "h5"):
+        path = store_path(root, dataset, model, field, fmt)
+        if path.exists():
+            return path
+    return None
+
+
 def manifest_differences(have: Manifest, want: Manifest, keys: tuple[str, ...] = RESUME_KEYS) -> list[str]:
     have_d, want_d = have.to_dict(), want.to_dict()
     return [f"{k}: store has {have_d.get(k)!r}, this run has {want_d.get(k)!r}" for k in keys
             if have_d.get(k) != want_d.get(k)]
 
 
+def _unrecorded_final_state() -> str:
+    return ("final_state: store has '' (written before stores recorded the model's final output, the pooled "
+            "last_hidden_state after the final norm), this run records it")
+
+
 class CacheWriter:
     """Open with `CacheWriter.open(...)`; then for each chunk in `pending_chunks()`, encode the items at
-    `item_positions(chunk)` and call `write_chunk(chunk, states, missing)`; finally `finalize()`."""
+    `item_positions(chunk)` and call `write_chunk(chunk, states, missing, final)`; finally `finalize()`."""
 
     def __init__(self, backend: Backend, manifest: Manifest, rank: int, world_size: int) -> None:
         self.backend = backend
@@ -47,7 +63,16 @@ class CacheWriter:
 
     @classmethod
     def open(cls, path: str | Path, manifest: Manifest, item_ids: list[str], rank: int = 0, world_size: int = 1,
-             overwrite: bool = False) -> "CacheWriter":
+             overwrite: bool = False, probe_final_state: Callable[[], str] | None = None) -> "CacheWriter":
+        """Create the store, or attach to an existing one written for the same thing (every RESUME_KEYS field
+        and the item ids agree); refuses one written for something else, listing the differences.
+
+        `probe_final_state`, where given, says the manifest's final_state ("stored" | "last_layer") instead
+        of `manifest.final_state` and is called only when needed (it may load a model): when the store is
+        created, or when an existing store has chunks left for this rank (the probe then confirms the store's
+        value). A store with nothing left for this rank takes the store's value without calling it; a store
+        written before final_state existed ("") is refused without calling it.
+        """
         path = Path(path)
         kind = backend_for(path)
         if not 0 <= rank < world_size:
@@ -70,13 +95,30 @@ class CacheWriter:
         if not exists:
             if rank != 0:
                 raise CacheError(f"{path}: store does not exist yet (rank 0 creates it before other ranks attach)")
+            if probe_final_state is not None:
+                manifest.final_state = probe_final_state()
+                manifest.__post_init__()  # validates the probed value
             path.parent.mkdir(parents=True, exist_ok=True)
             return cls(kind.create(path, manifest, item_ids), manifest, rank, world_size)
         backend = kind.open(path, writable=True)
-        have = backend.manifest()
-        differences = manifest_differences(have, manifest)
-        if not differences and backend.read_item_ids()[1:] != list(item_ids):
-            differences.append("item_ids differ")
+        try:
+            have = backend.manifest()
+            keys = RESUME_KEYS if probe_final_state is None else tuple(k for k in RESUME_KEYS if k != "final_state")
+            differences = manifest_differences(have, manifest, keys)
+            if not differences and backend.read_item_ids()[1:] != list(item_ids):
+                differences.append("item_ids differ")
+            if probe_final_state is not None:
+                if not have.final_state:
+                    differences.append(_unrecorded_final_state())
+                elif not differences:
+                    done = backend.read_done()
+                    left = any(not done[c] for c in range(have.n_chunks) if c % world_size == rank)
+                    manifest.final_state = probe_final_state() if left else have.final_state
+                    manifest.__post_init__()
+                    differences = manifest_differences(have, manifest, ("final_state",))
+        except BaseException:
+            backend.close()
+            raise
         if differences:
             backend.close()
             raise CacheError(f"{path}: an existing store was written for something else and cannot be resumed:\n  "
@@ -97,30 +139,50 @@ class CacheWriter:
         rows = self.manifest.chunk_range(chunk)
         return range(max(rows.start, 1) - 1, rows.stop - 1)
 
-    def write_chunk(self, chunk: int, states: np.ndarray, missing: np.ndarray | None = None) -> None:
-        """`states` [len(item_positions(chunk)), K, D] in any float dtype; row 0 is added for chunk 0."""
+    def _checked(self, chunk: int, name: str, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Shape, finiteness and the storage dtype (overflow included) of one array's rows of a chunk."""
+        values = np.asarray(values)
+        if values.shape != shape:
+            raise CacheError(f"chunk {chunk}: {name} shape {values.shape}, expected {shape}")
+        if not np.isfinite(values).all():
+            positions = self.item_positions(chunk)
+            raise CacheError(f"chunk {chunk}: {name} hold NaN or Inf (items at positions "
+                             f"{positions.start}..{positions.stop - 1}); the encoder output is not usable")
+        with np.errstate(over="ignore"):
+            values = values.astype(self.manifest.storage_dtype)
+        if not np.isfinite(values).all():
+            raise CacheError(f"chunk {chunk}: {name} values overflow {self.manifest.storage_dtype}; "
+                             f"store as float32 or standardise the encoder output")
+        if chunk == 0:  # row 0, the padding row
+            values = np.concatenate([np.zeros((1,) + shape[1:], values.dtype), values])
+        return values
+
+    def write_chunk(self, chunk: int, states: np.ndarray, missing: np.ndarray | None = None,
+                    final: np.ndarray | None = None) -> None:
+        """`states` [len(item_positions(chunk)), K, D] in any float dtype; row 0 is added for chunk 0.
+
+        `final` [len(item_positions(chunk)), D], the pooled last_hidden_state, is required where the manifest
+        says final_state "stored" and refused otherwise; checked and stored like `states`."""
         if chunk % self.world_size != self.rank:
             raise CacheError(f"rank {self.rank} does not own chunk {chunk}")
         positions = self.item_positions(chunk)
         K, D = len(self.manifest.layers), self.manifest.hidden_size
-        states = np.asarray(states)
-        if states.shape != (len(positions), K, D):
-            raise CacheError(f"chunk {chunk}: states shape {states.shape}, expected {(len(positions), K, D)}")
-        if not np.isfinite(states).all():
-            raise CacheError(f"chunk {chunk}: states hold NaN or Inf (items at positions "
-                             f"{positions.start}..{positions.stop - 1}); the encoder output is not usable")
-        with np.errstate(over="ignore"):
-            states = states.astype(self.manifest.storage_dtype)
-        if not np.isfinite(states).all():
-            raise CacheError(f"chunk {chunk}: values overflow {self.manifest.storage_dtype}; "
-                             f"store as float32 or standardise the encoder output")
+        stored = self.manifest.final_state == "stored"
+        if stored and final is None:
+            raise CacheError(f"chunk {chunk}: the manifest says final_state 'stored': pass `final` "
+                             f"[{len(positions)}, {D}], the pooled last_hidden_state")
+        if not stored and final is not None:
+            raise CacheError(f"chunk {chunk}: `final` given, but the manifest says final_state "
+                             f"{self.manifest.final_state!r} (only a store with final_state 'stored' holds it)")
+        states = self._checked(chunk, "states", states, (len(positions), K, D))
+        if final is not None:
+            final = self._checked(chunk, "final", final, (len(positions), D))
         missing = np.zeros(len(positions), bool) if missing is None else np.asarray(missing, dtype=bool)
         if missing.shape != (len(positions),):
             raise CacheError(f"chunk {chunk}: missing shape {missing.shape}, expected {(len(positions),)}")
         if chunk == 0:
-            states = np.concatenate([np.zeros((1, K, D), states.dtype), states])
             missing = np.concatenate([[False], missing])
-        self.backend.write_chunk(chunk, self.manifest.chunk_range(chunk).start, states, missing)
+        self.backend.write_chunk(chunk, self.manifest.chunk_range(chunk).start, states, missing, final)
 
     def finalize(self, seconds: float = 0.0) -> bool:
         """Rank 0: add this run's encoding seconds and mark the store complete if every chunk is done.

@@ -1,2 +1,3 @@
-"""Full-ranking HR@K / NDCG@K evaluation, efficiency measurement (time, peak memory, parameters, TPME),
-reports and plots."""
+"""What measures, and nothing that trains: full-ranking HR@K / NDCG@K (`metrics`), efficiency primitives
+(memory readings, projections, TPME: `efficiency`) and report writing (`report`). The runners that train
+and measure (the bench) are in experiments/."""

@@ -1,7 +1,9 @@
-"""Full-ranking evaluation (SPEC §4): score every item for every user, mask the history, rank the target.
+"""Full-ranking evaluation (docs/method.md §4): score every item for every user, mask the history, rank the target.
 
-rank = 1 + the number of items scoring strictly higher than the target. Ties (rare with float scores) are
-therefore resolved in the target's favour; items masked to -inf never outrank a finite target.
+rank = 1 + the number of other unmasked items scoring higher than the target, or exactly as high (the
+default `pessimistic` tie rule; `optimistic` counts only strictly higher scores, resolving ties in the
+target's favour). Items with identical content (Scientific has 238 items in 66 groups sharing a title)
+score identically in text-only runs, so ties are real; `RankingResult.tied` counts the targets that had one.
 Faithful mode (the reference code, default for comparability) masks the whole history, so a target that is
 already in the user's history scores -inf and is a guaranteed miss; fixed mode keeps the target unmasked.
 """
@@ -13,15 +15,18 @@ from dataclasses import dataclass
 import torch
 
 KS = (5, 10, 20)
+TIES = ("pessimistic", "optimistic")
 
 
 @dataclass
 class RankingResult:
     ranks: torch.Tensor                  # [U] 1-based rank of each user's target among all N items
     metrics: dict[str, float]            # HR@K and NDCG@K in [0, 1]
+    ties: str = "pessimistic"            # the tie rule the ranks follow
+    tied: int = 0                        # targets with at least one other item scoring bit-identically
 
     def line(self, split: str, k: int = 10) -> str:
-        """`<split> HR@10 <x> NDCG@10 <y>`, in percent as in SPEC §9.2."""
+        """`<split> HR@10 <x> NDCG@10 <y>`, in percent as in docs/method.md §9.2."""
         return f"{split} HR@{k} {100 * self.metrics[f'HR@{k}']:.2f} NDCG@{k} {100 * self.metrics[f'NDCG@{k}']:.2f}"
 
 
@@ -37,33 +42,36 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[st
 
 def rank_targets(user_vectors: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
                  histories: torch.Tensor, mask_target_in_history: bool = True, batch_size: int = 2048,
-                 ks: tuple[int, ...] = KS) -> RankingResult:
+                 ks: tuple[int, ...] = KS, ties: str = "pessimistic") -> RankingResult:
     """user_vectors [U, d]; item_table [N + 1, d] (row 0 = padding); targets [U] in 1..N; histories [U, H]
     item indices left-padded with 0. Scores users in batches of `batch_size` (memory [batch, N + 1]).
 
-    Only ranks up to max(ks) matter to HR@K / NDCG@K, so each user's top max(ks) + H + 1 columns are taken
-    (`topk`, about 4x cheaper than comparing all N scores): at most H + 1 of them are masked (history and
-    the padding column), so every unmasked item that outranks the target within the cut-off is among them.
-    `ranks` holds the exact rank up to max(ks) and max(ks) + 1 for every miss."""
+    The history (and column 0) is masked; with `mask_target_in_history` a target in its own history is masked
+    too and so ranks after every unmasked item (a guaranteed miss). The rank counts, over the whole score row,
+    the other unmasked items scoring strictly higher, plus (`ties="pessimistic"`, the default) those scoring
+    exactly the same: so ties never help the target, and a model scoring everything equal ranks it last.
+    `ties="optimistic"` leaves ties out (the rule before issue 12). `tied` counts the targets with at least
+    one bit-identical tie."""
+    if ties not in TIES:
+        raise ValueError(f"ties '{ties}' not one of {', '.join(TIES)}")
     device = item_table.device
-    cutoff = max(ks)
     ranks = torch.empty(len(targets), dtype=torch.long)
+    tied = 0
     for start in range(0, len(targets), batch_size):
         stop = min(start + batch_size, len(targets))
         u = user_vectors[start:stop].to(device)
-        t = targets[start:stop].to(device)
+        t = targets[start:stop].to(device)[:, None]
         h = histories[start:stop].to(device)
         scores = u @ item_table.T                                         # [b, N + 1]
-        target_scores = scores.gather(1, t[:, None])                      # [b, 1]
-        depth = min(cutoff + h.shape[1] + 1, scores.shape[1])
-        top_scores, top_items = torch.topk(scores, depth, dim=1)
-        masked = (top_items == 0) | ((top_items[:, :, None] == h[:, None, :]) & (h[:, None, :] != 0)).any(-1)
+        masked = torch.zeros_like(scores, dtype=torch.bool)
+        masked[:, 0] = True
+        masked.scatter_(1, h, True)                                       # history (padding 0 is column 0)
         if not mask_target_in_history:
-            masked &= top_items != t[:, None]
-        above = ((top_scores > target_scores) & ~masked).sum(dim=1)
-        rank = torch.clamp(1 + above, max=cutoff + 1)
-        if mask_target_in_history:  # a target already in the history scores -inf: a guaranteed miss
-            in_history = ((h == t[:, None]) & (h != 0)).any(dim=1)
-            rank = torch.where(in_history, torch.full_like(rank, cutoff + 1), rank)
-        ranks[start:stop] = rank.cpu()
-    return RankingResult(ranks, metrics_from_ranks(ranks, ks))
+            masked.scatter_(1, t, False)
+        target = scores.gather(1, t).masked_fill(masked.gather(1, t), float("-inf"))
+        others = (~masked).scatter_(1, t, False)
+        above = ((scores > target) & others).sum(dim=1)
+        equal = ((scores == target) & others).sum(dim=1)
+        tied += int((equal > 0).sum())
+        ranks[start:stop] = (1 + above + (equal if ties == "pessimistic" else 0)).cpu()
+    return RankingResult(ranks, metrics_from_ranks(ranks, ks), ties, tied)

@@ -1,6 +1,10 @@
 """Turning items into pooled per-layer states: text cleaning, tokenization / image processing, the
 forward pass, pooling. `ChunkEncoder.encode(positions)` is what extraction (and its benchmark) runs per
-chunk; batches never straddle chunks, so a resumed run pads exactly like an uninterrupted one."""
+chunk; batches never straddle chunks, so a resumed run pads exactly like an uninterrupted one.
+
+With `final=True` the encoder also pools the model's own output, `last_hidden_state` (after the final norm
+of models that have one, e.g. ViT / DINOv2); `probe_final_state()` tells whether that differs from the last
+hidden state, from one forward pass."""
 
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ import torch
 
 from iisan.data.dataset import Dataset
 from iisan.data.images import load_item_images
+from iisan.errors import IisanError
 from iisan.extract.models import Backbone
-from iisan.extract.pooling import pool_layers
+from iisan.extract.pooling import pool, pool_layers
 
 TEXT_CLEAN = ("clean", "raw")
 
@@ -38,6 +43,7 @@ class ChunkEncoder:
     batch_size: int
     field: str | None = None        # text field (text models)
     text_clean: str = "clean"
+    final: bool = False             # encode() also returns the pooled last_hidden_state
 
     def __post_init__(self) -> None:
         if self.backbone.spec.kind == "text":
@@ -93,6 +99,29 @@ class ChunkEncoder:
         return pool_layers(outputs.hidden_states, inputs.get("attention_mask"), self.backbone.spec.pooling,
                            self.layers)
 
+    def pooled_final(self, inputs: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
+        """The model's output `last_hidden_state` pooled like the hidden states: [B, D] fp32."""
+        return pool(outputs.last_hidden_state, inputs.get("attention_mask"), self.backbone.spec.pooling)
+
+    def probe_final_state(self, position: int = 0) -> str:
+        """"stored" if the model's `last_hidden_state` differs (bitwise) from its last hidden state, i.e. the
+        model applies a final norm or other output step that the hidden states do not include; "last_layer"
+        if they are equal. Decided from one forward pass of the item at `position` (the first item by default);
+        architecture-agnostic. The problems that item's inputs report are not kept (extraction reports them
+        when it encodes the item)."""
+        known = len(self.problems)
+        inputs, _ = self.inputs([position])
+        del self.problems[known:]
+        outputs = self.forward(inputs)
+        last = outputs.hidden_states[-1]
+        final = getattr(outputs, "last_hidden_state", None)
+        if final is None:
+            raise IisanError(f"model '{self.backbone.spec.name}' gives no last_hidden_state")
+        if final.shape != last.shape:
+            raise IisanError(f"model '{self.backbone.spec.name}': last_hidden_state {tuple(final.shape)} is not "
+                             f"shaped like its hidden states {tuple(last.shape)}; cannot pool it alike")
+        return "last_layer" if torch.equal(final, last) else "stored"
+
     def batches(self, positions: range) -> list[list[int]]:
         """The batches of one chunk. Texts are grouped by token length (stable order), so that a batch pads
         little; the grouping depends only on the chunk, so a resumed run forms the same batches. The
@@ -105,26 +134,33 @@ class ChunkEncoder:
             order = [p for _, p in sorted(zip(lengths, order), key=lambda pair: pair[0])]
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
-    def encode(self, positions: range) -> tuple[np.ndarray, np.ndarray]:
-        """States [len(positions), K, D] fp32 and missing flags for consecutive item positions.
+    def encode(self, positions: range) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """States [len(positions), K, D] fp32 and missing flags for consecutive item positions; with
+        `final`, also the pooled last_hidden_state [len(positions), D] fp32: (states, missing, final).
 
         The next batch's inputs (tokenizing, or decoding and processing images) are prepared in a
         background thread while the current batch runs through the model."""
         K, D = len(self.layers), self.backbone.info.hidden_size
         states = np.empty((len(positions), K, D), dtype=np.float32)
+        final = np.empty((len(positions), D), dtype=np.float32) if self.final else None
         missing = np.zeros(len(positions), dtype=bool)
         batches = self.batches(positions)
         if not batches:
-            return states, missing
-        pooled: list[tuple[list[int], torch.Tensor]] = []
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            upcoming = pool.submit(self.inputs, batches[0])
+            return (states, missing, final) if self.final else (states, missing)
+        pooled: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = []
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            upcoming = executor.submit(self.inputs, batches[0])
             for i, batch in enumerate(batches):
                 inputs, flags = upcoming.result()
                 if i + 1 < len(batches):
-                    upcoming = pool.submit(self.inputs, batches[i + 1])
-                pooled.append(([p - positions.start for p in batch], self.pooled(inputs, self.forward(inputs))))
-                missing[[p - positions.start for p in batch]] = flags
-        for rows, values in pooled:  # one device-to-host copy per batch, after the chunk's forwards
+                    upcoming = executor.submit(self.inputs, batches[i + 1])
+                outputs = self.forward(inputs)
+                rows = [p - positions.start for p in batch]
+                pooled.append((rows, self.pooled(inputs, outputs),
+                               self.pooled_final(inputs, outputs) if self.final else None))
+                missing[rows] = flags
+        for rows, values, last in pooled:  # one device-to-host copy per batch, after the chunk's forwards
             states[rows] = values.cpu().numpy()
-        return states, missing
+            if last is not None:
+                final[rows] = last.cpu().numpy()
+        return (states, missing, final) if self.final else (states, missing)

@@ -3,18 +3,20 @@
 Hidden-state index 0 is the embedding output; index b + 1 is the output of block b (0-based). A model
 with L blocks has L + 1 hidden states.
 
-- `even` (SPEC §5.2): the embedding output plus every second block, anchored at the last block. For 12
+- `even` (docs/method.md §5.2): the embedding output plus every second block, anchored at the last block. For 12
   blocks: [0, 2, 4, 6, 8, 10, 12] (the reference config "1,3,5,7,9,11" shifted by one, prefixed with 0).
   For an odd count the anchor stays at the last block: 3 blocks -> [0, 1, 3].
-- `remove_first`: `even` without index 0 (the ablation of SPEC §9.2: 12 blocks -> [2, 4, ..., 12]).
-- `group:<L_partner>` (SPEC §6.3, the reference code's group LayerDrop for asymmetric pairs): the partner
+- `remove_first` (the reference code's variant, docs/method.md §5.2): blocks on [2, 4, ..., 12] for 12
+  blocks (K = 6), each intra tower starting from h_0 instead of 0. So h_0 is kept too: the indices are
+  those of `even`, [0, 2, ..., 12], and the trainer uses index 0 only as the towers' initial state.
+- `group:<L_partner>` (docs/method.md §6.3, the reference code's group LayerDrop for asymmetric pairs): the partner
   tower (e.g. a 12-block ViT) keeps N = L_partner / 2 blocks; this model keeps N blocks anchored at its
   last block with stride k = floor((L - 1) / (N - 1)): blocks {L - 1 - k (N - 1 - j) : j = 0..N-1}, then
   shifted by one and prefixed with 0. Llama-3-70B (80 blocks) with a 12-block partner: k = 15, blocks
   4, 19, 34, 49, 64, 79. The paper's eq. (5), max k with L - k * L_partner / 2 >= 1, gives k = 13 for 80
   blocks and does not reproduce the published lists; the lists satisfy L - k (L_partner / 2 - 1) >= 1,
   i.e. the code's rule, which is implemented here. When the model has no more blocks than N, every
-  hidden state is kept and the training side pairs the top states (SPEC §6.4, unequal block counts).
+  hidden state is kept and the training side pairs the top states (docs/method.md §6.4, unequal block counts).
 - `all`: every hidden state.
 - `i,j,...`: explicit hidden-state indices.
 """
@@ -58,8 +60,7 @@ def select_layers(rule: str, n_hidden_states: int) -> list[int]:
     if rule == "even":
         return even_layers(n_blocks)
     if rule == "remove_first":
-        layers = even_layers(n_blocks)[1:]
-        return layers
+        return even_layers(n_blocks)  # h_0 included: the intra towers' initial state
     if rule.startswith("group:"):
         try:
             partner = int(rule.split(":", 1)[1])

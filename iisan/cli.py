@@ -2,14 +2,52 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 import click
 
 from iisan import __version__
 from iisan.errors import IisanError
-from iisan.train.methods import BENCH_METHODS as DEFAULT_BENCH_METHODS, METHODS
+
+
+def options_from(config_class, skip: tuple[str, ...] = ()):
+    """Click options generated from a config dataclass, one per documented field, so that the field's help is
+    the option's only source: `--field-name` (or the field's `flag`, e.g. `--no-inter` for a bool defaulting
+    to True), `Literal` choices, default None (= not given; the config's own default applies). Tuples are
+    given comma-separated."""
+    hints = typing.get_type_hints(config_class)
+
+    def decorate(command):
+        for f in reversed(dataclasses.fields(config_class)):
+            if "help" not in f.metadata or f.name in skip:
+                continue
+            hint, flag = hints[f.name], f.metadata.get("flag")
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            shown = "" if required or f.default in ("", ()) or flag else f" [default: {f.default}]"
+            kwargs: dict = {"default": None, "help": f.metadata["help"] + shown, "required": required}
+            if hint is bool:
+                if flag:
+                    kwargs.update(flag_value=not f.default)
+                else:
+                    flag = f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}"
+            elif typing.get_origin(hint) is typing.Literal:
+                kwargs["type"] = click.Choice(typing.get_args(hint))
+            elif typing.get_origin(hint) is tuple:
+                kwargs["type"] = str
+            elif hint in (int, float, str):
+                kwargs["type"] = hint
+            command = click.option(flag or f"--{f.name.replace('_', '-')}", f.name, **kwargs)(command)
+        return command
+
+    return decorate
+
+
+def given(options: dict) -> dict:
+    """The options the user gave (click passes None for the others)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 class IisanGroup(click.Group):
@@ -64,9 +102,8 @@ def data_fetch(name: str, dest: Path | None, force: bool, wheel: Path | None) ->
 @click.option("--strict", is_flag=True, help="Refuse any data problem (duplicate ids, unknown items, ...).")
 @click.option("--check-images", is_flag=True, help="Decode every kept item's image and count corrupt ones.")
 def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: bool) -> None:
-    """Print the SPEC §1.2 statistics of a dataset."""
-    from iisan.data.dataset import dataset_stats, load_dataset
-    from iisan.data.images import open_image
+    """Print the docs/method.md §1.2 statistics of a dataset."""
+    from iisan.data.dataset import corrupt_images, dataset_stats, load_dataset
 
     dataset = load_dataset(name, folder=data_dir, strict=strict)
     for message in dataset.report.messages():
@@ -85,9 +122,7 @@ def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: boo
                                 f"missing-image path; {s.file_items_with_image:,} in the items file)"),
     ]
     if check_images:
-        split = dataset.split()
-        corrupt = [why for item in split.item_ids if item in dataset.images
-                   for _, why in [open_image(dataset.images.get(item))] if why]
+        corrupt = corrupt_images(dataset)
         rows.append(("corrupt images", f"{len(corrupt):,}" + (f"  (e.g. {corrupt[0]})" if corrupt else "")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -101,8 +136,8 @@ def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: boo
 @click.option("--layers", default=None,
               help="Hidden states to keep: even | remove_first | group:<L_partner> | all | i,j,… "
                    "(default: the model's; even for encoders and vision models, group:12 for decoders).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
-              help="Cache root; the store is OUT/<dataset>/<model>.zarr.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Cache root; the store is OUT/<dataset>/<model>.zarr (default $IISAN_CACHE_DIR, else cache/).")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "h5"]), default="zarr", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=int, default=None, help="Items per forward (default: the model's).")
@@ -120,52 +155,34 @@ def extract_cmd(model, dataset, field, layers, out, fmt, device, batch_size, chu
 
     Resumable: re-running continues from the chunks not yet flagged done. Sharded: under
     `torchrun --nproc_per_node N` each rank takes whole chunks."""
+    from iisan.cache_store.inspect import default_cache_root
     from iisan.extract.run import ExtractConfig, run_extraction
 
-    cfg = ExtractConfig(model=model, dataset=dataset, text_field=field, layers=layers, out=out, fmt=fmt, device=device,
+    cfg = ExtractConfig(model=model, dataset=dataset, text_field=field, layers=layers, out=out or default_cache_root(),
+                        fmt=fmt, device=device,
                         batch_size=batch_size, chunk_rows=chunk_rows, text_clean=text_clean,
                         storage_dtype=storage_dtype, overwrite=overwrite, data_dir=data_dir,
                         progress=not no_progress)
     run_extraction(cfg, log=lambda message: click.echo(message, err=True))
 
 
-@main.command("train")
-@click.option("--dataset", required=True, help="Dataset name in pipelines.yaml.")
-@click.option("--pipeline", default=None, help="Pipeline in pipelines.yaml (default: the dataset's).")
-@click.option("--text", default=None, help="MODEL[@FIELD] feeding the text slot (overrides the pipeline).")
-@click.option("--image", default=None, help="MODEL feeding the image slot.")
-@click.option("--text2", default=None, help="MODEL@FIELD feeding a second text slot (multimodal text).")
-@click.option("--method", type=click.Choice(list(METHODS)), default=None,
-              help="iisan (default); baselines: " + ", ".join(m for m in METHODS if m != "iisan") + ".")
-@click.option("--cache", default=None, help="Cache root (default cache/).")
-@click.option("--out", default=None, help="Runs root (default runs/).")
-@click.option("--seeds", type=int, default=None, help="Run N seeds and report mean ± std.")
-@click.option("--seed", type=int, default=None)
-@click.option("--epochs", type=int, default=None)
-@click.option("--patience", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--lr-san", type=float, default=None)
-@click.option("--lr-backbone-text", type=float, default=None, help="Embedded methods: text backbone lr.")
-@click.option("--lr-backbone-image", type=float, default=None, help="Embedded methods: image backbone lr.")
-@click.option("--adapter-bottleneck", type=int, default=None)
-@click.option("--lora-rank", type=int, default=None)
-@click.option("--lora-alpha", type=float, default=None)
-@click.option("--text-clean", type=click.Choice(["clean", "raw"]), default=None,
-              help="Embedded methods: how raw titles are cleaned before tokenizing.")
-@click.option("--fusion", type=click.Choice(["gated", "add"]), default=None, help="add: the no-gate ablation.")
-@click.option("--no-inter", "inter", flag_value=False, default=None, help="Ablation: no inter-modal tower.")
-@click.option("--no-intra", "intra", flag_value=False, default=None, help="Ablation: no intra-modal towers.")
-@click.option("--layers-text", default=None, help="Cached hidden states the text tower reads (rule).")
-@click.option("--layers-image", default=None, help="Cached hidden states the image tower reads (rule).")
-@click.option("--standardize", type=click.Choice(["auto", "on", "off"]), default=None)
-@click.option("--fixed-eval", "faithful", flag_value=False, default=None,
-              help="Keep a target that is already in the history unmasked (default: faithful masking).")
-@click.option("--device", default=None)
+def _train_help() -> str:
+    from iisan.train.methods import METHODS
+
+    return ("Train IISAN (or a baseline) on cached states and report full-ranking HR@10 / NDCG@10.\n\n"
+            "Methods (--method): " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + ".")
+
+
+def _train_config():
+    from iisan.train.config import TrainConfig
+
+    return TrainConfig
+
+
+@main.command("train", help=_train_help())
+@options_from(_train_config())
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue a run from its folder.")
-@click.option("--no-progress", is_flag=True)
-def train_cmd(resume, no_progress, **options) -> None:
-    """Train IISAN (or a baseline) on cached states and report full-ranking HR@10 / NDCG@10."""
+def train_cmd(resume, **options) -> None:
     from iisan.train.config import resolve
     from iisan.train.recipe import train
 
@@ -173,80 +190,59 @@ def train_cmd(resume, no_progress, **options) -> None:
     if resume is not None:
         result = train(resume=resume, log=log)
     else:
-        options["progress"] = False if no_progress else None
-        result = train(resolve(options), log=log)
+        result = train(resolve(given(options)), log=log)
     click.echo(result["run_dir"])
 
 
 @main.command("evaluate")
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
-def evaluate_cmd(run_dir: Path, split: str) -> None:
+@click.option("--ties", type=click.Choice(["pessimistic", "optimistic"]), default=None,
+              help="Tie rule (default: the run's).")
+def evaluate_cmd(run_dir: Path, split: str, ties: str | None) -> None:
     """Re-score a saved run's best checkpoints."""
-    from safetensors.torch import load_file
+    from iisan.train.recipe import evaluate_run
 
-    from iisan.train.config import load_config
-    from iisan.train.recipe import build_model, evaluate, load_checkpoint_state, setup
+    for seed, result in evaluate_run(run_dir, split, ties):
+        click.echo(f"seed {seed}: " + result.line(split) + f" (ties {result.ties}: {result.tied:,} targets tied)")
 
-    cfg = load_config(run_dir / "config.json")
-    s = setup(cfg)
-    for i in range(cfg.seeds):
-        best = run_dir / f"seed-{cfg.seed + i}" / "best.safetensors"
-        if not best.is_file():
-            raise IisanError(f"{best}: no checkpoint (the run has not finished an epoch)")
-        model = build_model(s).to(s.device)
-        load_checkpoint_state(model, load_file(best, device=str(s.device)))
-        click.echo(f"seed {cfg.seed + i}: " + evaluate(model, s.split, split, cfg).line(split))
+
+def _bench_config():
+    from iisan.experiments.bench import BenchConfig
+
+    return BenchConfig
 
 
 @main.command("bench")
-@click.option("--dataset", required=True, help="Dataset name in pipelines.yaml.")
-@click.option("--pipeline", default=None, help="Pipeline (default: the dataset's).")
-@click.option("--text", default=None, help="Text encoder MODEL[@FIELD] (default: the pipeline's).")
-@click.option("--image", default=None, help="Image encoder (default: the pipeline's).")
-@click.option("--text-only", is_flag=True, help="Leave the pipeline's image slot out.")
-@click.option("--methods", default=",".join(DEFAULT_BENCH_METHODS), show_default=True,
-              help="Comma-separated methods, in table order.")
-@click.option("--batch-size", type=int, default=0, help="Users per step (default 8 on CPU, 32 on a GPU).")
-@click.option("--sweep", default="", help="Batch sizes for the memory plot, e.g. 1,2,4,8 (default by device).")
-@click.option("--steps", type=int, default=3, show_default=True,
-              help="At most this many timed steps after one warm-up step.")
-@click.option("--budget", type=float, default=20.0, show_default=True,
-              help="Stop timing a method (after at least one step) once this many seconds are timed.")
-@click.option("--cache", default="cache", show_default=True)
-@click.option("--out", default="reports", show_default=True, help="Report folder.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--full", is_flag=True, help="Also train every method to convergence and report test metrics "
-              "(a finished run with the same config is reused, an unfinished one resumed).")
-@click.option("--epochs", type=int, default=0, help="--full: cap every method at this many epochs (0: its own).")
-@click.option("--patience", type=int, default=0, help="--full: early-stopping patience (0: each method's own).")
-@click.option("--runs", default="runs", show_default=True, help="Runs root for --full.")
-def bench_cmd(methods: str, sweep: str, **options) -> None:
+@options_from(_bench_config(), skip=("command",))
+def bench_cmd(**options) -> None:
     """Training cost of every method on the same data, encoders, seed and batch size: s/step, s/epoch, peak
     memory, parameters, TPME; writes reports/bench-<dataset>.md and PNG plots."""
-    from iisan.evaluate.bench import BenchConfig, run_bench
+    from iisan.experiments.bench import BenchConfig, run_bench
+    from iisan.train.methods import methods_from_list
 
-    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown:
-        raise IisanError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    try:
-        sizes = tuple(int(b) for b in sweep.split(",") if b.strip())
-    except ValueError:
-        raise IisanError(f"--sweep '{sweep}': expected batch sizes like 1,2,4,8") from None
-    given = {k: v for k, v in options.items() if v is not None}
-    config = BenchConfig(methods=chosen, sweep=sizes, command="iisan " + " ".join(sys.argv[1:]), **given)
+    options = given(options)
+    if "methods" in options:
+        options["methods"] = methods_from_list(options["methods"])
+    if "sweep" in options:
+        try:
+            options["sweep"] = tuple(int(b) for b in options["sweep"].split(",") if b.strip())
+        except ValueError:
+            raise IisanError(f"--sweep '{options['sweep']}': expected batch sizes like 1,2,4,8") from None
+    config = BenchConfig(command="iisan " + " ".join(sys.argv[1:]), **options)
     run_bench(config, log=lambda message: click.echo(message, err=True))
 
 
 @main.command("demo")
-@click.option("--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Cache root (default $IISAN_CACHE_DIR, else cache/).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-def demo_cmd(cache: Path, out: Path) -> None:
+def demo_cmd(cache: Path | None, out: Path) -> None:
     """The main job on MovieLens-100K: fetch, extract title (+ poster) states, train IISAN, report."""
+    from iisan.cache_store.inspect import default_cache_root
     from iisan.demo import run_demo
 
-    run_demo(cache, out, log=lambda message: click.echo(message, err=True))
+    run_demo(cache or default_cache_root(), out, log=lambda message: click.echo(message, err=True))
 
 
 @main.group()

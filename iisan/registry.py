@@ -52,20 +52,27 @@ def load_registry() -> dict[str, Any]:
     return _load(str(path), mtime)
 
 
-def data_roots() -> list[Path]:
-    """Folders searched, in order, for a dataset folder named after the dataset."""
+def search_roots(env_var: str, folder: str) -> list[Path]:
+    """Folders searched, in order, for something found by name: those in `$env_var` (separated by
+    os.pathsep), then ./<folder> and ../shared/<folder>, relative to the working directory and to the
+    repository root; each once."""
     roots: list[Path] = []
-    env = os.environ.get("IISAN_DATA_DIR")
+    env = os.environ.get(env_var)
     if env:
         roots += [Path(p) for p in env.split(os.pathsep) if p]
-    roots += [Path.cwd() / "data", REPO_ROOT / "data", Path.cwd().parent / "shared" / "data",
-              REPO_ROOT.parent / "shared" / "data"]
+    roots += [Path.cwd() / folder, REPO_ROOT / folder, Path.cwd().parent / "shared" / folder,
+              REPO_ROOT.parent / "shared" / folder]
     unique: list[Path] = []
     for root in roots:
         resolved = root.resolve()
         if resolved not in unique:
             unique.append(resolved)
     return unique
+
+
+def data_roots() -> list[Path]:
+    """Folders searched, in order, for a dataset folder named after the dataset."""
+    return search_roots("IISAN_DATA_DIR", "data")
 
 
 def _as_list(value: Any) -> list[str]:

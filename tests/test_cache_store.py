@@ -51,16 +51,31 @@ def missing_flags() -> np.ndarray:
     return np.arange(N_ITEMS) % 7 == 3
 
 
+def item_finals(seed=0) -> np.ndarray:
+    """Deterministic per-item pooled final outputs [N_ITEMS, D] (unlike any layer of item_states)."""
+    return np.random.default_rng(seed + 100).standard_normal((N_ITEMS, D)).astype(np.float32)
+
+
 def write(path, manifest=None, chunks=None, rank=0, world=1, seed=0) -> CacheWriter:
     manifest = manifest or make_manifest()
     states, missing = item_states(seed), missing_flags()
+    finals = item_finals(seed) if manifest.final_state == "stored" else None
     writer = CacheWriter.open(path, manifest, ITEM_IDS, rank=rank, world_size=world)
     for chunk in writer.pending_chunks() if chunks is None else chunks:
-        positions = writer.item_positions(chunk)
-        writer.write_chunk(chunk, states[positions.start:positions.stop], missing[positions.start:positions.stop])
+        p = writer.item_positions(chunk)
+        writer.write_chunk(chunk, states[p.start:p.stop], missing[p.start:p.stop],
+                           None if finals is None else finals[p.start:p.stop])
     writer.finalize()
     writer.close()
     return writer
+
+
+def read_final(path) -> np.ndarray | None:
+    backend = backend_for(Path(path)).open(Path(path))
+    try:
+        return backend.read_final_rows(0, N_ITEMS + 1) if backend.has_final() else None
+    finally:
+        backend.close()
 
 
 def read_all(path) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -167,30 +182,37 @@ KILLER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import test_cache_store as t
     from iisan.cache_store import CacheWriter
-    writer = CacheWriter.open({path!r}, t.make_manifest(), t.ITEM_IDS)
-    states, missing = t.item_states(), t.missing_flags()
+    writer = CacheWriter.open({path!r}, t.make_manifest(final_state={final_state!r}), t.ITEM_IDS)
+    states, missing, finals = t.item_states(), t.missing_flags(), t.item_finals()
     for n, chunk in enumerate(writer.pending_chunks()):
         if n == 3:
             os.kill(os.getpid(), signal.SIGKILL)  # dies between chunks, without closing anything
         p = writer.item_positions(chunk)
-        writer.write_chunk(chunk, states[p.start:p.stop], missing[p.start:p.stop])
+        writer.write_chunk(chunk, states[p.start:p.stop], missing[p.start:p.stop],
+                           finals[p.start:p.stop] if {final_state!r} == "stored" else None)
 """)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_store_survives_a_sigkill_between_chunks(tmp_path, fmt):
+@pytest.mark.parametrize("final_state", ["", "stored"])
+def test_store_survives_a_sigkill_between_chunks(tmp_path, fmt, final_state):
     path = tmp_path / f"m.{fmt}"
-    code = KILLER.format(tests=str(Path(__file__).parent), path=str(path))
+    code = KILLER.format(tests=str(Path(__file__).parent), path=str(path), final_state=final_state)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == -signal.SIGKILL, result.stderr
     with open_cache(path) as store:
         assert store.backend.read_done().tolist() == [True, True, True, False, False]
         assert not store.manifest.complete
-    write(path)
+    write(path, make_manifest(final_state=final_state))
     reference = tmp_path / f"ref.{fmt}"
-    write(reference)
+    write(reference, make_manifest(final_state=final_state))
     for got, want in zip(read_all(path), read_all(reference)):
         assert np.array_equal(np.asarray(got), np.asarray(want))
+    if final_state == "stored":
+        assert np.array_equal(read_final(path), read_final(reference))
+        assert verify_store(path, check_fingerprint=False) == []
+    else:
+        assert read_final(path) is None
 
 
 def _shard(path: str, rank: int) -> None:
@@ -292,6 +314,217 @@ def test_writer_rules(tmp_path):
     fresh = CacheWriter.open(path, make_manifest(pooling="mean"), ITEM_IDS, overwrite=True)
     assert fresh.pending_chunks() == [0, 1, 2, 3, 4]
     fresh.close()
+
+
+# The model's final output (pooled last_hidden_state): array `final` ("stored"), the last hidden state
+# ("last_layer"), or unknown in a store written before the manifest recorded it ("").
+
+def old_store(path: Path) -> None:
+    """Make `path` look written before final_state existed: the key deleted from the stored manifest."""
+    backend = backend_for(path).open(path, writable=True)
+    if path.suffix == ".zarr":
+        raw = dict(backend.group.attrs["iisan"])
+        del raw["final_state"]
+        backend.group.attrs["iisan"] = raw
+    else:
+        import json
+        raw = json.loads(backend.file.attrs["iisan"])
+        del raw["final_state"]
+        backend.file.attrs["iisan"] = json.dumps(raw)
+    backend.close()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_final_array_round_trip_in_callers_item_order(tmp_path, fmt, dtype):
+    path = tmp_path / f"m.{fmt}"
+    write(path, make_manifest(dtype, final_state="stored"))
+    final = read_final(path)
+    assert final.dtype == np.dtype(dtype) and final.shape == (N_ITEMS + 1, D)
+    assert np.array_equal(final[0], np.zeros(D)) and np.array_equal(final[1:], item_finals().astype(dtype))
+    with open_cache(path) as store:
+        assert store.manifest.final_state == "stored"
+        assert store.load(progress=False).final is None  # only when asked for
+    picks = [299, 5, 64, 0, 128]
+    loaded = load_cache(path, CacheExpectation(layers=[4]), item_ids=[ITEM_IDS[k] for k in picks],
+                        dtype=torch.float32, final=True)
+    assert loaded.final.shape == (6, D) and loaded.final.dtype == torch.float32
+    assert torch.equal(loaded.final[0], torch.zeros(D))
+    assert torch.equal(loaded.final[1:], torch.from_numpy(item_finals().astype(dtype).astype(np.float32)[picks]))
+    assert torch.equal(loaded.states[1:, 0], torch.from_numpy(item_states().astype(dtype).astype(np.float32)[picks, 2]))
+    assert verify_store(path, check_fingerprint=False) == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_last_layer_store_gives_its_last_hidden_state_as_final(tmp_path, fmt):
+    path = tmp_path / f"m.{fmt}"
+    write(path, make_manifest(final_state="last_layer"))
+    assert read_final(path) is None  # nothing extra stored
+    wanted = [ITEM_IDS[k] for k in (3, 200, 1)]
+    loaded = load_cache(path, CacheExpectation(layers=[0]), item_ids=wanted, final=True)
+    assert loaded.layers == [0]
+    expected = item_states().astype(np.float16)[[3, 200, 1], LAYERS.index(TOTAL - 1)]
+    assert torch.equal(loaded.final[0], torch.zeros(D, dtype=torch.float16))
+    assert torch.equal(loaded.final[1:], torch.from_numpy(expected))
+    assert verify_store(path, check_fingerprint=False) == []
+    # A store that does not keep the last hidden state cannot give it.
+    partial = tmp_path / f"p.{fmt}"
+    manifest = make_manifest(final_state="last_layer", layers=[0, 2, 3])
+    writer = CacheWriter.open(partial, manifest, ITEM_IDS)
+    for chunk in writer.pending_chunks():
+        p = writer.item_positions(chunk)
+        writer.write_chunk(chunk, item_states()[p.start:p.stop])
+    writer.finalize()
+    writer.close()
+    assert load_cache(partial).final is None
+    with pytest.raises(CacheError, match=r"final output is its last hidden state \(index 4\), which this store "
+                                         r"does not keep \(it keeps \[0, 2, 3\]\).*--layers 0,2,3,4 --overwrite"):
+        load_cache(partial, final=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_old_store_loads_its_states_but_not_a_final_output(tmp_path, fmt):
+    path = tmp_path / f"m.{fmt}"
+    write(path)
+    before = load_cache(path, dtype=torch.float32)
+    old_store(path)
+    with open_cache(path) as store:
+        assert store.manifest.final_state == ""
+        assert store.manifest == make_manifest(complete=True, package_version=iisan.__version__)
+    after = load_cache(path, dtype=torch.float32)
+    assert torch.equal(after.states, before.states) and after.final is None
+    assert verify_store(path, check_fingerprint=False) == []
+    message = (rf"{path}: written before stores recorded the model's final output \(the pooled last_hidden_state, "
+               rf"after the final norm\), which the frozen baseline reads; re-extract: iisan extract --model "
+               rf"tiny-bert --dataset toy --overwrite")
+    with pytest.raises(CacheError, match=message):
+        load_cache(path, final=True)
+    with open_cache(path) as store, pytest.raises(CacheError, match=message):
+        store.load(final=True)
+    # A writer that records the final output does not resume it; the probe (a model load) is not run.
+    probed = []
+    with pytest.raises(CacheError, match=r"(?s)cannot be resumed:\n  final_state: store has '' \(written before "
+                                         r"stores recorded the model's final output.*--overwrite"):
+        CacheWriter.open(path, make_manifest(), ITEM_IDS, probe_final_state=lambda: probed.append(1) or "stored")
+    assert probed == []
+    with pytest.raises(CacheError, match=r"final_state: store has '', this run has 'stored'"):
+        CacheWriter.open(path, make_manifest(final_state="stored"), ITEM_IDS)
+    CacheWriter.open(path, make_manifest(), ITEM_IDS).close()  # a writer that records nothing still attaches
+
+
+def test_probe_runs_only_where_the_model_is_needed(tmp_path):
+    calls = []
+
+    def probe(value):
+        return lambda: calls.append(value) or value
+
+    path = tmp_path / "m.zarr"
+    writer = CacheWriter.open(path, make_manifest(), ITEM_IDS, rank=0, world_size=2, probe_final_state=probe("stored"))
+    assert calls == ["stored"] and writer.manifest.final_state == "stored"  # created: probed
+    p = writer.item_positions(0)
+    writer.write_chunk(0, item_states()[p.start:p.stop], final=item_finals()[p.start:p.stop])
+    writer.close()
+    with open_cache(path) as store:
+        assert store.manifest.final_state == "stored" and store.backend.has_final()
+    # Chunks left for this rank: the probe confirms the store's value; a different answer is refused.
+    writer = CacheWriter.open(path, make_manifest(), ITEM_IDS, rank=1, world_size=2, probe_final_state=probe("stored"))
+    assert calls == ["stored"] * 2 and writer.manifest.final_state == "stored"
+    for chunk in writer.pending_chunks():
+        p = writer.item_positions(chunk)
+        writer.write_chunk(chunk, item_states()[p.start:p.stop], final=item_finals()[p.start:p.stop])
+    writer.close()
+    with pytest.raises(CacheError, match=r"final_state: store has 'stored', this run has 'last_layer'"):
+        CacheWriter.open(path, make_manifest(), ITEM_IDS, rank=0, world_size=2, probe_final_state=probe("last_layer"))
+    # Nothing left for this rank (rank 1 is done): the store's value, no probe.
+    writer = CacheWriter.open(path, make_manifest(), ITEM_IDS, rank=1, world_size=2, probe_final_state=probe("x"))
+    assert writer.pending_chunks() == [] and writer.manifest.final_state == "stored"
+    writer.close()
+    assert calls == ["stored", "stored", "last_layer"]
+    # Another difference is refused before any probe.
+    with pytest.raises(CacheError, match="pooling: store has 'cls', this run has 'mean'"):
+        CacheWriter.open(path, make_manifest(pooling="mean"), ITEM_IDS, probe_final_state=probe("y"))
+    assert calls == ["stored", "stored", "last_layer"]
+    with pytest.raises(CacheError, match=r"final_state 'bogus' not one of '', 'stored', 'last_layer'"):
+        CacheWriter.open(tmp_path / "n.zarr", make_manifest(), ITEM_IDS, probe_final_state=lambda: "bogus")
+    assert not (tmp_path / "n.zarr").exists()
+    with pytest.raises(CacheError, match=r"final_state 'bogus' not one of"):
+        make_manifest(final_state="bogus")
+
+
+def test_writer_rules_for_the_final_output(tmp_path):
+    stored = CacheWriter.open(tmp_path / "s.zarr", make_manifest(final_state="stored"), ITEM_IDS)
+    with pytest.raises(CacheError, match=r"chunk 1: the manifest says final_state 'stored': pass `final` \[64, 8\]"):
+        stored.write_chunk(1, np.zeros((64, K, D)))
+    with pytest.raises(CacheError, match=r"chunk 1: final shape \(64, 3, 8\), expected \(64, 8\)"):
+        stored.write_chunk(1, np.zeros((64, K, D)), final=np.zeros((64, K, D)))
+    bad = np.zeros((64, D))
+    bad[3, 1] = np.inf
+    with pytest.raises(CacheError, match=r"chunk 1: final hold NaN or Inf"):
+        stored.write_chunk(1, np.zeros((64, K, D)), final=bad)
+    with pytest.raises(CacheError, match=r"chunk 1: final values overflow float16"):
+        stored.write_chunk(1, np.zeros((64, K, D)), final=np.full((64, D), 1e6))
+    assert not stored.done().any()  # nothing was written
+    stored.close()
+    plain = CacheWriter.open(tmp_path / "p.zarr", make_manifest(final_state="last_layer"), ITEM_IDS)
+    with pytest.raises(CacheError, match=r"`final` given, but the manifest says final_state 'last_layer'"):
+        plain.write_chunk(1, np.zeros((64, K, D)), final=np.zeros((64, D)))
+    plain.close()
+
+
+def _final_array(path):
+    backend = backend_for(path).open(path, writable=True)
+    return backend, (backend.group["final"] if path.suffix == ".zarr" else backend.file["final"])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_verify_checks_the_final_array(tmp_path, fmt):
+    path = tmp_path / f"m.{fmt}"
+    write(path, make_manifest(final_state="stored"))
+    assert verify_store(path, check_fingerprint=False) == []
+    backend, final = _final_array(path)
+    final[70, 3] = np.nan
+    final[0, 1] = 1.0
+    backend.close()
+    assert verify_store(path, check_fingerprint=False) == ["final: row 0 (padding) is not all zeros",
+                                                           "final: 1 row(s) hold NaN or Inf (first rows [70])"]
+    result = CliRunner().invoke(cache_cli, ["verify", "--skip-fingerprint", str(path)])
+    assert result.exit_code == 1 and "final: 1 row(s) hold NaN or Inf" in result.output
+
+
+def test_verify_reports_damage_to_the_final_array(tmp_path):
+    import zarr
+
+    path = tmp_path / "m.zarr"
+    write(path, make_manifest(final_state="stored"))
+    (path / "final" / "c" / "2" / "0").unlink()
+    problems = verify_store(path, check_fingerprint=False)
+    assert problems == ["1 chunk(s) flagged done have no data file (first: [2]); re-extract the store"]
+    group = zarr.open_group(str(path), mode="r+")
+    del group["final"]
+    group.create_array("final", shape=(N_ITEMS + 1, D + 1), chunks=(CHUNK, D + 1), dtype="float32", fill_value=0)
+    problems = verify_store(path, check_fingerprint=False)
+    assert problems[:2] == ["final shape (301, 9), manifest implies (301, 8)", "final dtype float32, manifest says float16"]
+    del group["final"]
+    (problem,) = verify_store(path, check_fingerprint=False)
+    assert problem == f"{path}: array 'final' missing (the manifest says final_state 'stored')"
+    with pytest.raises(CacheError, match="array 'final' missing"):
+        load_cache(path)
+    # A `final` array the manifest does not announce.
+    other = tmp_path / "o.zarr"
+    write(other, make_manifest(final_state="last_layer"))
+    zarr.open_group(str(other), mode="r+").create_array("final", shape=(N_ITEMS + 1, D), chunks=(CHUNK, D),
+                                                        dtype="float16", fill_value=0)
+    assert verify_store(other, check_fingerprint=False) == [
+        "a `final` array is present, but the manifest says final_state 'last_layer' (only 'stored' has one)"]
+
+
+def test_stats_count_the_final_array(tmp_path):
+    plain, stored = tmp_path / "p.zarr", tmp_path / "s.zarr"
+    write(plain, make_manifest(final_state="last_layer"))
+    write(stored, make_manifest(final_state="stored"))
+    extra = store_stats(stored).bytes_on_disk - store_stats(plain).bytes_on_disk
+    final_bytes = 5 * CHUNK * D * 2  # 5 uncompressed chunks of fp16
+    assert final_bytes <= extra < final_bytes + 4 * 1024  # + the array's metadata
 
 
 def test_store_path():

@@ -324,3 +324,202 @@ def test_sharded_resume_where_one_rank_has_nothing_left(toy):
     got = states_of(path)
     assert got[1] == reference[1] and np.array_equal(got[0], reference[0])
     assert verify_store(path) == []
+
+
+# The model's final output (the pooled `last_hidden_state`, after a final norm where the model has one), which
+# the frozen baseline reads: stored as array `final` where it differs from the last hidden state.
+
+def add_images(toy: Path) -> None:
+    from PIL import Image
+
+    folder = toy / "data" / "toy" / "images"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k in range(0, 300, 3):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(folder / f"it{k:05d}.jpg")
+
+
+def final_of(path: Path) -> np.ndarray | None:
+    backend = backend_for(path).open(path)
+    try:
+        return backend.read_final_rows(0, backend.shape()[0]) if backend.has_final() else None
+    finally:
+        backend.close()
+
+
+def forget_final_state(path: Path) -> None:
+    """Make a store look written before the manifest recorded final_state (the key deleted)."""
+    import json
+
+    backend = backend_for(path).open(path, writable=True)
+    if path.suffix == ".zarr":
+        raw = dict(backend.group.attrs["iisan"])
+        del raw["final_state"]
+        backend.group.attrs["iisan"] = raw
+    else:
+        raw = json.loads(backend.file.attrs["iisan"])
+        del raw["final_state"]
+        backend.file.attrs["iisan"] = json.dumps(raw)
+    backend.close()
+
+
+def test_probe_tells_a_final_norm_from_none(toy):
+    add_images(toy)
+    dataset = load_dataset("toy")
+    for model, expected in (("tiny-dino", "stored"), ("tiny-bert", "last_layer"), ("tiny-llama", "last_layer")):
+        backbone = load_backbone(describe_backbone(model_spec(model)), "cpu")
+        encoder = ChunkEncoder(backbone, dataset, [0], batch_size=4)
+        assert encoder.probe_final_state() == expected, model
+        assert encoder.probe_final_state(7) == expected and encoder.problems == []  # item 7: no image, no title
+        # The same question asked of the model's outputs directly.
+        inputs, _ = encoder.inputs([0])
+        outputs = encoder.forward(inputs)
+        assert torch.equal(outputs.last_hidden_state, outputs.hidden_states[-1]) == (expected == "last_layer")
+
+
+@pytest.mark.parametrize("fmt, dtype", [("zarr", "float32"), ("h5", "float32"), ("zarr", "float16")])
+def test_a_final_norm_output_is_stored_pooled(toy, fmt, dtype):
+    from iisan.cache_store import load_cache
+    from iisan.data.images import load_item_images
+    from iisan.extract.pooling import pool
+
+    add_images(toy)
+    result = extract(toy, model="tiny-dino", storage_dtype=dtype, fmt=fmt)
+    with open_cache(result.path) as store:
+        assert store.manifest.final_state == "stored" and store.manifest.layers == [0, 1, 3]
+    states, ids, _ = states_of(result.path)
+    final = final_of(result.path)
+    assert final.shape == (301, 32) and final.dtype == np.dtype(dtype)
+    assert np.array_equal(final[0], np.zeros(32))
+    # Reference: each item alone through the model; its last_hidden_state (after the final LayerNorm), pooled.
+    backbone = load_backbone(describe_backbone(model_spec("tiny-dino")), "cpu")
+    dataset = load_dataset("toy")
+    atol, rtol = (1e-6, 0) if dtype == "float32" else (1e-3, 1e-3)
+    for k in (0, 1, 3, 7, 150, 299):  # with and without an image
+        images, _, _ = load_item_images(dataset.images, [dataset.items.ids[k]])
+        with torch.inference_mode():
+            out = backbone.model(**backbone.preprocessor(images=images, return_tensors="pt"), output_hidden_states=True)
+        np.testing.assert_allclose(final[k + 1], pool(out.last_hidden_state, None, "cls")[0].numpy(), atol=atol, rtol=rtol)
+        np.testing.assert_allclose(states[k + 1, 2], pool(out.hidden_states[-1], None, "cls")[0].numpy(), atol=atol,
+                                   rtol=rtol)
+    after_norm = np.abs(final[1:].astype(np.float32) - states[1:, 2].astype(np.float32))
+    assert (after_norm.max(axis=1) > 0).all() and after_norm.max() > 0.1  # every item's differs from hidden state 3
+    # Loaded in the caller's item order, like the states.
+    order = list(reversed(ids[1:]))
+    loaded = load_cache(result.path, item_ids=order, dtype=torch.float32, final=True)
+    assert torch.equal(loaded.final[0], torch.zeros(32))
+    assert torch.equal(loaded.final[1:], torch.from_numpy(final[1:][::-1].astype(np.float32).copy()))
+    assert torch.equal(loaded.states[1:, 2], torch.from_numpy(states[1:, 2][::-1].astype(np.float32).copy()))
+    assert verify_store(result.path) == []
+
+
+def test_a_model_without_final_norm_stores_no_final_array(toy):
+    from iisan.cache_store import load_cache
+
+    result = extract(toy, model="tiny-bert", storage_dtype="float32")
+    with open_cache(result.path) as store:
+        assert store.manifest.final_state == "last_layer" and store.manifest.layers == [0, 1, 3]
+    assert final_of(result.path) is None
+    states, _, _ = states_of(result.path)
+    loaded = load_cache(result.path, layers=[0], final=True)
+    assert loaded.layers == [0] and torch.equal(loaded.final, torch.from_numpy(states[:, 2]))  # hidden state 3
+    assert verify_store(result.path) == []
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_a_store_written_before_final_state_is_refused_for_the_final_output(toy, monkeypatch, fmt):
+    import iisan.extract.run as run_module
+    from iisan.cache_store import CacheError, load_cache
+
+    result = extract(toy, model="tiny-bert", storage_dtype="float32", fmt=fmt)
+    states, _, _ = states_of(result.path)
+    forget_final_state(result.path)
+    with open_cache(result.path) as store:
+        assert store.manifest.final_state == ""
+    loaded = load_cache(result.path)  # the states load as before
+    assert torch.equal(loaded.states, torch.from_numpy(states)) and loaded.final is None
+    assert verify_store(result.path) == []
+    with pytest.raises(CacheError, match=r"written before stores recorded the model's final output \(the pooled "
+                                         r"last_hidden_state, after the final norm\), which the frozen baseline reads; "
+                                         r"re-extract: iisan extract --model tiny-bert --dataset toy --overwrite"):
+        load_cache(result.path, final=True)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(run_module, "load_backbone", no_model)
+        with pytest.raises(CacheError, match=r"(?s)cannot be resumed:\n  final_state: store has '' .*--overwrite"):
+            extract(toy, model="tiny-bert", storage_dtype="float32", fmt=fmt)
+    again = extract(toy, model="tiny-bert", storage_dtype="float32", fmt=fmt, overwrite=True)
+    with open_cache(again.path) as store:
+        assert store.manifest.final_state == "last_layer" and store.manifest.complete
+    assert np.array_equal(states_of(again.path)[0], states)
+    assert torch.equal(load_cache(again.path, final=True).final, torch.from_numpy(states[:, 2]))
+
+
+def test_a_complete_store_loads_no_model_and_an_incomplete_one_rewrites_its_final(toy, monkeypatch):
+    import iisan.extract.run as run_module
+
+    add_images(toy)
+    first = extract(toy, model="tiny-dino", storage_dtype="float32")
+    reference_states, reference_final = states_of(first.path)[0], final_of(first.path)
+    real_load = run_module.load_backbone
+    loads = []
+
+    def counted(*args, **kwargs):
+        loads.append(1)
+        return real_load(*args, **kwargs)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a complete store")
+
+    monkeypatch.setattr(run_module, "load_backbone", no_model)
+    again = extract(toy, model="tiny-dino", storage_dtype="float32")
+    assert again.complete and again.chunks_written == [] and again.chunks_skipped == 10
+    # Two chunks lost: flags cleared, their final rows zeroed; the re-run probes, then rewrites them.
+    backend = backend_for(first.path).open(first.path, writable=True)
+    for chunk in (2, 5):
+        backend.group["done"][chunk] = False
+        backend.group["final"][chunk * 32:(chunk + 1) * 32] = 0
+    backend.group.attrs["iisan"] = {**backend.group.attrs["iisan"], "complete": False}
+    monkeypatch.setattr(run_module, "load_backbone", counted)
+    resumed = extract(toy, model="tiny-dino", storage_dtype="float32")
+    assert resumed.chunks_written == [2, 5] and resumed.complete and loads == [1]
+    assert np.array_equal(final_of(first.path), reference_final)
+    assert np.array_equal(states_of(first.path)[0], reference_states)
+    assert verify_store(first.path) == []
+
+
+KILL_AFTER_CHUNKS = """
+import os, signal
+from iisan.cache_store import CacheWriter
+from iisan.extract.run import ExtractConfig, run_extraction
+write_chunk, calls = CacheWriter.write_chunk, []
+def dying(self, *args, **kwargs):
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # after 3 chunks, without closing anything
+    calls.append(1)
+    write_chunk(self, *args, **kwargs)
+CacheWriter.write_chunk = dying
+run_extraction(ExtractConfig(model="tiny-dino", dataset="toy", out={out!r}, fmt={fmt!r}, chunk_rows=32,
+                             storage_dtype="float32", progress=False), log=lambda m: None)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_a_killed_extraction_resumes_to_the_same_final(toy, fmt):
+    add_images(toy)
+    out = toy / "killed"
+    code = KILL_AFTER_CHUNKS.format(out=str(out), fmt=fmt)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    path = out / "toy" / f"tiny-dino.{fmt}"
+    assert _done_flags(path).tolist() == [True] * 3 + [False] * 7
+    resumed = extract(toy, model="tiny-dino", storage_dtype="float32", fmt=fmt, out=out)
+    assert resumed.chunks_written == list(range(3, 10)) and resumed.complete
+    reference = extract(toy, model="tiny-dino", storage_dtype="float32", fmt=fmt, out=toy / "ref")
+    assert np.array_equal(final_of(resumed.path), final_of(reference.path))
+    assert np.array_equal(states_of(resumed.path)[0], states_of(reference.path)[0])
+    assert verify_store(resumed.path) == []

@@ -1,4 +1,4 @@
-"""Layer selection (SPEC §5.2, §6.3): the reference tables and the edge cases."""
+"""Layer selection (docs/method.md §5.2, §6.3): the reference tables and the edge cases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from iisan.extract.layers import LayerSelectionError, group_blocks, select_layer
 
 
 @pytest.mark.parametrize("n_blocks, expected", [
-    (12, [0, 2, 4, 6, 8, 10, 12]),      # SPEC §5.2: K = 7 for BERT-base / ViT-base
+    (12, [0, 2, 4, 6, 8, 10, 12]),      # docs/method.md §5.2: K = 7 for BERT-base / ViT-base
     (6, [0, 2, 4, 6]),
     (3, [0, 1, 3]),                      # odd count: anchored at the last block
     (5, [0, 1, 3, 5]),
@@ -20,12 +20,13 @@ def test_even(n_blocks, expected):
 
 
 def test_remove_first_and_all_and_explicit():
-    assert select_layers("remove_first", 13) == [2, 4, 6, 8, 10, 12]
+    # h_0 is kept: the intra towers start from it; the blocks run on [2, ..., 12] (K = 6)
+    assert select_layers("remove_first", 13) == [0, 2, 4, 6, 8, 10, 12]
     assert select_layers("all", 4) == [0, 1, 2, 3]
     assert select_layers("12, 0,4", 13) == [0, 4, 12]
 
 
-@pytest.mark.parametrize("n_blocks, stride, blocks", [  # SPEC §6.3 table, partner = 12-block ViT
+@pytest.mark.parametrize("n_blocks, stride, blocks", [  # docs/method.md §6.3 table, partner = 12-block ViT
     (24, 4, [3, 7, 11, 15, 19, 23]),     # BERT-large
     (28, 5, [2, 7, 12, 17, 22, 27]),     # Gemma-7B
     (32, 6, [1, 7, 13, 19, 25, 31]),     # Llama-2/3-8B, Mistral

@@ -1,4 +1,4 @@
-"""The vectorised loss against a per-sample loop written straight from SPEC §3."""
+"""The vectorised loss against a per-sample loop written straight from docs/method.md §3."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from iisan.train.loss import inbatch_debiased_loss, masked_logits
 
 
 def slow_rows(H, E, ids, log_pop):
-    """Every row's masked logits and positive column, one user and position at a time (SPEC §3)."""
+    """Every row's masked logits and positive column, one user and position at a time (docs/method.md §3)."""
     B, L, _ = H.shape
     flat_ids = ids.reshape(-1).tolist()
     E_flat = E.reshape(B * (L + 1), -1)

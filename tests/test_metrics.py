@@ -1,4 +1,4 @@
-"""Full-ranking evaluation against a slow argsort reference (SPEC §4), faithful and fixed."""
+"""Full-ranking evaluation against a slow argsort reference (docs/method.md §4), faithful and fixed, both tie rules."""
 
 from __future__ import annotations
 
@@ -25,19 +25,39 @@ def random_case(seed: int, users: int = 400, items: int = 120, dim: int = 8, his
     return u, e, targets, hist
 
 
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
 @pytest.mark.parametrize("faithful", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ranks_equal_the_argsort_reference(seed, faithful):
+def test_ranks_equal_the_argsort_reference(seed, faithful, ties):
     u, e, targets, hist = random_case(seed)
-    result = rank_targets(u, e, targets, hist, mask_target_in_history=faithful, batch_size=37)
+    e[7] = e[3]  # two items with identical embeddings: their scores tie for every user
+    result = rank_targets(u, e, targets, hist, mask_target_in_history=faithful, batch_size=37, ties=ties)
     scores = (u @ e.T).numpy()
-    expected = argsort_ranks(scores, targets.numpy(), hist.numpy(), faithful)
-    assert result.ranks.tolist() == np.minimum(expected, 21).tolist()  # exact up to 20, 21 for a miss
+    expected = argsort_ranks(scores, targets.numpy(), hist.numpy(), faithful, ties)
+    assert result.ranks.tolist() == expected.tolist()                    # exact ranks, misses included
+    unmasked = ~(faithful & (hist == targets[:, None]).any(1))
+    assert result.tied == int((((targets == 3) | (targets == 7)) & unmasked
+                               & ~(hist == torch.where(targets == 3, 7, 3)[:, None]).any(1)).sum()) > 0
     assert (expected <= 20).sum() > 10                                     # hits exist to be checked
     repeats = (hist == targets[:, None]).any(1)
     assert repeats.sum() > 10
     if faithful:  # a repeated target is a guaranteed miss
         assert (result.ranks[repeats] > 20).all()
+
+
+def test_all_equal_scores_rank_last_by_default_and_first_when_optimistic():
+    """A model that scores every item the same learns nothing: the default rule ranks its targets after every
+    other unmasked item (HR@10 = 0); the optimistic rule would give it HR@10 = 100 %."""
+    users, items = 50, 120
+    u, e = torch.zeros(users, 4), torch.randn(items + 1, 4)
+    targets = torch.arange(users) % items + 1
+    hist = torch.zeros(users, 3, dtype=torch.long)
+    hist[:, -1] = (targets % items) + 1   # one history item, never the target
+    pessimistic = rank_targets(u, e, targets, hist)
+    assert pessimistic.ranks.tolist() == [items - 1] * users   # N - 1 others unmasked, all tied
+    assert pessimistic.metrics["HR@10"] == 0.0 and pessimistic.tied == users
+    optimistic = rank_targets(u, e, targets, hist, ties="optimistic")
+    assert optimistic.ranks.tolist() == [1] * users and optimistic.metrics["HR@10"] == 1.0
 
 
 def test_metric_values():

@@ -1,4 +1,4 @@
-"""SPEC §1.2 protocol: a hand-checked example, a slow reference on random data, and the real datasets."""
+"""docs/method.md §1.2 protocol: a hand-checked example, a slow reference on random data, and the real datasets."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_hand_checked_example():
 
 
 def reference(item_ids, sequences, L=10, min_len=5):
-    """Straight from SPEC §1.2, one user at a time."""
+    """Straight from docs/method.md §1.2, one user at a time."""
     seqs = [s[-(L + 3):] for s in sequences if len(s) >= min_len]
     kept = [i for i in item_ids if any(i in s for s in seqs)]
     index = {item: k + 1 for k, item in enumerate(kept)}

@@ -38,7 +38,7 @@ def test_cli_trains_and_reports(env, tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["text"], config["image"], config["epochs"]) == ("tiny-bert", "tiny-dino", 2)
     provenance = json.loads((run_dir / "provenance.json").read_text())
-    assert set(provenance["caches"]) == {"txt", "img"} and provenance["packages"]["torch"]
+    assert set(provenance["caches"]) == {"text", "image"} and provenance["packages"]["torch"]
     again = CliRunner().invoke(iisan_cli, ["evaluate", str(run_dir)])
     assert again.exit_code == 0 and again.output.strip().endswith(lines[-2].split("test ", 1)[1])
 
@@ -124,13 +124,94 @@ def test_fp16_cache_is_held_in_fp16_and_encodes_exactly_as_an_fp32_copy(env, tmp
     from iisan.train.recipe import build_model, setup
 
     s = setup(resolve(options(env, tmp_path, method=method)))
-    assert {slot: x.states.dtype for slot, x in s.slots.items()} == {"txt": torch.float16, "img": torch.float16}
+    assert {slot: x.states.dtype for slot, x in s.slots.items()} == {"text": torch.float16, "image": torch.float16}
     torch.manual_seed(0)
     held = build_model(s).items
     for x in s.slots.values():
         x.states = x.states.float()
     widened = build_model(s).items
     widened.load_state_dict(held.state_dict())
-    every = torch.arange(s.slots["txt"].states.shape[0])
+    every = torch.arange(s.slots["text"].states.shape[0])
     with torch.no_grad():
         assert torch.equal(held(every), widened(every))
+
+
+def test_a_run_folder_written_before_the_redesign_still_evaluates_and_resumes(env, tmp_path):
+    """Version-1 run folders (no `version`, slots `txt` / `img` in checkpoint keys, `standardize: on`, ties in
+    the target's favour) load for `iisan evaluate` and `--resume`; runs whose meaning changed are refused,
+    naming the field."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from iisan.train.recipe import evaluate_run
+
+    run = train(resolve(options(env, tmp_path, epochs=1, ties="optimistic")), log=lambda m: None)
+    run_dir = Path(run["run_dir"])
+    config = json.loads((run_dir / "config.json").read_text())
+    for key in ("version", "ties"):
+        config.pop(key)
+    config["epochs"] = 2
+    (run_dir / "config.json").write_text(json.dumps(config))
+    old = lambda key: ".".join({"text": "txt", "image": "img"}.get(p, p) for p in key.split("."))  # noqa: E731
+    seed = run_dir / "seed-12345"
+    best = load_file(seed / "best.safetensors")
+    save_file({old(k): v for k, v in best.items()}, seed / "best.safetensors")
+    last = torch.load(seed / "last.pt", weights_only=False)
+    last["model"] = {old(k): v for k, v in last["model"].items()}
+    torch.save(last, seed / "last.pt")
+    assert any(".img." in k for k in load_file(seed / "best.safetensors"))
+    [(_, result)] = evaluate_run(run_dir, "test")
+    assert result.metrics == run["seeds"][0]["test"] and result.ties == "optimistic"
+    (seed / "report.json").unlink()
+    resumed = train(resume=run_dir, log=lambda m: None)
+    assert resumed["seeds"][0]["epochs"] == 2
+    config["layers_text"] = "remove_first"
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IisanError, match=r"field layers_text = remove_first"):
+        evaluate_run(run_dir, "test")
+    config.update(layers_text="", method="frozen", bogus=1)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IisanError, match=r"field method = frozen with an image slot"):
+        evaluate_run(run_dir, "test")
+    config.update(method="iisan")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IisanError, match=r"unknown field\(s\) bogus"):
+        evaluate_run(run_dir, "test")
+
+
+def test_standardize_per_layer_uses_one_mean_and_std_per_layer():
+    import torch
+
+    from iisan.train.data import standardized
+
+    torch.manual_seed(0)
+    states = torch.randn(40, 2, 6) * torch.tensor([1.0, 50.0, 0.01, 3.0, 7.0, 2.0]) + 5
+    states[0] = 0
+    in_training = torch.ones(40, dtype=torch.bool)
+    in_training[0] = False
+    out = standardized(states, in_training, per="layer")
+    rows = states[1:]
+    for k in range(2):
+        expected = (rows[:, k] - rows[:, k].mean()) / rows[:, k].std()
+        torch.testing.assert_close(out[1:, k], expected, atol=1e-5, rtol=1e-5)
+    # a near-constant dimension stays near constant (per-dimension standardisation would blow it up to std 1)
+    assert out[1:, 0, 2].std() < 0.01 and standardized(states, in_training)[1:, 0, 2].std() > 0.99
+    assert torch.equal(out[0], torch.zeros(2, 6))
+
+
+def test_frozen_reads_the_final_output_and_remove_first_starts_from_h0(env, tmp_path):
+    import torch
+
+    from iisan.cache_store import find_store, load_cache
+    from iisan.train.recipe import build_model, setup
+
+    s = setup(resolve(options(env, tmp_path, method="frozen")))
+    final = load_cache(find_store(env / "cache", "toy", "tiny-dino"), item_ids=s.split.item_ids, final=True)
+    assert final.manifest.final_state == "stored"  # DINOv2 has a final LayerNorm the hidden states lack
+    assert torch.equal(s.slots["image"].states[:, 0], final.final)
+    assert not torch.equal(final.final, final.states[:, -1])
+    s = setup(resolve(options(env, tmp_path, layers_text="remove_first", layers_image="remove_first")))
+    assert s.slots["text"].layers == [0, 1, 3] and s.slots["text"].init_from_first  # tiny BERT: 3 blocks
+    side = build_model(s).items.side
+    assert len(side.intra["text"].blocks) == 2 and side.intra["text"].init_from_first
+    assert len(side.inter.blocks) == 2

@@ -1,74 +1,109 @@
-"""Training configuration: one dataclass, defaults from SPEC §8, every field documented where it lives.
+"""Training configuration: one dataclass, defaults from docs/method.md §8, every field documented where it lives.
+
+The help of each field is the one source of the `iisan train` option of the same name (iisan/cli.py generates
+the options from these fields); `Literal` types become the options' choices.
 
 Resolution order: these defaults < the method's presets (train/methods.py) < the pipeline's presets in
-pipelines.yaml < command-line options. The resolved config is saved with every run (config.json).
+pipelines.yaml < command-line options. The resolved config is saved with every run (config.json), with
+`version`; configs written by earlier versions are upgraded on load (`upgrade_config`) or refused with a
+message naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from iisan.errors import RegistryError
+from iisan.cache_store.inspect import default_cache_root
+from iisan.errors import IisanError, RegistryError
 from iisan.registry import dataset_entry, load_registry, registry_path
-from iisan.train.methods import METHODS, method as method_entry
 
+# 1: before the stage-2 redesign (issue 12); 2: slots named text / image / text2, ties rule, h_0 kept for
+# remove_first, frozen reads the final output, standardize dim | layer.
+CONFIG_VERSION = 2
+
+Standardize = Literal["auto", "off", "dim", "layer"]
+Ties = Literal["pessimistic", "optimistic"]
+Fusion = Literal["gated", "add"]
+TextClean = Literal["clean", "raw"]
+
+
+def _help(text: str, flag: str | None = None) -> dict[str, Any]:
+    return {"help": text, **({"flag": flag} if flag else {})}
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = field(metadata={"help": "dataset name in the registry"})
-    pipeline: str = field(default="", metadata={"help": "pipeline name (default: the dataset's)"})
-    text: str = field(default="", metadata={"help": "MODEL or MODEL@FIELD feeding the text slot"})
-    image: str = field(default="", metadata={"help": "MODEL feeding the image slot"})
-    text2: str = field(default="", metadata={"help": "MODEL@FIELD feeding a second text slot"})
-    layers_text: str = field(default="", metadata={"help": "cached hidden states the text tower reads (rule)"})
-    layers_image: str = field(default="", metadata={"help": "cached hidden states the image tower reads"})
-    method: str = field(default="iisan", metadata={"help": " | ".join(METHODS) + " (train/methods.py)"})
-    cache: str = field(default="cache", metadata={"help": "cache root (stores in CACHE/<dataset>/)"})
-    out: str = field(default="runs", metadata={"help": "runs root (runs in OUT/<dataset>/)"})
-    epochs: int = field(default=100, metadata={"help": "maximum epochs"})
-    patience: int = field(default=10, metadata={"help": "epochs without strict valid HR@10 improvement"})
-    batch_size: int = field(default=64, metadata={"help": "users per batch"})
-    lr: float = field(default=2e-4, metadata={"help": "Adam lr: user encoder, heads, fusion, embeddings"})
-    lr_san: float = field(default=1e-4, metadata={"help": "Adam lr: SAN blocks, gates, DTLs"})
-    lr_backbone_text: float = field(default=5e-5, metadata={
-        "help": "Adam lr: the trainable part of the text backbone(s) (embedded methods; preset per method)"})
-    lr_backbone_image: float = field(default=1e-4, metadata={
-        "help": "Adam lr: the trainable part of the image backbone (embedded methods; preset per method)"})
-    adapter_bottleneck: int = field(default=64, metadata={"help": "Houlsby adapter width (method adapter)"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA r (method lora)"})
-    lora_alpha: float = field(default=1.0, metadata={"help": "LoRA alpha; scaling alpha / r (SPEC §7: 1)"})
-    text_clean: str = field(default="clean", metadata={
-        "help": "text cleaning when backbones read raw titles (embedded methods): clean | raw"})
-    embedding_dim: int = field(default=64, metadata={"help": "d"})
-    heads: int = field(default=2, metadata={"help": "user-encoder attention heads"})
-    blocks: int = field(default=2, metadata={"help": "user-encoder blocks"})
-    dropout: float = field(default=0.1, metadata={"help": "user-encoder dropout"})
-    max_seq_len: int = field(default=10, metadata={"help": "L"})
-    min_seq_len: int = field(default=5, metadata={"help": "users with fewer items are dropped"})
-    bottleneck: int = field(default=64, metadata={"help": "r: SAN bottleneck"})
-    fusion: str = field(default="gated", metadata={"help": "gated | add (ablation: no gates)"})
-    intra: bool = field(default=True, metadata={"help": "intra-modal towers (ablation)"})
-    inter: bool = field(default=True, metadata={"help": "inter-modal tower (ablation)"})
-    standardize: str = field(default="auto", metadata={
-        "help": "per-layer standardisation of cached states: auto (decoder-LLM caches) | on | off"})
-    faithful: bool = field(default=True, metadata={
-        "help": "mask a target already in the history (reference behaviour, a guaranteed miss)"})
-    seed: int = field(default=12345, metadata={"help": "first seed"})
-    seeds: int = field(default=1, metadata={"help": "number of seeds (seed, seed+1, ...)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    eval_batch_size: int = field(default=1024, metadata={"help": "users scored at once in evaluation"})
-    progress: bool = field(default=True, metadata={"help": "progress bar per epoch"})
+    # --- data and the encoders feeding each slot
+    dataset: str = field(metadata=_help("Dataset name in pipelines.yaml."))
+    pipeline: str = field(default="", metadata=_help("Pipeline in pipelines.yaml (default: the dataset's)."))
+    text: str = field(default="", metadata=_help("MODEL[@FIELD] feeding the text slot (overrides the pipeline)."))
+    image: str = field(default="", metadata=_help("MODEL feeding the image slot."))
+    text2: str = field(default="", metadata=_help("MODEL@FIELD feeding a second text slot (multimodal text)."))
+    layers_text: str = field(default="", metadata=_help(
+        "Cached hidden states the text tower reads: even | remove_first | group:<L> | all | i,j,… (default: all "
+        "cached)."))
+    layers_image: str = field(default="", metadata=_help(
+        "Cached hidden states the second slot's tower (image or text2) reads (same rules)."))
+    cache: str = field(default="", metadata=_help("Cache root (default $IISAN_CACHE_DIR, else cache/)."))
+    out: str = field(default="runs", metadata=_help("Runs root: runs go to OUT/<dataset>/."))
+    min_seq_len: int = field(default=5, metadata=_help("Users with fewer items are dropped."))
+    max_seq_len: int = field(default=10, metadata=_help("L: the user encoder's window."))
+    standardize: Standardize = field(default="auto", metadata=_help(
+        "Standardise cached states with statistics of the training items: dim (per layer and dimension), "
+        "layer (one mean / std per layer), off; auto: decoder-LLM caches only (docs/method.md §6.2)."))
+    # --- the method and its model
+    method: str = field(default="iisan", metadata=_help(
+        "Training method, registered in train/methods.py (`iisan train --help` lists them)."))
+    embedding_dim: int = field(default=64, metadata=_help("d: item and user embedding width."))
+    heads: int = field(default=2, metadata=_help("User-encoder attention heads."))
+    blocks: int = field(default=2, metadata=_help("User-encoder blocks."))
+    dropout: float = field(default=0.1, metadata=_help("User-encoder dropout."))
+    bottleneck: int = field(default=64, metadata=_help("r: SAN block bottleneck width."))
+    fusion: Fusion = field(default="gated", metadata=_help("gated, or add: the no-gate ablation."))
+    intra: bool = field(default=True, metadata=_help("Ablation: no intra-modal towers.", "--no-intra"))
+    inter: bool = field(default=True, metadata=_help("Ablation: no inter-modal tower.", "--no-inter"))
+    # --- optimisation
+    epochs: int = field(default=100, metadata=_help("Maximum epochs."))
+    patience: int = field(default=10, metadata=_help("Stop after this many epochs without a strict valid HR@10 gain."))
+    batch_size: int = field(default=64, metadata=_help("Users per batch."))
+    lr: float = field(default=2e-4, metadata=_help("Adam lr: user encoder, heads, fusion, embeddings."))
+    lr_san: float = field(default=1e-4, metadata=_help("Adam lr: SAN blocks, gates, DTLs."))
+    seed: int = field(default=12345, metadata=_help("First seed."))
+    seeds: int = field(default=1, metadata=_help("Run N seeds (seed, seed + 1, …) and report mean ± std."))
+    device: str = field(default="auto", metadata=_help("auto (cuda if present) | cpu | cuda | cuda:N."))
+    # --- evaluation
+    faithful: bool = field(default=True, metadata=_help(
+        "Keep a target that is already in the history unmasked (default: faithful masking, a guaranteed miss).",
+        "--fixed-eval"))
+    ties: Ties = field(default="pessimistic", metadata=_help(
+        "Rank of a target tied with other items: pessimistic (1 + the other unmasked items scoring >= it) or "
+        "optimistic (1 + those scoring strictly higher)."))
+    eval_batch_size: int = field(default=1024, metadata=_help("Users scored at once in evaluation."))
+    progress: bool = field(default=True, metadata=_help("No progress bar.", "--no-progress"))
+    # --- end-to-end baselines only (the backbones run on raw items every step)
+    lr_backbone_text: float = field(default=5e-5, metadata=_help(
+        "End-to-end methods: Adam lr of the trainable part of the text backbone(s) (preset per method)."))
+    lr_backbone_image: float = field(default=1e-4, metadata=_help(
+        "End-to-end methods: Adam lr of the trainable part of the image backbone (preset per method)."))
+    adapter_bottleneck: int = field(default=64, metadata=_help("Houlsby adapter width (method adapter)."))
+    lora_rank: int = field(default=8, metadata=_help("LoRA r (method lora)."))
+    lora_alpha: float = field(default=1.0, metadata=_help("LoRA alpha; scaling alpha / r (docs/method.md §7: 1)."))
+    text_clean: TextClean = field(default="clean", metadata=_help(
+        "End-to-end methods: how raw titles are cleaned before tokenizing (clean: unescape + strip; raw)."))
+    version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def resolve(overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults < pipeline presets < overrides (None values in `overrides` mean "not given")."""
+    """Defaults < method presets < pipeline presets < overrides (None values in `overrides` mean "not given")."""
+    from iisan.train.methods import method as method_entry
+
     given = {k: v for k, v in overrides.items() if v is not None}
     dataset = given["dataset"]
     pipeline = given.get("pipeline") or dataset_entry(dataset).pipeline
@@ -79,22 +114,59 @@ def resolve(overrides: dict[str, Any]) -> TrainConfig:
     layers = preset.pop("layers", {}) or {}
     values: dict[str, Any] = {"dataset": dataset, "pipeline": pipeline,
                               "layers_text": layers.get("text", ""), "layers_image": layers.get("image", "")}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"version"}
     unknown = set(preset) - names
     if unknown:
         raise RegistryError(f"{registry_path()}: pipeline '{pipeline}' has unknown keys {sorted(unknown)}")
-    method_name = given.get("method") or preset.get("method") or "iisan"
-    values.update(method_entry(method_name).presets)
+    method = method_entry(given.get("method") or preset.get("method") or "iisan")
+    values.update(method.presets)
     values.update(preset)
     values.update(given)
+    values["cache"] = str(values.get("cache") or default_cache_root())
     if values.get("image") and values.get("text2"):
         raise RegistryError(f"pipeline '{pipeline}': give image or text2, not both")
-    if not values.get("text") and values.get("method", "iisan") != "sasrec-id":
+    if not values.get("text") and method.needs_content:
         raise RegistryError(f"pipeline '{pipeline}' names no text encoder")
     return TrainConfig(**values)
 
 
-def load_config(path: Path) -> TrainConfig:
-    import json
+def upgrade_config(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """A saved config as this version reads it. Version 1 (no `version` field): `standardize: on` meant `dim`;
+    its ranks counted ties in the target's favour (`ties: optimistic`); runs whose meaning changed since are
+    refused, naming the field."""
+    raw = dict(raw)
+    version = raw.pop("version", 1)
+    if version > CONFIG_VERSION:
+        raise IisanError(f"{where}: config version {version} is newer than this package reads ({CONFIG_VERSION})")
+    if version == 1:
+        if raw.get("standardize") == "on":
+            raw["standardize"] = "dim"
+        raw.setdefault("ties", "optimistic")
+        for key in ("layers_text", "layers_image"):
+            if raw.get(key) == "remove_first":
+                raise IisanError(f"{where}: field {key} = remove_first: this run's towers started from 0 without "
+                                 f"h_0; remove_first now starts each intra tower from h_0 (docs/method.md §5.2). "
+                                 f"Train it again")
+        if raw.get("method") == "frozen" and raw.get("image"):
+            raise IisanError(f"{where}: field method = frozen with an image slot: this run read the last cached "
+                             f"hidden state, before the image model's final norm; the frozen baseline now reads "
+                             f"the final output (docs/method.md §7). Train it again")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise IisanError(f"{where}: unknown field(s) {', '.join(unknown)} (written by another version?)")
+    raw["version"] = CONFIG_VERSION
+    return raw
 
-    return TrainConfig(**json.loads(path.read_text()))
+
+def load_config(path: Path) -> TrainConfig:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise IisanError(f"{path}: cannot read the run's config ({e})") from None
+    return TrainConfig(**upgrade_config(raw, str(path)))
+
+
+def saved_version(path: Path) -> int:
+    """The config version a run folder's config.json was written with (1 before the field existed)."""
+    return int(json.loads(path.read_text()).get("version", 1))

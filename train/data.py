@@ -1,8 +1,9 @@
 """Stage-2 data: the protocol splits and the cached states each modality slot reads, in memory.
 
 Cached states are loaded once, re-ordered into the trainer's item index (row i = item index i, row 0 =
-padding) through the cache's `item_ids`, optionally standardised per layer with statistics of the items
-that occur in training. Batches are rows of the in-memory train array, shuffled each epoch.
+padding) through the cache's `item_ids`, optionally standardised with statistics of the items that occur in
+training (per layer and dimension, or per layer). Batches are rows of the in-memory train array, shuffled
+each epoch.
 """
 
 from __future__ import annotations
@@ -13,33 +14,44 @@ from typing import Iterator
 
 import torch
 
-from iisan.cache_store import CacheExpectation, load_cache, open_cache, store_path
+from iisan.cache_store import CacheExpectation, find_store, load_cache, open_cache, store_path
 from iisan.cache_store.manifest import Manifest
 from iisan.data.dataset import Dataset
 from iisan.data.protocol import SplitData
 from iisan.errors import IisanError
 from iisan.extract.layers import select_layers
 from iisan.train.config import TrainConfig
+from iisan.train.san import Slot
+
+# What `--standardize auto` applies to decoder-LLM caches (encoder and vision caches stay raw); chosen by
+# valid HR@10 of SmolLM2-135M states (docs/method.md §6.2).
+DECODER_STANDARDIZE = "dim"
 
 
 @dataclass
 class SlotStates:
-    slot: str                  # "txt" or "img"
+    slot: str                  # a Slot value: text, image or text2
     source: str                # MODEL or MODEL@FIELD
     path: Path
     manifest: Manifest
-    layers: list[int]
+    layers: list[int]          # hidden-state indices read ([] when the final output is read instead)
     states: torch.Tensor       # [N + 1, K, D], the cache's storage dtype (fp32 when standardised)
-    standardized: bool
+    standardized: str          # off | dim | layer
+    init_from_first: bool = False  # remove_first: states[:, 0] is h_0, the intra tower's initial state
 
 
 def slot_sources(cfg: TrainConfig) -> dict[str, str]:
-    slots = {"txt": cfg.text}
+    """Slot -> MODEL[@FIELD]: text, and image or text2 when the config names one."""
+    slots = {Slot.TEXT.value: cfg.text}
     if cfg.image:
-        slots["img"] = cfg.image
+        slots[Slot.IMAGE.value] = cfg.image
     elif cfg.text2:
-        slots["img"] = cfg.text2
+        slots[Slot.TEXT2.value] = cfg.text2
     return slots
+
+
+def layer_rule(cfg: TrainConfig, slot: str) -> str:
+    return cfg.layers_text if slot == Slot.TEXT.value else cfg.layers_image
 
 
 def _split_source(source: str) -> tuple[str, str | None]:
@@ -49,38 +61,49 @@ def _split_source(source: str) -> tuple[str, str | None]:
 
 def _find_store(cfg: TrainConfig, dataset: str, source: str) -> Path:
     model, text_field = _split_source(source)
-    candidates = [store_path(cfg.cache, dataset, model, text_field, fmt) for fmt in ("zarr", "h5")]
-    for path in candidates:
-        if path.exists():
-            return path
+    found = find_store(cfg.cache, dataset, model, text_field)
+    if found is not None:
+        return found
     extract = f"iisan extract --model {model} --dataset {dataset}" + (f" --field {text_field}" if text_field else "")
-    raise IisanError(f"no cache for {source} on {dataset} at {candidates[0]}: run `{extract}` first "
-                     f"(or pass --cache with the root it was written to)")
+    raise IisanError(f"no cache for {source} on {dataset} at {store_path(cfg.cache, dataset, model, text_field)}: "
+                     f"run `{extract}` first (or pass --cache with the root it was written to)")
 
 
 def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, source: str,
-              device: torch.device) -> SlotStates:
+              device: torch.device, final: bool = False) -> SlotStates:
+    """One slot's cached states: the layers its rule selects (`final`: the model's final output instead, as
+    one state per item), in the trainer's item order, standardised as the config says."""
     path = _find_store(cfg, dataset.name, source)
     with open_cache(path) as store:
         manifest = store.manifest
-    inputs = manifest.fingerprint_inputs or {}
-    if inputs.get("images") and not dataset.images.paths:
+    if manifest.fingerprint_inputs.get("images") and not dataset.images.paths:
         raise IisanError(f"dataset '{dataset.name}' has no images, but the pipeline feeds the {slot} slot with "
                          f"image states ({source}); use a text pipeline (--pipeline text-only)")
-    fingerprint = dataset.fingerprint(inputs.get("fields", []), bool(inputs.get("images")), inputs.get("extra") or {})
-    rule = cfg.layers_text if slot == "txt" else cfg.layers_image
-    layers = select_layers(rule, manifest.total_layers) if rule else manifest.layers
+    fingerprint = dataset.fingerprint_of(manifest.fingerprint_inputs)
+    rule = layer_rule(cfg, slot)
+    # With `final`, only the last kept layer is read next to it (the loader reads at least one layer).
+    layers = ([manifest.layers[-1]] if final else
+              select_layers(rule, manifest.total_layers) if rule else manifest.layers)
     model, _ = _split_source(source)
-    standardize = cfg.standardize == "on" or (cfg.standardize == "auto" and _is_decoder(model, manifest))
+    mode = standardize_mode(cfg.standardize, model, manifest)
     # Held in the cache's storage dtype (an fp16 cache takes half the memory of an fp32 copy); the item encoder
     # casts only the rows it gathers, which is exact. Standardised states are new values, so they are fp32.
     loaded = load_cache(path, CacheExpectation(dataset=dataset.name, dataset_fingerprint=fingerprint, model=model,
                                                layers=layers), item_ids=split.item_ids,
-                        dtype=torch.float32 if standardize else None, progress=cfg.progress)
-    states = loaded.states
-    if standardize:
-        states = standardized(states, torch.from_numpy(split.train_counts > 0))
-    return SlotStates(slot, source, path, manifest, layers, states.to(device), standardize)
+                        dtype=torch.float32 if mode != "off" else None, progress=cfg.progress, final=final)
+    states = loaded.final[:, None, :] if final else loaded.states
+    if mode != "off":
+        states = standardized(states, torch.from_numpy(split.train_counts > 0), per=mode)
+    return SlotStates(slot, source, path, manifest, [] if final else layers, states.to(device), mode,
+                      # no rule given: the cache's own (a store extracted with remove_first trains as one)
+                      init_from_first=not final and (rule or manifest.layer_selection).strip() == "remove_first")
+
+
+def standardize_mode(choice: str, model: str, manifest: Manifest) -> str:
+    """off | dim | layer for one cache: `auto` standardises decoder-LLM caches only."""
+    if choice == "auto":
+        return DECODER_STANDARDIZE if _is_decoder(model, manifest) else "off"
+    return "dim" if choice == "on" else choice
 
 
 def _is_decoder(model: str, manifest: Manifest) -> bool:
@@ -92,10 +115,18 @@ def _is_decoder(model: str, manifest: Manifest) -> bool:
         return manifest.pooling == "last"
 
 
-def standardized(states: torch.Tensor, in_training: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std per layer and dimension, statistics from the items seen in training; row 0 stays 0."""
+def standardized(states: torch.Tensor, in_training: torch.Tensor, per: str = "dim") -> torch.Tensor:
+    """(x - mean) / std with statistics of the items seen in training; row 0 stays 0. `per="dim"`: one mean
+    and std per (layer, dimension); `per="layer"`: one per layer over all its dimensions (near-constant
+    dimensions of LLM states are then not blown up to unit variance)."""
     rows = states[in_training]
-    mean, std = rows.mean(dim=0), rows.std(dim=0).clamp(min=1e-6)
+    if per == "layer":
+        flat = rows.transpose(0, 1).reshape(rows.shape[1], -1)               # [K, items * D]
+        mean, std = flat.mean(dim=1)[:, None], flat.std(dim=1).clamp(min=1e-6)[:, None]
+    elif per == "dim":
+        mean, std = rows.mean(dim=0), rows.std(dim=0).clamp(min=1e-6)
+    else:
+        raise ValueError(f"standardize per '{per}': dim or layer")
     out = (states - mean) / std
     out[0] = 0
     return out
@@ -108,7 +139,3 @@ def train_batches(split: SplitData, batch_size: int, generator: torch.Generator)
     for start in range(0, len(order), batch_size):
         yield train[order[start:start + batch_size]]
 
-
-def next_item_mask(ids: torch.Tensor) -> torch.Tensor:
-    """[b, L]: position j predicts slot j + 1, a real pair when both slots hold items."""
-    return (ids[:, :-1] != 0) & (ids[:, 1:] != 0)

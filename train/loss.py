@@ -1,4 +1,4 @@
-"""In-batch debiased softmax cross-entropy (SPEC §3; Yi et al., RecSys 2019), vectorised.
+"""In-batch debiased softmax cross-entropy (docs/method.md §3; Yi et al., RecSys 2019), vectorised.
 
 Columns are every slot of the batch (c = 11 b + t), rows every input position (r = 10 b + j):
 S = H Eᵀ - log p[id(c)]; padding columns and, for each row, the columns holding any item of the same user's

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from iisan.train.loss import inbatch_debiased_loss
-from iisan.train.san import SANConfig, SideNetwork
+from iisan.train.san import SANConfig, SideNetwork, Slot
 from iisan.train.user_encoder import UserEncoder
 
 
@@ -34,17 +34,22 @@ class IISANItems(CachedItems):
         self.side = SideNetwork({s: t.shape[1] for s, t in states.items()},
                                 {s: t.shape[2] for s, t in states.items()}, cfg)
 
+    def lr_groups(self, cfg) -> list[tuple[list[nn.Parameter], float]]:
+        """SAN blocks, gates and DTLs at lr_san (the rest at the recipe's default, lr)."""
+        return [(self.side.san_parameters(), cfg.lr_san)]
+
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         return self.side(self.gather(index))
 
 
 class LastStateHeads(nn.Module):
-    """SPEC §7's heads: each modality's last-layer vector through GELU(Linear(D -> d)), the parts (image
-    first) fused by Linear(parts * d -> d). Shared by the frozen-backbone baseline and the embedded ones."""
+    """docs/method.md §7's heads: each modality's final output through GELU(Linear(D -> d)), the parts (the
+    second slot first) fused by Linear(parts * d -> d). Shared by the frozen-backbone baseline and the
+    end-to-end ones."""
 
     def __init__(self, dims: dict[str, int], dim: int):
         super().__init__()
-        self.order = [s for s in ("img", "txt") if s in dims]
+        self.order = [s for s in dims if s != Slot.TEXT.value] + [Slot.TEXT.value]
         self.heads = nn.ModuleDict({s: nn.Linear(dims[s], dim) for s in self.order})
         self.fusion = nn.Linear(len(self.order) * dim, dim)
 
@@ -53,7 +58,8 @@ class LastStateHeads(nn.Module):
 
 
 class FrozenItems(CachedItems):
-    """SPEC §7 "Frozen backbone": the last cached layer of each modality through the baseline heads."""
+    """docs/method.md §7 "Frozen backbone": each modality's final output (after the model's final norm, read
+    from the cache as one state per item) through the baseline heads."""
 
     def __init__(self, states: dict[str, torch.Tensor], dim: int):
         super().__init__(states)

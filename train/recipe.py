@@ -3,6 +3,8 @@
 A run folder `runs/<dataset>/<method>-<pipeline>-<UTC time>/` holds config.json, provenance.json, and per
 seed: metrics.jsonl (one line per epoch), best.safetensors (the best-valid weights), last.pt (everything
 needed to resume), report.json. `--resume RUN_DIR` continues each unfinished seed from its last checkpoint.
+Everything that differs between methods comes from the method's registry entry (train/methods.py); the
+step is train/step.py's, shared with the bench.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import dataclasses
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,74 +28,128 @@ from iisan import __version__
 from iisan.data.dataset import Dataset, load_dataset
 from iisan.data.protocol import ProtocolConfig, SplitData
 from iisan.errors import IisanError
+from iisan.evaluate.efficiency import peak_memory_mib
 from iisan.evaluate.metrics import RankingResult, rank_targets
+from iisan.evaluate.report import report_lines, summarize
 from iisan.registry import load_registry
-from iisan.train.config import TrainConfig, load_config
-from iisan.train.data import SlotStates, load_slot, slot_sources, train_batches
-from iisan.train.embedded import EmbeddedItems, RawSlot, UncachedIISANItems, check_raw_slot
-from iisan.train.methods import method as method_entry
-from iisan.train.model import FrozenItems, IDItems, IISANItems, Recommender
-from iisan.train.san import SANConfig
+from iisan.runtime import git_commit, pick_device
+from iisan.train.config import TrainConfig, load_config, saved_version
+from iisan.train.data import SlotStates, layer_rule, load_slot, slot_sources, train_batches
+from iisan.train.methods import ItemSource, Method, method as method_entry
+from iisan.train.model import Recommender
+from iisan.train.san import SANConfig, Slot
+from iisan.train.step import NonFiniteLoss, TrainStep
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass
+class Setup:
+    """What every seed of a run shares: the config, the data, the method and the cached states."""
+
+    cfg: TrainConfig
+    dataset: Dataset
+    split: SplitData
+    method: Method
+    slots: dict[str, SlotStates]       # cached methods
+    device: torch.device
 
 
-def build_model(s: "Setup") -> Recommender:
-    cfg, split = s.cfg, s.split
-    kind = method_entry(cfg.method).items
-    if cfg.method == "iisan":
-        items = IISANItems({slot: x.states for slot, x in s.slots.items()}, san_config(cfg))
-    elif cfg.method == "frozen":
-        items = FrozenItems({slot: x.states for slot, x in s.slots.items()}, cfg.embedding_dim)
-    elif cfg.method == "iisan-uncached":
-        items = UncachedIISANItems(s.raw, san_config(cfg))
-    elif kind == "backbone":
-        items = EmbeddedItems(s.raw, cfg.embedding_dim)
-    else:
-        items = IDItems(split.n_items, cfg.embedding_dim)
-    return Recommender(items, split.n_items, cfg.embedding_dim, cfg.heads, cfg.blocks, cfg.max_seq_len, cfg.dropout)
+@dataclass
+class ItemContext:
+    """What a method's `build` gets to make its item encoder from."""
+
+    setup: Setup
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.setup.cfg
+
+    @property
+    def split(self) -> SplitData:
+        return self.setup.split
+
+    def cached_states(self) -> dict[str, torch.Tensor]:
+        return {slot: x.states for slot, x in self.setup.slots.items()}
+
+    def san_config(self) -> SANConfig:
+        cfg = self.cfg
+        if self.setup.slots:  # cached: as each slot's states were read (the rule, else the cache's own)
+            first = tuple(slot for slot, x in self.setup.slots.items() if x.init_from_first)
+        else:
+            first = tuple(slot for slot in slot_sources(cfg) if layer_rule(cfg, slot).strip() == "remove_first")
+        return SANConfig(cfg.bottleneck, cfg.embedding_dim, cfg.fusion, cfg.intra, cfg.inter, init_from_first=first)
+
+    def raw_slots(self):
+        """The backbones loaded afresh and made trainable as the method says (end-to-end methods)."""
+        from iisan.train.end_to_end import load_raw_slots
+
+        s = self.setup
+        return load_raw_slots(s.cfg, s.method, s.dataset, s.split, s.device)
 
 
-def san_config(cfg: TrainConfig) -> SANConfig:
-    return SANConfig(cfg.bottleneck, cfg.embedding_dim, cfg.fusion, cfg.intra, cfg.inter)
+def setup(cfg: TrainConfig) -> Setup:
+    device = pick_device(cfg.device)
+    dataset = load_dataset(cfg.dataset)
+    split = dataset.split(ProtocolConfig(cfg.max_seq_len, cfg.min_seq_len))
+    method = method_entry(cfg.method)
+    slots = {}
+    if method.items is ItemSource.CACHED:
+        slots = {slot: load_slot(cfg, dataset, split, slot, source, device, final=method.reads == "final")
+                 for slot, source in slot_sources(cfg).items()}
+    elif method.items is ItemSource.END_TO_END:
+        from iisan.train.end_to_end import check_end_to_end
+
+        check_end_to_end(cfg, method, dataset)
+    return Setup(cfg, dataset, split, method, slots, device)
+
+
+def build_model(s: Setup) -> Recommender:
+    """The method's item encoder (built now, under the caller's seed: an end-to-end method's backbones load
+    afresh here, so every seed starts from the pretrained weights) and the user encoder."""
+    cfg = s.cfg
+    items = s.method.build(ItemContext(s))
+    return Recommender(items, s.split.n_items, cfg.embedding_dim, cfg.heads, cfg.blocks, cfg.max_seq_len,
+                       cfg.dropout).to(s.device)
 
 
 def optimizer_for(model: Recommender, cfg: TrainConfig) -> torch.optim.Adam:
-    """SPEC §7 / §8 learning rates: the side network's SAN blocks, gates and DTLs at lr_san; the trainable
-    part of a text backbone at lr_backbone_text, of an image backbone at lr_backbone_image; the rest (user
-    encoder, heads, fusion, embeddings) at lr."""
-    image_slot_is_text = bool(cfg.text2)
+    """Adam with the learning rates the item encoder's modules ask for (`lr_groups(cfg)`: SAN blocks, gates and
+    DTLs at lr_san; text / image backbones at lr_backbone_text / lr_backbone_image) and lr for the rest (user
+    encoder, heads, fusion, embeddings). Groups are formed by learning rate in parameter order."""
+    lr_of: dict[int, float] = {}
+    for params, lr in getattr(model.items, "lr_groups", lambda cfg: [])(cfg):
+        lr_of.update({id(p): lr for p in params})
     groups: dict[float, list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("items.side.intra.") or name.startswith("items.side.inter."):
-            lr = cfg.lr_san
-        elif name.startswith("items.backbones.txt.") or (image_slot_is_text and name.startswith("items.backbones.img.")):
-            lr = cfg.lr_backbone_text
-        elif name.startswith("items.backbones.img."):
-            lr = cfg.lr_backbone_image
-        else:
-            lr = cfg.lr
-        groups.setdefault(lr, []).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault(lr_of.get(id(p), cfg.lr), []).append(p)
     return torch.optim.Adam([{"params": params, "lr": lr} for lr, params in groups.items()],
                             betas=(0.9, 0.999), weight_decay=0.0)
+
+
+def _frozen_backbone_weights(model: torch.nn.Module) -> set[str]:
+    backbones = getattr(model.items, "backbones", None)
+    if backbones is None:
+        return set()
+    return {f"items.backbones.{name}" for name, p in backbones.named_parameters() if not p.requires_grad}
 
 
 def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint holds: every trainable parameter and the model's own weights, but not the frozen
     weights of a backbone (reloaded from its source; for a 70B backbone they would dwarf the run)."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad and name.startswith("items.backbones.")}
+    frozen = _frozen_backbone_weights(model)
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def upgrade_checkpoint_keys(state: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Checkpoint keys of a version-1 run (slots `txt` / `img`, DTLs `map_txt` / `map_img`) in today's names."""
+    second = Slot.TEXT2.value if cfg.text2 else Slot.IMAGE.value
+    names = {"txt": Slot.TEXT.value, "img": second, "map_txt": "map_text", "map_img": "map_second"}
+    return {".".join(names.get(part, part) for part in key.split(".")): value for key, value in state.items()}
 
 
 def load_checkpoint_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad and name.startswith("items.backbones.")}
+    frozen = _frozen_backbone_weights(model)
     missing = [k for k in missing if k not in frozen]
     if missing or unexpected:
         raise IisanError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -113,65 +168,47 @@ def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig)
                        for i in range(0, len(inputs), cfg.eval_batch_size)])
     targets = torch.from_numpy(split.valid_target if which == "valid" else split.test_target)
     history = torch.from_numpy(split.valid_history if which == "valid" else split.test_history)
-    return rank_targets(users, table, targets, history, cfg.faithful, cfg.eval_batch_size)
+    return rank_targets(users, table, targets, history, cfg.faithful, cfg.eval_batch_size, ties=cfg.ties)
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    from iisan.evaluate.efficiency import peak_resident_mib
+def evaluate_run(run_dir: Path, split: str = "test", ties: str | None = None) -> list[tuple[int, RankingResult]]:
+    """Re-score a saved run's best checkpoint of every seed on `split` (valid | test), under the run's tie rule
+    or `ties`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise IisanError(f"{run_dir}: not a run folder (no config.json)")
+    cfg = load_config(run_dir / "config.json")
+    if ties is not None:
+        cfg = dataclasses.replace(cfg, ties=ties)
+    version = saved_version(run_dir / "config.json")
+    s = setup(cfg)
+    results = []
+    for i in range(cfg.seeds):
+        best = run_dir / f"seed-{cfg.seed + i}" / "best.safetensors"
+        if not best.is_file():
+            raise IisanError(f"{best}: no checkpoint (the run has not finished an epoch)")
+        torch.manual_seed(cfg.seed + i)
+        model = build_model(s)
+        load_checkpoint_state(model, _read_checkpoint(best, cfg, version, s.device))
+        results.append((cfg.seed + i, evaluate(model, s.split, split, cfg)))
+    return results
 
-    return peak_resident_mib()
+
+def _read_checkpoint(path: Path, cfg: TrainConfig, version: int, device: torch.device) -> dict[str, torch.Tensor]:
+    state = load_file(path, device=str(device))
+    return upgrade_checkpoint_keys(state, cfg) if version < 2 else state
 
 
 @dataclass
-class Setup:
-    cfg: TrainConfig
-    dataset: Dataset
-    split: SplitData
-    slots: dict[str, SlotStates]       # cached methods
-    device: torch.device
-    raw: dict[str, RawSlot] = dataclasses.field(default_factory=dict)  # backbone methods
+class LoopState:
+    """Where a seed's training stands; saved in last.pt (as a dict) after every epoch."""
 
-
-def setup(cfg: TrainConfig) -> Setup:
-    device = pick_device(cfg.device)
-    dataset = load_dataset(cfg.dataset)
-    split = dataset.split(ProtocolConfig(cfg.max_seq_len, cfg.min_seq_len))
-    kind = method_entry(cfg.method).items
-    slots = {slot: load_slot(cfg, dataset, split, slot, source, device)
-             for slot, source in slot_sources(cfg).items()} if kind == "cached" else {}
-    raw = load_raw_slots(cfg, dataset, split, device) if kind == "backbone" else {}
-    return Setup(cfg, dataset, split, slots, device, raw)
-
-
-def load_raw_slots(cfg: TrainConfig, dataset: Dataset, split: SplitData, device: torch.device) -> dict[str, RawSlot]:
-    """Load each slot's backbone for a method that runs it, made trainable as the method says."""
-    from iisan.extract.layers import select_layers
-    from iisan.extract.models import describe_backbone, load_backbone, model_spec
-    from iisan.train.tuning import make_trainable
-
-    entry = method_entry(cfg.method)
-    raw = {}
-    for slot, source in slot_sources(cfg).items():
-        spec = model_spec(source.partition("@")[0])
-        check_raw_slot(slot, source, dataset, spec.kind)
-        if entry.tunes in ("all", "bias") and spec.quantization in ("gptq", "bnb-8bit", "bnb-4bit"):
-            raise IisanError(f"--method {cfg.method} trains the weights of {spec.name}, which are quantized "
-                             f"({spec.quantization}); use --method lora or adapter, or iisan")
-        decoder = spec.family == "decoder"
-        if entry.name == "iisan-uncached" and (cfg.standardize == "on" or (cfg.standardize == "auto" and decoder)):
-            raise IisanError(f"iisan-uncached does not standardise states ({spec.name}): the statistics need a pass "
-                             f"over every item, which is what the cache is for; use --standardize off or --method iisan")
-        info = describe_backbone(spec, fetch=True)
-        rule = (cfg.layers_text if slot == "txt" else cfg.layers_image) or spec.layers
-        trainable = entry.tunes != "none"
-        # Trained weights stay fp32 (autocast runs fp16 on GPU); a frozen backbone loads as for extraction.
-        backbone = load_backbone(info, device, dtype=torch.float32 if trainable and spec.quantization == "none" else None)
-        make_trainable(backbone.model, entry.tunes, cfg.adapter_bottleneck, cfg.lora_rank, cfg.lora_alpha)
-        raw[slot] = RawSlot.build(slot, source, backbone, dataset, split, select_layers(rule, info.n_hidden_states),
-                                  cfg.text_clean)
-    return raw
+    epoch: int = 0
+    best_hr: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    train_seconds: list[float] = dataclasses.field(default_factory=list)
+    eval_seconds: list[float] = dataclasses.field(default_factory=list)
 
 
 def provenance(s: Setup) -> dict[str, Any]:
@@ -183,12 +220,7 @@ def provenance(s: Setup) -> dict[str, Any]:
         except Exception:
             return "not installed"
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"iisan_version": __version__, "commit": commit, "python": sys.version.split()[0],
+    return {"iisan_version": __version__, "commit": git_commit(), "python": sys.version.split()[0],
             "platform": platform.platform(), "device": str(s.device),
             "packages": {p: version(p) for p in ("torch", "transformers", "zarr", "numpy", "safetensors")},
             "caches": {slot: {"path": str(x.path), "manifest": x.manifest.to_dict(), "layers_read": x.layers,
@@ -197,81 +229,79 @@ def provenance(s: Setup) -> dict[str, Any]:
                         "items": s.split.n_items, "interactions": s.split.n_interactions}}
 
 
-def train_seed(s: Setup, seed: int, folder: Path, log) -> dict[str, Any]:
-    """Train one seed to early stopping (resuming from folder/last.pt if present); returns its report."""
+def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2) -> dict[str, Any]:
+    """Train one seed to early stopping (resuming from folder/last.pt if present); returns its report.
+    `version`: the config version the run folder was written with (older checkpoints' keys are upgraded)."""
     cfg, split, device = s.cfg, s.split, s.device
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "report.json").exists():
         return json.loads((folder / "report.json").read_text())
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_model(s).to(device)
+    model = build_model(s)
     optimizer = optimizer_for(model, cfg)
-    log_pop = torch.log(torch.from_numpy(split.popularity())).float().to(device)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    state = {"epoch": 0, "best_hr": -1.0, "best_epoch": 0, "bad_epochs": 0, "train_seconds": [], "eval_seconds": []}
+    step = TrainStep.create(model, optimizer, split, device)
+    state = LoopState()
     if (folder / "last.pt").exists():
         checkpoint = torch.load(folder / "last.pt", map_location=device, weights_only=False)
-        load_checkpoint_state(model, checkpoint["model"])
+        saved = checkpoint["model"]
+        load_checkpoint_state(model, upgrade_checkpoint_keys(saved, cfg) if version < 2 else saved)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["state"]
+        state = LoopState(**checkpoint["state"])
         torch.set_rng_state(checkpoint["rng"])
         generator.set_state(checkpoint["generator"])
-        log(f"seed {seed}: resumed after epoch {state['epoch']} (best valid HR@10 {100 * state['best_hr']:.2f} "
-            f"at epoch {state['best_epoch']})")
+        log(f"seed {seed}: resumed after epoch {state.epoch} (best valid HR@10 {100 * state.best_hr:.2f} "
+            f"at epoch {state.best_epoch})")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
-        epoch = state["epoch"] + 1
+    while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
+        epoch = state.epoch + 1
         model.train()
         start, total, steps = time.perf_counter(), 0.0, 0
         batches = list(train_batches(split, cfg.batch_size, generator))
         for ids in tqdm(batches, desc=f"seed {seed} epoch {epoch}", unit="step", leave=False,
                         disable=not cfg.progress, file=sys.stderr):
-            ids = ids.to(device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss = model.calculate_loss(ids, log_pop)
-            if not torch.isfinite(loss):
-                raise IisanError(f"loss is {loss.item()} at epoch {epoch}, step {steps + 1} (seed {seed}): lower "
-                                 f"--lr / --lr-san, or standardise the cached states (--standardize on)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += loss.item()
+            try:
+                total += step(ids)
+            except NonFiniteLoss as e:
+                raise IisanError(f"loss is {e.value} at epoch {epoch}, step {steps + 1} (seed {seed}): lower "
+                                 f"--lr / --lr-san, or standardise the cached states (--standardize dim)") from None
             steps += 1
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         valid = evaluate(model, split, "valid", cfg)
         eval_seconds = time.perf_counter() - start
         hr = valid.metrics["HR@10"]
-        improved = hr > state["best_hr"]
-        state.update(epoch=epoch, train_seconds=state["train_seconds"] + [train_seconds],
-                     eval_seconds=state["eval_seconds"] + [eval_seconds])
+        improved = hr > state.best_hr
+        state.epoch = epoch
+        state.train_seconds.append(train_seconds)
+        state.eval_seconds.append(eval_seconds)
         if improved:
-            state.update(best_hr=hr, best_epoch=epoch, bad_epochs=0)
+            state.best_hr, state.best_epoch, state.bad_epochs = hr, epoch, 0
             save_file({k: v.contiguous() for k, v in checkpoint_state(model).items()}, folder / "best.safetensors")
         else:
-            state["bad_epochs"] += 1
+            state.bad_epochs += 1
         with open(folder / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"epoch": epoch, "loss": total / max(steps, 1), "train_seconds": train_seconds,
                                 "eval_seconds": eval_seconds, "valid": valid.metrics, "best": improved}) + "\n")
-        torch.save({"model": checkpoint_state(model), "optimizer": optimizer.state_dict(), "state": state,
-                    "rng": torch.get_rng_state(), "generator": generator.get_state()}, folder / "last.pt.tmp")
+        torch.save({"model": checkpoint_state(model), "optimizer": optimizer.state_dict(),
+                    "state": dataclasses.asdict(state), "rng": torch.get_rng_state(),
+                    "generator": generator.get_state()}, folder / "last.pt.tmp")
         (folder / "last.pt.tmp").replace(folder / "last.pt")
         log(f"seed {seed} epoch {epoch}: loss {total / max(steps, 1):.4f}, valid HR@10 {100 * hr:.2f} "
             f"NDCG@10 {100 * valid.metrics['NDCG@10']:.2f} ({train_seconds:.1f} s train, {eval_seconds:.1f} s eval)"
             + (" *" if improved else ""))
-    load_checkpoint_state(model, load_file(folder / "best.safetensors", device=str(device)))
+    best = load_file(folder / "best.safetensors", device=str(device))
+    load_checkpoint_state(model, upgrade_checkpoint_keys(best, cfg) if version < 2 else best)
     valid, test = evaluate(model, split, "valid", cfg), evaluate(model, split, "test", cfg)
-    report = {"seed": seed, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
+    report = {"seed": seed, "best_epoch": state.best_epoch, "epochs": state.epoch,
               # Whether early stopping ended the run or the epoch cap cut it while valid HR@10 could still rise.
-              "stopped_by": "patience" if state["bad_epochs"] >= cfg.patience else "epoch cap",
-              "seconds_per_epoch": statistics.mean(state["train_seconds"]),
-              "seconds_per_evaluation": statistics.mean(state["eval_seconds"]),
+              "stopped_by": "patience" if state.bad_epochs >= cfg.patience else "epoch cap",
+              "seconds_per_epoch": statistics.mean(state.train_seconds),
+              "seconds_per_evaluation": statistics.mean(state.eval_seconds),
               "peak_memory_mib": peak_memory_mib(device), "trainable_parameters": trainable_parameters(model),
-              "valid": valid.metrics, "test": test.metrics}
+              "valid": valid.metrics, "test": test.metrics,
+              "ties": {"rule": cfg.ties, "valid_tied": valid.tied, "test_tied": test.tied}}
     (folder / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -292,12 +322,14 @@ def run_dir_for(cfg: TrainConfig) -> Path:
 def matching_run(cfg: TrainConfig) -> Path | None:
     """The newest run folder under OUT/<dataset>/ trained with exactly this config (progress display aside),
     finished or not; None if there is none."""
+    from iisan.train.config import upgrade_config
+
     wanted = {k: v for k, v in cfg.to_dict().items() if k != "progress"}
     for folder in sorted((Path(cfg.out) / cfg.dataset).glob(f"{run_label(cfg)}-*"), reverse=True):
         try:
-            saved = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
+            saved = upgrade_config(json.loads((folder / "config.json").read_text()), str(folder))
+        except (OSError, ValueError, IisanError):
+            continue  # unreadable, or a run of an earlier version that this one cannot continue
         if {k: v for k, v in saved.items() if k != "progress"} == wanted:
             return folder
     return None
@@ -317,46 +349,21 @@ def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print)
         if not (resume / "config.json").is_file():
             raise IisanError(f"{resume}: not a run folder (no config.json)")
         cfg = load_config(resume / "config.json")
+        version = saved_version(resume / "config.json")
         run_dir = resume
         log(f"resuming {run_dir}")
     else:
         assert cfg is not None
+        version = cfg.version
         run_dir = run_dir_for(cfg)
         run_dir.mkdir(parents=True, exist_ok=False)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     s = setup(cfg)
     (run_dir / "provenance.json").write_text(json.dumps(provenance(s), indent=2, default=str))
-    reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log) for i in range(cfg.seeds)]
+    reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log, version) for i in range(cfg.seeds)]
     summary = summarize(reports)
     (run_dir / "report.json").write_text(json.dumps({"config": cfg.to_dict(), "seeds": reports, **summary},
                                                     indent=2))
     for line in report_lines(reports, summary):
         log(line)
     return {"run_dir": str(run_dir), "seeds": reports, **summary}
-
-
-def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    def stats(values: list[float]) -> dict[str, float]:
-        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-    out: dict[str, Any] = {}
-    for split in ("valid", "test"):
-        out[split] = {k: stats([r[split][k] for r in reports]) for k in reports[0][split]}
-    return out
-
-
-def report_lines(reports: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
-    first = reports[0]
-    lines = [f"seconds per epoch {statistics.mean(r['seconds_per_epoch'] for r in reports):.2f}, "
-             f"seconds per evaluation {statistics.mean(r['seconds_per_evaluation'] for r in reports):.2f}, "
-             f"peak memory {max(r['peak_memory_mib'] for r in reports):.0f} MiB, "
-             f"trainable parameters {first['trainable_parameters']:,}"]
-    if len(reports) > 1:
-        for split in ("valid", "test"):
-            hr, ndcg = summary[split]["HR@10"], summary[split]["NDCG@10"]
-            lines.append(f"{split} over {len(reports)} seeds: HR@10 {100 * hr['mean']:.2f} ± {100 * hr['std']:.2f}, "
-                         f"NDCG@10 {100 * ndcg['mean']:.2f} ± {100 * ndcg['std']:.2f}")
-    for split in ("valid", "test"):
-        hr, ndcg = summary[split]["HR@10"]["mean"], summary[split]["NDCG@10"]["mean"]
-        lines.append(f"{split} HR@10 {100 * hr:.2f} NDCG@10 {100 * ndcg:.2f}")
-    return lines

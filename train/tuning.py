@@ -1,4 +1,4 @@
-"""How an embedded method makes a pretrained backbone trainable (SPEC §7), in place.
+"""How an end-to-end method makes a pretrained backbone trainable (docs/method.md §7), in place.
 
 - `all` (FFT): every weight trains.
 - `bias` (BitFit): every bias of the backbone trains, nothing else.
@@ -7,7 +7,7 @@
   Weights N(0, 0.01²) and zero biases, as the side network's blocks, so that the adapted backbone starts
   close to the pretrained one and every adapter weight receives a gradient from the first step.
 - `lora`: LoRA (peft) on the query and value projections of every layer, wrapping the pretrained layers,
-  so the pretrained weights are kept (the reference code replaced them with fresh ones, SPEC §10).
+  so the pretrained weights are kept (the reference code replaced them with fresh ones, docs/method.md §10).
 - `none`: frozen (the uncached IISAN baseline).
 
 Target layers are found by module-name suffix, which covers BERT / MiniLM / RoBERTa, ViT / DINOv2, MPNet,
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from iisan.errors import IisanError
+from iisan.train.methods import Tuning
 from iisan.train.san import SANBlock
 
 # Attention-output and FFN-output projections: BERT / ViT (attention.output.dense, output.dense), DINOv2
@@ -95,34 +96,46 @@ def add_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
     return names
 
 
-def make_trainable(model: nn.Module, tunes: str, adapter_bottleneck: int = 64, lora_rank: int = 8,
-                   lora_alpha: float = 1.0) -> nn.Module:
-    """Set which backbone parameters train for the method (`tunes`), adding adapters or LoRA first."""
+def _tune_all(model: nn.Module, cfg) -> None:
+    model.requires_grad_(True)
+
+
+def _tune_bias(model: nn.Module, cfg) -> None:
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    if not biases:
+        raise IisanError(f"{type(model).__name__} has no biases: BitFit has nothing to train")
+    for p in biases:
+        p.requires_grad_(True)
+
+
+def _tune_adapter(model: nn.Module, cfg) -> None:
+    add_adapters(model, cfg.adapter_bottleneck)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".adapter." in name)
+
+
+def _tune_lora(model: nn.Module, cfg) -> None:
+    add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+# What each `Tuning` of train/methods.py does to a backbone (after every weight has been frozen).
+TUNINGS = {Tuning.ALL: _tune_all, Tuning.BIAS: _tune_bias, Tuning.ADAPTER: _tune_adapter, Tuning.LORA: _tune_lora}
+
+
+def make_trainable(model: nn.Module, tunes: Tuning, cfg) -> nn.Module:
+    """Set which backbone parameters train (`tunes`), adding adapters or LoRA first; `cfg` (a TrainConfig)
+    gives the adapter width and the LoRA rank and alpha."""
     model.requires_grad_(False)
-    if tunes == "none":
+    tunes = Tuning(tunes)
+    if tunes is Tuning.NONE:
         return model
     if getattr(model, "pooler", None) is not None:
         # The item encoder reads the last hidden state, never the pooler (BERT's tanh head): drop its unused
         # weights rather than count them as trained.
         model.pooler = None
-    if tunes == "all":
-        model.requires_grad_(True)
-    elif tunes == "bias":
-        biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
-        if not biases:
-            raise IisanError(f"{type(model).__name__} has no biases: BitFit has nothing to train")
-        for p in biases:
-            p.requires_grad_(True)
-    elif tunes == "adapter":
-        add_adapters(model, adapter_bottleneck)
-        for name, p in model.named_parameters():
-            p.requires_grad_(".adapter." in name)
-    elif tunes == "lora":
-        add_lora(model, lora_rank, lora_alpha)
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name)
-    else:
-        raise ValueError(f"unknown tuning '{tunes}'")
+    TUNINGS[tunes](model, cfg)
     for name, p in model.named_parameters():
         if name.endswith("mask_token"):  # ViT / DINOv2 masked-image-modelling token, unused on whole images
             p.requires_grad_(False)

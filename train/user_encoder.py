@@ -1,4 +1,4 @@
-"""The SASRec-style user encoder (SPEC §2.1): post-LN transformer blocks over the item embeddings of a
+"""The SASRec-style user encoder (docs/method.md §2.1): post-LN transformer blocks over the item embeddings of a
 user's window, with a learned absolute position embedding."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The data layer: IISAN TSV readers, image lookup, the SPEC §1.2 protocol, built-in fetchers."""
+"""The data layer: IISAN TSV readers, image lookup, the docs/method.md §1.2 protocol, built-in fetchers."""
 
 from iisan.data.dataset import Dataset, DatasetStats, content_fingerprint, dataset_stats, load_dataset
 from iisan.data.protocol import ProtocolConfig, SplitData, apply_protocol

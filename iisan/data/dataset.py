@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from iisan.data.images import ImageIndex
 from iisan.data.protocol import ProtocolConfig, SplitData, apply_protocol
@@ -39,6 +39,16 @@ class Dataset:
     def fingerprint(self, fields: Sequence[str] = (), images: bool = False,
                     extra: Mapping[str, str] | None = None) -> str:
         return content_fingerprint(self.items, fields, self.images if images else None, extra)
+
+    def fingerprint_of(self, inputs: Mapping[str, Any] | None) -> str:
+        """The fingerprint for a cache manifest's `fingerprint_inputs` (`fingerprint_inputs(...)` made them)."""
+        inputs = inputs or {}
+        return self.fingerprint(inputs.get("fields", []), bool(inputs.get("images")), inputs.get("extra") or {})
+
+
+def fingerprint_inputs(fields: Sequence[str], images: bool, extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What a fingerprint covers, as a cache manifest records it: the text fields, whether images, extra options."""
+    return {"fields": list(fields), "images": bool(images), "extra": dict(extra or {})}
 
 
 def content_fingerprint(items: ItemTable, fields: Sequence[str] = (), images: ImageIndex | None = None,
@@ -113,3 +123,11 @@ def dataset_stats(dataset: Dataset, config: ProtocolConfig = ProtocolConfig()) -
         file_interactions=sum(len(s) for s in dataset.users.sequences),
         file_items_with_image=sum(1 for item in dataset.items.ids if item in dataset.images),
     )
+
+
+def corrupt_images(dataset: Dataset, config: ProtocolConfig = ProtocolConfig()) -> list[str]:
+    """Decode the image of every item the protocol keeps; the problem of each one that cannot be read."""
+    from iisan.data.images import open_image
+
+    return [why for item in dataset.split(config).item_ids if item in dataset.images
+            for _, why in [open_image(dataset.images.get(item))] if why]

@@ -1,4 +1,4 @@
-"""The data protocol of SPEC §1.2: filtering, truncation, re-indexing, leave-one-out splits, popularity.
+"""The data protocol of docs/method.md §1.2: filtering, truncation, re-indexing, leave-one-out splits, popularity.
 
 Everything is held as small numpy arrays indexed by user (nanoGPT style): windows are left-padded with 0,
 the padding item. Item index i (1..N) is the i-th kept item in items-file order.
@@ -15,7 +15,7 @@ from iisan.data.readers import ItemTable, UserTable
 
 @dataclass(frozen=True)
 class ProtocolConfig:
-    """SPEC §1.2 / §8 defaults."""
+    """docs/method.md §1.2 / §8 defaults."""
 
     max_seq_len: int = 10  # L: user-encoder input length
     min_seq_len: int = 5   # users with fewer items (full sequence) are dropped
@@ -63,7 +63,7 @@ class SplitData:
         return sum(len(s) for s in self.sequences)
 
     def popularity(self) -> np.ndarray:
-        """p_i = c_i / sum(c), with p_0 := 1 (SPEC §1.2.6)."""
+        """p_i = c_i / sum(c), with p_0 := 1 (docs/method.md §1.2.6)."""
         p = self.train_counts.astype(np.float64) / max(int(self.train_counts.sum()), 1)
         p[0] = 1.0
         return p
@@ -79,7 +79,7 @@ class SplitData:
 
 
 def apply_protocol(items: ItemTable, users: UserTable, config: ProtocolConfig = ProtocolConfig()) -> SplitData:
-    """SPEC §1.2 steps 1-6."""
+    """docs/method.md §1.2 steps 1-6."""
     L = config.max_seq_len
     kept_users = [(uid, seq[-config.keep_last:]) for uid, seq in zip(users.ids, users.sequences)
                   if len(seq) >= config.min_seq_len]

@@ -1,4 +1,4 @@
-"""Readers for the IISAN TSV format (SPEC §1.1).
+"""Readers for the IISAN TSV format (docs/method.md §1.1).
 
 items: `item_id \\t title [\\t more text fields]`, no header. users: `user_id \\t id1 id2 ...`, no header,
 chronological. Hard errors (missing file, wrong column count, empty id) raise DataError naming file and

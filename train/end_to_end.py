@@ -1,11 +1,11 @@
-"""Item encoders that run the backbones on raw items at every step (the `backbone` methods of
+"""Item encoders that run the backbones on raw items at every step (the end-to-end methods of
 train/methods.py): uncached IISAN (frozen backbones, the same side network as the cached method) and the
-end-to-end baselines FFT / Adapter / LoRA / BitFit (SPEC §7).
+end-to-end baselines FFT / Adapter / LoRA / BitFit (docs/method.md §7).
 
 Raw items are fed exactly as stage 1 feeds them (`extract.encode.ChunkEncoder.inputs`: the same text
 cleaning, tokenizer, truncation, image processor and grey placeholder for a missing image), so uncached and
 cached IISAN see the same numbers. Only the unique items of a batch run through the backbones (the reference
-code also encodes padding and duplicate slots, SPEC §10); item index 0 (padding) is never encoded and gets
+code also encodes padding and duplicate slots, docs/method.md §10); item index 0 (padding) is never encoded and gets
 all-zero states, as row 0 of a cache.
 """
 
@@ -23,14 +23,14 @@ from iisan.extract.encode import ChunkEncoder
 from iisan.extract.models import Backbone
 from iisan.extract.pooling import pool, pool_layers
 from iisan.train.model import LastStateHeads
-from iisan.train.san import SANConfig, SideNetwork
+from iisan.train.san import SANConfig, SideNetwork, Slot
 
 
 @dataclass
 class RawSlot:
     """One modality slot fed from raw items: the backbone, which text field, which hidden states to pool."""
 
-    slot: str               # "txt" or "img"
+    slot: str               # a Slot value: text, image or text2
     source: str             # MODEL or MODEL@FIELD
     backbone: Backbone
     layers: list[int]       # hidden states kept (uncached IISAN); the embedded baselines use the last output
@@ -69,8 +69,8 @@ def _scatter_rows(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 class BackboneItems(nn.Module):
-    """Base: the backbones as submodules (`backbones.<slot>`, so that optimizer groups and checkpoints can
-    tell them apart) and the raw-item feeds."""
+    """Base: the backbones as submodules (`backbones.<slot>`, so that checkpoints can tell them apart) and the
+    raw-item feeds."""
 
     table_batch_size = 128  # items per forward when the whole item table is encoded for evaluation
 
@@ -82,15 +82,25 @@ class BackboneItems(nn.Module):
     def _real(self, index: torch.Tensor) -> list[int]:
         return [int(i) for i in index.tolist() if i != 0]
 
+    def lr_groups(self, cfg) -> list[tuple[list[nn.Parameter], float]]:
+        """The trainable part of an image backbone at lr_backbone_image, of a text backbone (text or text2)
+        at lr_backbone_text."""
+        return [([p for p in backbone.parameters() if p.requires_grad],
+                 cfg.lr_backbone_image if slot == Slot.IMAGE.value else cfg.lr_backbone_text)
+                for slot, backbone in self.backbones.items()]
+
 
 class UncachedIISANItems(BackboneItems):
-    """IISAN with the frozen backbones run at every step (SPEC §5.8), in eval mode and without gradients:
+    """IISAN with the frozen backbones run at every step (docs/method.md §5.8), in eval mode and without gradients:
     the same side network as `IISANItems`, fed the same pooled states a cache would hold."""
 
     def __init__(self, slots: dict[str, RawSlot], cfg: SANConfig):
         super().__init__(slots)
         self.side = SideNetwork({s: len(f.layers) for s, f in slots.items()}, {s: f.dim for s, f in slots.items()},
                                 cfg)
+
+    def lr_groups(self, cfg) -> list[tuple[list[nn.Parameter], float]]:
+        return super().lr_groups(cfg) + [(self.side.san_parameters(), cfg.lr_san)]
 
     def train(self, mode: bool = True) -> "UncachedIISANItems":
         super().train(mode)
@@ -115,8 +125,8 @@ class UncachedIISANItems(BackboneItems):
         return self.side(self.states(index))
 
 
-class EmbeddedItems(BackboneItems):
-    """SPEC §7's shared item encoder for the end-to-end baselines: each backbone's final output, pooled as
+class EndToEndItems(BackboneItems):
+    """docs/method.md §7's shared item encoder for the end-to-end baselines: each backbone's final output, pooled as
     the model's registry entry says (CLS for ViT / DINOv2, after the final LayerNorm), through
     GELU(Linear(D -> d)), fused by Linear. Which backbone weights train is set beforehand
     (train/tuning.py); gradients flow through the backbones."""
@@ -146,3 +156,45 @@ def check_raw_slot(slot: str, source: str, dataset: Dataset, kind: str) -> None:
     if kind == "image" and not dataset.images.paths:
         raise IisanError(f"dataset '{dataset.name}' has no images, but the pipeline feeds the {slot} slot with "
                          f"the image model {source}; use a text pipeline (--pipeline text-only)")
+
+
+def check_end_to_end(cfg, method, dataset: Dataset) -> None:
+    """What can be refused before any backbone loads: an image model on a dataset without images, a quantized
+    backbone whose weights the method would train, uncached IISAN asked to standardise."""
+    from iisan.extract.models import model_spec
+    from iisan.train.data import slot_sources
+    from iisan.train.methods import Tuning
+
+    for slot, source in slot_sources(cfg).items():
+        spec = model_spec(source.partition("@")[0])
+        check_raw_slot(slot, source, dataset, spec.kind)
+        if method.tunes in (Tuning.ALL, Tuning.BIAS) and spec.quantization in ("gptq", "bnb-8bit", "bnb-4bit"):
+            raise IisanError(f"--method {cfg.method} trains the weights of {spec.name}, which are quantized "
+                             f"({spec.quantization}); use --method lora or adapter, or iisan")
+        standardize = cfg.standardize in ("on", "dim", "layer") or (cfg.standardize == "auto"
+                                                                     and spec.family == "decoder")
+        if method.tunes is Tuning.NONE and standardize:
+            raise IisanError(f"{cfg.method} does not standardise states ({spec.name}): the statistics need a pass "
+                             f"over every item, which is what the cache is for; use --standardize off or --method iisan")
+
+
+def load_raw_slots(cfg, method, dataset: Dataset, split: SplitData, device: torch.device) -> dict[str, RawSlot]:
+    """Load each slot's backbone afresh (once per seed, after seeding), made trainable as the method says."""
+    from iisan.extract.layers import select_layers
+    from iisan.extract.models import describe_backbone, load_backbone, model_spec
+    from iisan.train.data import layer_rule, slot_sources
+    from iisan.train.methods import Tuning
+    from iisan.train.tuning import make_trainable
+
+    raw = {}
+    for slot, source in slot_sources(cfg).items():
+        spec = model_spec(source.partition("@")[0])
+        info = describe_backbone(spec, fetch=True)
+        rule = layer_rule(cfg, slot) or spec.layers
+        trainable = method.tunes is not Tuning.NONE
+        # Trained weights stay fp32 (autocast runs fp16 on GPU); a frozen backbone loads as for extraction.
+        backbone = load_backbone(info, device, dtype=torch.float32 if trainable and spec.quantization == "none" else None)
+        make_trainable(backbone.model, method.tunes, cfg)
+        raw[slot] = RawSlot.build(slot, source, backbone, dataset, split, select_layers(rule, info.n_hidden_states),
+                                  cfg.text_clean)
+    return raw

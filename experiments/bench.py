@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import platform
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -18,7 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from iisan.evaluate.efficiency import MEMORY_FRACTION, run_measurement, total_memory_mib, tpme
+from iisan.evaluate.efficiency import MEMORY_FRACTION, total_memory_mib, tpme
+from iisan.experiments.cost import run_measurement
+from iisan.runtime import git_commit, pick_device
 from iisan.train.methods import BENCH_METHODS as DEFAULT_METHODS
 
 if TYPE_CHECKING:  # imported lazily at run time: the bench children import only what they need
@@ -47,7 +48,7 @@ class BenchConfig:
     full_epoch_under: float = field(default=60.0, metadata={
         "help": "run the whole epoch (label 'measured') when its projection is under this many seconds"})
     max_seconds: float = field(default=900.0, metadata={"help": "stop one measurement after this long"})
-    cache: str = field(default="cache", metadata={"help": "cache root"})
+    cache: str = field(default="", metadata={"help": "cache root (default $IISAN_CACHE_DIR, else cache/)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     out: str = field(default="reports", metadata={"help": "report folder"})
     full: bool = field(default=False, metadata={"help": "also train every method to convergence (test metrics)"})
@@ -55,14 +56,6 @@ class BenchConfig:
     patience: int = field(default=0, metadata={"help": "--full: early-stopping patience (0: each method's own)"})
     runs: str = field(default="runs", metadata={"help": "runs root for --full"})
     command: str = field(default="", metadata={"help": "the command line, for the report header"})
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def train_options(bench: BenchConfig, method: str, batch_size: int | None) -> dict[str, Any]:
@@ -85,15 +78,14 @@ def train_options(bench: BenchConfig, method: str, batch_size: int | None) -> di
 def ensure_caches(cfg, log) -> dict[str, float]:
     """Extract any missing or unfinished cache the cached methods read; returns each source's recorded
     extraction seconds."""
-    from iisan.cache_store import open_cache, store_path
+    from iisan.cache_store import find_store, open_cache
     from iisan.extract.run import ExtractConfig, run_extraction
     from iisan.train.data import slot_sources
 
     seconds = {}
     for source in slot_sources(cfg).values():
         model, _, text_field = source.partition("@")
-        paths = [store_path(cfg.cache, cfg.dataset, model, text_field or None, fmt) for fmt in ("zarr", "h5")]
-        path = next((p for p in paths if p.exists()), None)
+        path = find_store(cfg.cache, cfg.dataset, model, text_field or None)
         complete = False
         if path is not None:
             with open_cache(path) as store:
@@ -102,7 +94,7 @@ def ensure_caches(cfg, log) -> dict[str, float]:
             log(f"extracting {source} on {cfg.dataset} (once; cached IISAN reads it)")
             run_extraction(ExtractConfig(model=model, dataset=cfg.dataset, text_field=text_field or None,
                                          out=cfg.cache, progress=False), log=log)
-            path = next(p for p in paths if p.exists())
+            path = find_store(cfg.cache, cfg.dataset, model, text_field or None)
         with open_cache(path) as store:
             seconds[source] = store.manifest.extraction_seconds
     log("caches ready: " + ", ".join(f"{s} (extraction {v:.0f} s)" if v else f"{s} (extraction time not recorded)"
@@ -115,7 +107,7 @@ def run_bench(bench: BenchConfig, log=print) -> Path:
 
     from iisan.train.config import resolve
 
-    device = _device(bench.device)
+    device = pick_device(bench.device)
     gpu = device.type == "cuda"
     batch = bench.batch_size or (32 if gpu else 8)
     sweep = sorted(set(bench.sweep or ((1, 2, 4, 8, 16, 32) if gpu else (1, 2, 4, 8))) | {batch})
@@ -213,8 +205,7 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
              sweep_rows: list[dict[str, Any]], extraction: dict[str, float], plots: list[Path], limit: float) -> str:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit = git_commit(short=True) or "unknown"
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:

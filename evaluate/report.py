@@ -1,0 +1,42 @@
+"""Report writing for training runs: the summary over seeds and the lines a run ends with."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+
+def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std over seeds of every valid / test metric."""
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    out: dict[str, Any] = {}
+    for split in ("valid", "test"):
+        out[split] = {k: stats([r[split][k] for r in reports]) for k in reports[0][split]}
+    return out
+
+
+def report_lines(reports: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    """Cost, the tie rule, the spread over seeds, and the two final lines `valid HR@10 <x> NDCG@10 <y>` and
+    `test HR@10 <x> NDCG@10 <y>` (percent, means over seeds)."""
+    first = reports[0]
+    lines = [f"seconds per epoch {statistics.mean(r['seconds_per_epoch'] for r in reports):.2f}, "
+             f"seconds per evaluation {statistics.mean(r['seconds_per_evaluation'] for r in reports):.2f}, "
+             f"peak memory {max(r['peak_memory_mib'] for r in reports):.0f} MiB, "
+             f"trainable parameters {first['trainable_parameters']:,}"]
+    if "ties" in first:
+        tied = {split: [r["ties"][f"{split}_tied"] for r in reports] for split in ("valid", "test")}
+        lines.append(f"ties: {first['ties']['rule']} (a target ranks after every other unmasked item scoring "
+                     + (">=" if first["ties"]["rule"] == "pessimistic" else ">")
+                     + f" it); targets with a bit-identical tie: valid {max(tied['valid']):,}, "
+                       f"test {max(tied['test']):,}" + (" (most over seeds)" if len(reports) > 1 else ""))
+    if len(reports) > 1:
+        for split in ("valid", "test"):
+            hr, ndcg = summary[split]["HR@10"], summary[split]["NDCG@10"]
+            lines.append(f"{split} over {len(reports)} seeds: HR@10 {100 * hr['mean']:.2f} ± {100 * hr['std']:.2f}, "
+                         f"NDCG@10 {100 * ndcg['mean']:.2f} ± {100 * ndcg['std']:.2f}")
+    for split in ("valid", "test"):
+        hr, ndcg = summary[split]["HR@10"]["mean"], summary[split]["NDCG@10"]["mean"]
+        lines.append(f"{split} HR@10 {100 * hr:.2f} NDCG@10 {100 * ndcg:.2f}")
+    return lines
