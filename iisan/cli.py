@@ -204,7 +204,7 @@ def evaluate_cmd(run_dir: Path, split: str, ties: str | None) -> None:
     from iisan.train.recipe import evaluate_run
 
     for seed, result in evaluate_run(run_dir, split, ties):
-        click.echo(f"seed {seed}: " + result.line(split) + f" (ties {result.ties}: {result.tied:,} targets tied)")
+        click.echo(f"seed {seed} (ties {result.ties}, {result.tied:,} targets tied): " + result.line(split))
 
 
 def _bench_config():
