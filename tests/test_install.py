@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("stage", ["extract", "cache_store", "train", "evaluate"])
+@pytest.mark.parametrize("stage", ["extract", "cache_store", "train", "evaluate", "experiments"])
 def test_stage_folders_import_under_the_namespace(stage, tmp_path):
     module = importlib.import_module(f"iisan.{stage}")
     assert Path(module.__file__).resolve() == (REPO / stage / "__init__.py").resolve()
