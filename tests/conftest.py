@@ -105,3 +105,21 @@ def env(world, monkeypatch):
 
 def options(world: Path, out: Path, **extra):
     return {"dataset": "toy", "cache": str(world / "cache"), "out": str(out), "progress": False, **extra}
+
+
+def forget_final_state(path: Path) -> None:
+    """Make a store look written before the manifest recorded final_state (the key deleted)."""
+    import json
+
+    from iisan.cache_store.backends import backend_for
+
+    backend = backend_for(path).open(path, writable=True)
+    if path.suffix == ".zarr":
+        raw = dict(backend.group.attrs["iisan"])
+        del raw["final_state"]
+        backend.group.attrs["iisan"] = raw
+    else:
+        raw = json.loads(backend.file.attrs["iisan"])
+        del raw["final_state"]
+        backend.file.attrs["iisan"] = json.dumps(raw)
+    backend.close()

@@ -23,7 +23,7 @@ from iisan.cache_store.cli import main as cache_cli
 from iisan.cache_store.inspect import store_stats, verify_store
 from iisan.data.dataset import load_dataset
 
-from conftest import write_tsv
+from conftest import forget_final_state, write_tsv
 
 FORMATS = ["zarr", "h5"]
 N_ITEMS, K, D, CHUNK = 300, 3, 8, 64   # 301 rows -> 5 chunks, the last one ragged
@@ -319,21 +319,6 @@ def test_writer_rules(tmp_path):
 # The model's final output (pooled last_hidden_state): array `final` ("stored"), the last hidden state
 # ("last_layer"), or unknown in a store written before the manifest recorded it ("").
 
-def old_store(path: Path) -> None:
-    """Make `path` look written before final_state existed: the key deleted from the stored manifest."""
-    backend = backend_for(path).open(path, writable=True)
-    if path.suffix == ".zarr":
-        raw = dict(backend.group.attrs["iisan"])
-        del raw["final_state"]
-        backend.group.attrs["iisan"] = raw
-    else:
-        import json
-        raw = json.loads(backend.file.attrs["iisan"])
-        del raw["final_state"]
-        backend.file.attrs["iisan"] = json.dumps(raw)
-    backend.close()
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_final_array_round_trip_in_callers_item_order(tmp_path, fmt, dtype):
@@ -387,7 +372,7 @@ def test_old_store_loads_its_states_but_not_a_final_output(tmp_path, fmt):
     path = tmp_path / f"m.{fmt}"
     write(path)
     before = load_cache(path, dtype=torch.float32)
-    old_store(path)
+    forget_final_state(path)
     with open_cache(path) as store:
         assert store.manifest.final_state == ""
         assert store.manifest == make_manifest(complete=True, package_version=iisan.__version__)

@@ -27,7 +27,7 @@ from iisan.extract.pooling import pool_layers
 from iisan.extract.run import ExtractConfig, run_extraction
 from iisan.data.dataset import load_dataset
 
-from conftest import write_tsv
+from conftest import forget_final_state, write_tsv
 from tiny_models import WORDS, build_tiny_bert, build_tiny_dinov2, build_tiny_llama, write_registry
 
 BIN = Path(sys.executable).parent
@@ -345,22 +345,6 @@ def final_of(path: Path) -> np.ndarray | None:
         return backend.read_final_rows(0, backend.shape()[0]) if backend.has_final() else None
     finally:
         backend.close()
-
-
-def forget_final_state(path: Path) -> None:
-    """Make a store look written before the manifest recorded final_state (the key deleted)."""
-    import json
-
-    backend = backend_for(path).open(path, writable=True)
-    if path.suffix == ".zarr":
-        raw = dict(backend.group.attrs["iisan"])
-        del raw["final_state"]
-        backend.group.attrs["iisan"] = raw
-    else:
-        raw = json.loads(backend.file.attrs["iisan"])
-        del raw["final_state"]
-        backend.file.attrs["iisan"] = json.dumps(raw)
-    backend.close()
 
 
 def test_probe_tells_a_final_norm_from_none(toy):
