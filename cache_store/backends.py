@@ -72,10 +72,23 @@ class Backend:
     def read_missing(self) -> np.ndarray: ...
     def read_item_ids(self) -> list[str]: ...
     def read_rows(self, start: int, stop: int) -> np.ndarray: ...
-    def has_final(self) -> bool: ...
-    def final_shape(self) -> tuple[int, ...]: ...
-    def final_dtype(self) -> np.dtype: ...
-    def read_final_rows(self, start: int, stop: int) -> np.ndarray: ...
+
+    def _arrays(self):
+        """The zarr group or HDF5 file holding the arrays (both index them by name)."""
+        raise NotImplementedError
+
+    def has_final(self) -> bool:
+        return "final" in self._arrays()
+
+    def final_shape(self) -> tuple[int, ...]:
+        return tuple(self._arrays()["final"].shape)
+
+    def final_dtype(self) -> np.dtype:
+        return np.dtype(self._arrays()["final"].dtype)
+
+    def read_final_rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self._arrays()["final"][start:stop])
+
     def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray,
                     final: np.ndarray | None = None) -> None: ...
     def close(self) -> None: ...
@@ -204,17 +217,8 @@ class ZarrBackend(Backend):
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.group["states"][start:stop])
 
-    def has_final(self) -> bool:
-        return "final" in self.group
-
-    def final_shape(self) -> tuple[int, ...]:
-        return tuple(self.group["final"].shape)
-
-    def final_dtype(self) -> np.dtype:
-        return np.dtype(self.group["final"].dtype)
-
-    def read_final_rows(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self.group["final"][start:stop])
+    def _arrays(self):
+        return self.group
 
     def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray,
                     final: np.ndarray | None = None) -> None:
@@ -326,17 +330,8 @@ class Hdf5Backend(Backend):
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.file["states"][start:stop])
 
-    def has_final(self) -> bool:
-        return "final" in self.file
-
-    def final_shape(self) -> tuple[int, ...]:
-        return tuple(self.file["final"].shape)
-
-    def final_dtype(self) -> np.dtype:
-        return np.dtype(self.file["final"].dtype)
-
-    def read_final_rows(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self.file["final"][start:stop])
+    def _arrays(self):
+        return self.file
 
     def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray,
                     final: np.ndarray | None = None) -> None:
