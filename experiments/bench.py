@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from iisan.evaluate.efficiency import MEMORY_FRACTION, total_memory_mib, tpme
 from iisan.experiments.cost import run_measurement
+from iisan.registry import dataset_name
 from iisan.runtime import git_commit, pick_device
 from iisan.train.methods import BENCH_METHODS as DEFAULT_METHODS
 
@@ -32,7 +33,7 @@ PAPER_RATIOS = {"fft_over_cached_time": (443 / 22, "443 s / 22 s"),
 
 @dataclass
 class BenchConfig:
-    dataset: str = field(metadata={"help": "dataset name in the registry"})
+    dataset: str = field(metadata={"help": "dataset: a name in the registry, or a dataset folder (a path)"})
     pipeline: str = field(default="", metadata={"help": "pipeline (default: the dataset's)"})
     text: str = field(default="", metadata={"help": "text encoder (MODEL[@FIELD]); default: the pipeline's"})
     image: str = field(default="", metadata={"help": "image encoder; default: the pipeline's"})
@@ -83,9 +84,10 @@ def ensure_caches(cfg, log) -> dict[str, float]:
     from iisan.train.data import slot_sources
 
     seconds = {}
+    name = dataset_name(cfg.dataset)
     for source in slot_sources(cfg).values():
         model, _, text_field = source.partition("@")
-        path = find_store(cfg.cache, cfg.dataset, model, text_field or None)
+        path = find_store(cfg.cache, name, model, text_field or None)
         complete = False
         if path is not None:
             with open_cache(path) as store:
@@ -94,7 +96,7 @@ def ensure_caches(cfg, log) -> dict[str, float]:
             log(f"extracting {source} on {cfg.dataset} (once; cached IISAN reads it)")
             run_extraction(ExtractConfig(model=model, dataset=cfg.dataset, text_field=text_field or None,
                                          out=cfg.cache, progress=False), log=log)
-            path = find_store(cfg.cache, cfg.dataset, model, text_field or None)
+            path = find_store(cfg.cache, name, model, text_field or None)
         with open_cache(path) as store:
             seconds[source] = store.manifest.extraction_seconds
     log("caches ready: " + ", ".join(f"{s} (extraction {v:.0f} s)" if v else f"{s} (extraction time not recorded)"
@@ -182,7 +184,7 @@ def train_in_child(cfg: TrainConfig) -> dict[str, Any]:
 
 def report_stem(bench: BenchConfig) -> str:
     """bench-<dataset>, with -text-only and -full when those apply, so that they do not overwrite the default."""
-    return f"bench-{bench.dataset}" + ("-text-only" if bench.text_only else "") + ("-full" if bench.full else "")
+    return f"bench-{dataset_name(bench.dataset)}" + ("-text-only" if bench.text_only else "") + ("-full" if bench.full else "")
 
 
 def _progress_line(r: dict[str, Any], main: bool) -> str:

@@ -98,11 +98,13 @@ def data_fetch(name: str, dest: Path | None, force: bool, wheel: Path | None) ->
 @data.command("stats")
 @click.argument("name")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="The dataset folder (default: found by name in $IISAN_DATA_DIR, ./data, ../shared/data).")
+              help="The folder of a registered dataset (default: found by name in $IISAN_DATA_DIR, ./data, "
+                   "../shared/data).")
 @click.option("--strict", is_flag=True, help="Refuse any data problem (duplicate ids, unknown items, ...).")
 @click.option("--check-images", is_flag=True, help="Decode every kept item's image and count corrupt ones.")
 def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: bool) -> None:
-    """Print the docs/method.md §1.2 statistics of a dataset."""
+    """Print the docs/method.md §1.2 statistics of a dataset: NAME in pipelines.yaml, or a dataset folder
+    (a path) in the IISAN TSV layout."""
     from iisan.data.dataset import corrupt_images, dataset_stats, load_dataset
 
     dataset = load_dataset(name, folder=data_dir, strict=strict)
@@ -112,7 +114,8 @@ def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: boo
         click.echo(f"warning: image folder '{absent}' not found in the data roots", err=True)
     s = dataset_stats(dataset)
     rows = [
-        ("dataset", f"{name} ({dataset.location.folder})"),
+        ("dataset", f"{dataset.name} ({dataset.location.folder}; described by {dataset.location.described_by})"),
+        ("text fields", ", ".join(dataset.items.fields)),
         ("users", f"{s.users:,}  ({s.file_users:,} in the users file)"),
         ("items", f"{s.items:,}  ({s.file_items:,} in the items file)"),
         ("interactions", f"{s.interactions:,}  ({s.file_interactions:,} before truncation)"),
@@ -190,7 +193,7 @@ def train_cmd(resume, **options) -> None:
     if resume is not None:
         result = train(resume=resume, log=log)
     else:
-        result = train(resolve(given(options)), log=log)
+        result = train(resolve(given(options), log=log), log=log)
     click.echo(result["run_dir"])
 
 

@@ -1,13 +1,19 @@
-"""The registry `pipelines.yaml`: datasets (and, in later stages, models and pipelines) by name.
+"""The registry `pipelines.yaml`: datasets, models and pipelines by name; and datasets given as a folder.
 
 Where the registry is: `$IISAN_PIPELINES` if set, else the `pipelines.yaml` at the repository root (or the
 copy a wheel install puts under `<prefix>/share/iisan-versa/`).
 Where dataset folders are: `$IISAN_DATA_DIR` (several folders separated by `os.pathsep`), then `./data`,
 then `../shared/data` (both relative to the working directory and to the repository root).
+
+A dataset is a name or a path (`is_dataset_path`): a folder in the IISAN TSV layout needs no registry entry.
+Its settings come from the registry entry of the same name, if any, then from the folder's own
+`dataset.yaml` (the keys of a registry entry, plus `name`), then from the files themselves (the columns after
+the item id are `title`, `field2`, ...; `images/` if present).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -83,9 +89,12 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
+DATASET_YAML = "dataset.yaml"
+
+
 @dataclass(frozen=True)
 class DatasetEntry:
-    """One `datasets.<name>` entry of the registry, defaults filled in."""
+    """One `datasets.<name>` entry of the registry (or a folder's dataset.yaml), defaults filled in."""
 
     name: str
     dir: str = field(metadata={"help": "folder name looked up in the data roots"})
@@ -94,27 +103,43 @@ class DatasetEntry:
     fields: tuple[str, ...] = field(default=("title",), metadata={"help": "text columns after item_id"})
     images: tuple[str, ...] = field(default=("images",), metadata={"help": "image folders in the dataset"})
     extra_images: tuple[str, ...] = field(default=(), metadata={"help": "image folders in the data roots"})
+    image_field: str = field(default="", metadata={"help": "column holding each item's image path"})
+    image_url_field: str = field(default="", metadata={"help": "column holding each item's image URL"})
     fetch: str | None = field(default=None, metadata={"help": "built-in fetcher that builds the folder"})
-    pipeline: str = field(default="text-image", metadata={"help": "pipeline `iisan train` uses by default"})
+    pipeline: str = field(default="", metadata={
+        "help": "pipeline `iisan train` uses by default (none: text-image if the dataset has images, else "
+                "text-only)"})
+
+    KEYS = ("dir", "items", "users", "fields", "images", "extra_images", "image_field", "image_url_field", "fetch",
+            "pipeline")
 
     @classmethod
-    def from_yaml(cls, name: str, raw: dict[str, Any] | None) -> "DatasetEntry":
+    def from_yaml(cls, name: str, raw: dict[str, Any] | None, where: str | None = None,
+                  base: "DatasetEntry | None" = None) -> "DatasetEntry":
+        """An entry from its YAML mapping; keys it does not give come from `base` (else the defaults)."""
+        where = where or f"{registry_path()}: dataset '{name}'"
+        if raw is not None and not isinstance(raw, dict):
+            raise RegistryError(f"{where}: expected a mapping of keys ({', '.join(cls.KEYS)})")
         raw = dict(raw or {})
-        known = {"dir", "items", "users", "fields", "images", "extra_images", "fetch", "pipeline"}
-        unknown = set(raw) - known
+        unknown = set(raw) - set(cls.KEYS)
         if unknown:
-            raise RegistryError(f"{registry_path()}: dataset '{name}' has unknown keys {sorted(unknown)}; "
-                                f"known keys are {sorted(known)}")
-        kwargs: dict[str, Any] = {"name": name, "dir": str(raw.get("dir", name))}
+            raise RegistryError(f"{where} has unknown keys {sorted(unknown)}; known keys are {sorted(cls.KEYS)}")
+        kwargs: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
+        kwargs.update(name=name, dir=str(raw.get("dir", kwargs.get("dir", name))))
         for key in ("items", "users", "fields", "images", "extra_images"):
             if key in raw:
                 kwargs[key] = tuple(_as_list(raw[key]))
         if not kwargs.get("fields", ("title",)):
-            raise RegistryError(f"{registry_path()}: dataset '{name}' must list at least one text field")
-        for key in ("fetch", "pipeline"):
+            raise RegistryError(f"{where}: must list at least one text field")
+        for key in ("image_field", "image_url_field", "fetch", "pipeline"):
             if raw.get(key):
                 kwargs[key] = str(raw[key])
-        return cls(**kwargs)
+        entry = cls(**kwargs)
+        for key in ("image_field", "image_url_field"):
+            value = getattr(entry, key)
+            if value and value not in entry.fields:
+                raise RegistryError(f"{where}: {key} '{value}' is not one of the fields ({', '.join(entry.fields)})")
+        return entry
 
 
 def dataset_names() -> list[str]:
@@ -125,8 +150,52 @@ def dataset_entry(name: str) -> DatasetEntry:
     datasets = load_registry().get("datasets") or {}
     if name not in datasets:
         raise RegistryError(f"unknown dataset '{name}'; registered in {registry_path()}: "
-                            f"{', '.join(datasets) or 'none'}")
+                            f"{', '.join(datasets) or 'none'}; or give the dataset's folder as a path "
+                            f"(e.g. --dataset ./data/{name})")
     return DatasetEntry.from_yaml(name, datasets[name])
+
+
+def is_dataset_path(ref: str | Path) -> bool:
+    """A dataset given as a folder: a value containing a path separator, or naming an existing directory."""
+    text = str(ref)
+    return "/" in text or os.sep in text or Path(text).expanduser().is_dir()
+
+
+def dataset_name(ref: str | Path) -> str:
+    """The name a dataset reference stands for: the name itself, or a folder's dataset.yaml `name` / folder
+    name. Caches and runs are filed under it."""
+    if not is_dataset_path(ref):
+        return str(ref)
+    folder = Path(ref).expanduser()
+    return str(_read_dataset_yaml(folder).get("name") or folder.resolve().name)
+
+
+def _read_dataset_yaml(folder: Path) -> dict[str, Any]:
+    path = folder / DATASET_YAML
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RegistryError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path}: expected a mapping of keys ({', '.join(('name',) + DatasetEntry.KEYS)})")
+    return data
+
+
+def _sniffed_fields(items_file: Path, sample: int = 1000) -> tuple[str, ...]:
+    """Column names for an items file without a description: `title`, `field2`, ... for the widest of its
+    first lines (a line holding only the id is an item without text)."""
+    width = 1
+    try:
+        with open(items_file, "rb") as f:
+            for number, raw in enumerate(f):
+                if number >= sample:
+                    break
+                width = max(width, raw.rstrip(b"\r\n").count(b"\t") + 1)
+    except OSError as e:
+        raise DataError(items_file, f"cannot read: {e}") from None
+    return ("title",) + tuple(f"field{k}" for k in range(2, width))
 
 
 @dataclass(frozen=True)
@@ -139,6 +208,7 @@ class DatasetLocation:
     users_file: Path
     image_dirs: tuple[Path, ...]
     absent_image_dirs: tuple[str, ...]
+    described_by: str = "the registry"   # where the settings came from, for messages
 
     @property
     def name(self) -> str:
@@ -152,9 +222,35 @@ def _first_existing(folder: Path, candidates: tuple[str, ...], what: str) -> Pat
     raise DataError(folder / candidates[0], f"{what} file not found (looked for {', '.join(candidates)} in {folder})")
 
 
-def locate_dataset(name: str, folder: str | Path | None = None) -> DatasetLocation:
-    """Find a registered dataset's folder (or use `folder`) and its files."""
-    entry = dataset_entry(name)
+def _entry_for_folder(folder: Path) -> tuple[DatasetEntry, str]:
+    """A folder's settings: registry entry of its name < its dataset.yaml < what the files show."""
+    if not folder.is_dir():
+        raise DataError(folder, "dataset folder not found" if not folder.exists() else "not a folder")
+    described = _read_dataset_yaml(folder)
+    name = str(described.pop("name", "") or folder.resolve().name)
+    registered = name in (load_registry().get("datasets") or {})
+    base = dataset_entry(name) if registered else None
+    where = f"{folder / DATASET_YAML}"
+    entry = DatasetEntry.from_yaml(name, described, where=where, base=base)
+    sources = ([f"the registry entry '{name}'"] if registered else []) + ([DATASET_YAML] if described else [])
+    if not registered and "fields" not in described:
+        items_file = _first_existing(folder, entry.items, "items")
+        entry = dataclasses.replace(entry, fields=_sniffed_fields(items_file))
+        sources.append("the items file's columns")
+    return entry, " and ".join(sources)
+
+
+def locate_dataset(ref: str | Path, folder: str | Path | None = None) -> DatasetLocation:
+    """Find a dataset's files: a registered name (its folder in the data roots, or `folder`), a dataset
+    folder given as a path (`is_dataset_path`), or any name with its `folder`."""
+    registered = str(ref) in (load_registry().get("datasets") or {})
+    if folder is None and is_dataset_path(ref):
+        folder = Path(ref).expanduser().resolve()
+        entry, described = _entry_for_folder(folder)
+    elif folder is not None and not registered:  # e.g. a cache's dataset name and the folder it came from
+        entry, described = _entry_for_folder(Path(folder))
+    else:
+        entry, described = dataset_entry(str(ref)), "the registry"
     if folder is None:
         roots = data_roots()
         found = [root / entry.dir for root in roots if (root / entry.dir).is_dir()]
@@ -179,4 +275,4 @@ def locate_dataset(name: str, folder: str | Path | None = None) -> DatasetLocati
             image_dirs.append(hits[0])
         else:
             absent.append(extra)
-    return DatasetLocation(entry, folder, items_file, users_file, tuple(image_dirs), tuple(absent))
+    return DatasetLocation(entry, folder, items_file, users_file, tuple(image_dirs), tuple(absent), described)

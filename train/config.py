@@ -15,11 +15,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from iisan.cache_store.inspect import default_cache_root
 from iisan.errors import IisanError, RegistryError
-from iisan.registry import dataset_entry, load_registry, registry_path
+from iisan.data.dataset import default_pipeline
+from iisan.registry import is_dataset_path, load_registry, locate_dataset, registry_path
 
 # 1: before the stage-2 redesign (issue 12); 2: slots named text / image / text2, ties rule, h_0 kept for
 # remove_first, frozen reads the final output, standardize dim | layer.
@@ -38,7 +39,8 @@ def _help(text: str, flag: str | None = None) -> dict[str, Any]:
 @dataclass
 class TrainConfig:
     # --- data and the encoders feeding each slot
-    dataset: str = field(metadata=_help("Dataset name in pipelines.yaml."))
+    dataset: str = field(metadata=_help(
+        "Dataset: a name in pipelines.yaml, or a dataset folder (a path; its dataset.yaml or its files describe it)."))
     pipeline: str = field(default="", metadata=_help("Pipeline in pipelines.yaml (default: the dataset's)."))
     text: str = field(default="", metadata=_help("MODEL[@FIELD] feeding the text slot (overrides the pipeline)."))
     image: str = field(default="", metadata=_help("MODEL feeding the image slot."))
@@ -100,13 +102,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def resolve(overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults < method presets < pipeline presets < overrides (None values in `overrides` mean "not given")."""
+def resolve(overrides: dict[str, Any], log: Callable[[str], None] | None = None) -> TrainConfig:
+    """Defaults < method presets < pipeline presets < overrides (None values in `overrides` mean "not given").
+    A dataset given as a folder is recorded as its absolute path. Without a pipeline, the dataset's default
+    is taken (its own, else by the modalities it has) and `log` is told which and why."""
     from iisan.train.methods import method as method_entry
 
     given = {k: v for k, v in overrides.items() if v is not None}
     dataset = given["dataset"]
-    pipeline = given.get("pipeline") or dataset_entry(dataset).pipeline
+    if is_dataset_path(dataset):
+        dataset = given["dataset"] = str(Path(dataset).expanduser().resolve())
+    pipeline = given.get("pipeline")
+    if not pipeline:
+        pipeline, why = default_pipeline(locate_dataset(dataset))
+        if log is not None:
+            log(f"pipeline {pipeline} ({why}; --pipeline chooses another)")
     pipelines = load_registry().get("pipelines") or {}
     if pipeline not in pipelines:
         raise RegistryError(f"unknown pipeline '{pipeline}'; registered in {registry_path()}: {', '.join(pipelines)}")

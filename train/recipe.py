@@ -31,7 +31,7 @@ from iisan.errors import IisanError
 from iisan.evaluate.efficiency import peak_memory_mib
 from iisan.evaluate.metrics import RankingResult, rank_targets
 from iisan.evaluate.report import report_lines, summarize
-from iisan.registry import load_registry
+from iisan.registry import dataset_name, load_registry
 from iisan.runtime import git_commit, pick_device
 from iisan.train.config import TrainConfig, load_config, saved_version
 from iisan.train.data import SlotStates, layer_rule, load_slot, slot_sources, train_batches
@@ -316,7 +316,7 @@ def run_label(cfg: TrainConfig) -> str:
 
 def run_dir_for(cfg: TrainConfig) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.out) / cfg.dataset / f"{run_label(cfg)}-{stamp}"
+    return Path(cfg.out) / dataset_name(cfg.dataset) / f"{run_label(cfg)}-{stamp}"
 
 
 def matching_run(cfg: TrainConfig) -> Path | None:
@@ -325,7 +325,7 @@ def matching_run(cfg: TrainConfig) -> Path | None:
     from iisan.train.config import upgrade_config
 
     wanted = {k: v for k, v in cfg.to_dict().items() if k != "progress"}
-    for folder in sorted((Path(cfg.out) / cfg.dataset).glob(f"{run_label(cfg)}-*"), reverse=True):
+    for folder in sorted((Path(cfg.out) / dataset_name(cfg.dataset)).glob(f"{run_label(cfg)}-*"), reverse=True):
         try:
             saved = upgrade_config(json.loads((folder / "config.json").read_text()), str(folder))
         except (OSError, ValueError, IisanError):

@@ -1,4 +1,4 @@
-"""A registered dataset loaded from disk: items, users, images, and the problems found reading them."""
+"""A dataset (registered, or a folder) loaded from disk: items, users, images, and the problems found reading them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from iisan.data.images import ImageIndex
+from iisan.data.images import ImageIndex, has_image_files
 from iisan.data.protocol import ProtocolConfig, SplitData, apply_protocol
 from iisan.data.readers import ItemTable, UserTable, read_items, read_users
 from iisan.data.report import DataReport
@@ -32,7 +32,7 @@ class Dataset:
 
     def field_texts(self, field: str) -> list[str]:
         if field not in self.items.fields:
-            raise DataError(self.items.path, f"no text field '{field}'; the registry lists "
+            raise DataError(self.items.path, f"no text field '{field}'; {self.location.described_by} lists "
                                              f"{', '.join(self.items.fields)} for dataset '{self.name}'")
         return self.items.fields[field]
 
@@ -82,14 +82,27 @@ def content_fingerprint(items: ItemTable, fields: Sequence[str] = (), images: Im
     return "sha256:" + h.hexdigest()
 
 
-def load_dataset(name: str, folder: str | Path | None = None, strict: bool = False) -> Dataset:
-    """Read a registered dataset. Problems are collected in `dataset.report` (raised with `strict`)."""
-    location = locate_dataset(name, folder)
+def load_dataset(ref: str | Path, folder: str | Path | None = None, strict: bool = False) -> Dataset:
+    """Read a dataset: a registered name (found in the data roots, or at `folder`) or a dataset folder given
+    as a path. Problems are collected in `dataset.report` (raised with `strict`)."""
+    location = locate_dataset(ref, folder)
     report = DataReport(strict=strict)
     items = read_items(location.items_file, location.entry.fields, report)
     users = read_users(location.users_file, items, report)
     images = ImageIndex.build(location.image_dirs)
+    if location.entry.image_field:
+        images = ImageIndex.from_field(location.folder, items, location.entry.image_field, report, images)
     return Dataset(location, items, users, images, report)
+
+
+def default_pipeline(location: DatasetLocation) -> tuple[str, str]:
+    """The pipeline `iisan train` uses when none is given, and why: the dataset's own `pipeline`, else the
+    modalities it has (text-image with images, text-only without)."""
+    if location.entry.pipeline:
+        return location.entry.pipeline, f"set for dataset '{location.name}' in {location.described_by}"
+    if location.entry.image_field or has_image_files(location.image_dirs):
+        return "text-image", f"dataset '{location.name}' has images"
+    return "text-only", f"dataset '{location.name}' has no images"
 
 
 @dataclass(frozen=True)

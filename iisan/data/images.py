@@ -1,4 +1,5 @@
-"""Item images: `<item_id>.jpg|jpeg|png` in one or more folders, searched in order.
+"""Item images: `<item_id>.jpg|jpeg|png` in one or more folders, searched in order, or a path per item in an
+items-file column (dataset.yaml `image_field`).
 
 Finding an image only lists folders (cheap); opening one decodes it and reports a corrupt file as a problem
 instead of raising, so that extraction never crashes mid-way on a bad image.
@@ -10,9 +11,27 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from PIL import Image, UnidentifiedImageError
 
+from iisan.errors import DataError
+
+if TYPE_CHECKING:
+    from iisan.data.readers import ItemTable
+    from iisan.data.report import DataReport
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MISSING_IMAGE_FILE = "an image path to a file that does not exist"
+
+
+def has_image_files(folders: tuple[Path, ...] | list[Path]) -> bool:
+    """Whether any of the folders holds an image file (stops at the first one)."""
+    for folder in folders:
+        with os.scandir(folder) as entries:
+            if any(os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file() for e in entries):
+                return True
+    return False
 
 
 @dataclass
@@ -38,6 +57,31 @@ class ImageIndex:
             for stem, path in found.items():
                 paths.setdefault(stem, path)
         return cls(tuple(folders), paths)
+
+    @classmethod
+    def from_field(cls, folder: Path, items: "ItemTable", image_field: str, report: "DataReport",
+                   fallback: "ImageIndex") -> "ImageIndex":
+        """Images named by an items-file column (paths relative to the dataset folder), then `fallback`'s
+        folders for items the column leaves empty. A path that leaves the dataset folder is an error; one to
+        a missing file is counted and the item takes the missing-image path."""
+        root = folder.resolve()
+        paths: dict[str, Path] = {}
+        for item_id, value, line in zip(items.ids, items.fields[image_field], items.lines):
+            value = value.strip()
+            if not value:
+                continue
+            path = (root / value).resolve()
+            if not path.is_relative_to(root):
+                raise DataError(items.path, f"image path {value!r} (column {image_field}) leads outside the dataset "
+                                            f"folder {root}", line)
+            if path.is_file():
+                paths[item_id] = path
+            else:
+                report.add(items.path, line, MISSING_IMAGE_FILE, "the item takes the missing-image path",
+                           f"'{item_id}': {value}")
+        for item_id, path in fallback.paths.items():
+            paths.setdefault(item_id, path)
+        return cls(fallback.folders, paths)
 
     def get(self, item_id: str) -> Path | None:
         return self.paths.get(item_id)
