@@ -105,7 +105,7 @@ def data_fetch(name: str, dest: Path | None, force: bool, wheel: Path | None) ->
 def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: bool) -> None:
     """Print the docs/method.md §1.2 statistics of a dataset: NAME in pipelines.yaml, or a dataset folder
     (a path) in the IISAN TSV layout."""
-    from iisan.data.dataset import corrupt_images, dataset_stats, load_dataset
+    from iisan.data.dataset import corrupt_images, dataset_stats, default_pipeline, load_dataset
 
     dataset = load_dataset(name, folder=data_dir, strict=strict)
     for message in dataset.report.messages():
@@ -116,6 +116,7 @@ def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: boo
     rows = [
         ("dataset", f"{dataset.name} ({dataset.location.folder}; described by {dataset.location.described_by})"),
         ("text fields", ", ".join(dataset.items.fields)),
+        ("default pipeline", "{} ({})".format(*default_pipeline(dataset.location))),
         ("users", f"{s.users:,}  ({s.file_users:,} in the users file)"),
         ("items", f"{s.items:,}  ({s.file_items:,} in the items file)"),
         ("interactions", f"{s.interactions:,}  ({s.file_interactions:,} before truncation)"),
