@@ -25,6 +25,21 @@ class RankingResult:
     ties: str = "pessimistic"            # the tie rule the ranks follow
     tied: int = 0                        # targets with at least one other item scoring bit-identically
 
+    warm: torch.Tensor | None = None     # [U] bool: the target occurs in training (see SplitData.warm_targets)
+
+    def groups(self, ks: tuple[int, ...] = KS) -> dict[str, dict[str, float | int | None]]:
+        """The metrics of the warm and the cold users separately, each with its user count (`users`); a group
+        without users has None metrics. Empty when the result carries no warm mask."""
+        if self.warm is None:
+            return {}
+        out: dict[str, dict[str, float | int | None]] = {}
+        for name, mask in (("warm", self.warm), ("cold", ~self.warm)):
+            n = int(mask.sum())
+            ranks = self.ranks[mask]
+            metrics = metrics_from_ranks(ranks, ks) if n else {k: None for k in self.metrics}
+            out[name] = {"users": n, **metrics}
+        return out
+
     def line(self, split: str, k: int = 10) -> str:
         """`<split> HR@10 <x> NDCG@10 <y>`, in percent as in docs/method.md §9.2."""
         return f"{split} HR@{k} {100 * self.metrics[f'HR@{k}']:.2f} NDCG@{k} {100 * self.metrics[f'NDCG@{k}']:.2f}"

@@ -7,18 +7,40 @@ from typing import Any
 
 
 def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over seeds of every valid / test metric."""
+    """Mean and std over seeds of every valid / test metric, and (`groups`) of the warm and the cold users'."""
     def stats(values: list[float]) -> dict[str, float]:
         return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
     out: dict[str, Any] = {}
     for split in ("valid", "test"):
         out[split] = {k: stats([r[split][k] for r in reports]) for k in reports[0][split]}
+    if all(r.get("groups") for r in reports):  # seeds finished before the split existed have none
+        out["groups"] = {}
+        for split in ("valid", "test"):
+            out["groups"][split] = {}
+            for group, first in reports[0]["groups"][split].items():
+                entry: dict[str, Any] = {"users": first["users"]}
+                for k in first:
+                    if k != "users":
+                        values = [r["groups"][split][group][k] for r in reports]
+                        entry[k] = None if any(v is None for v in values) else stats(values)
+                out["groups"][split][group] = entry
     return out
 
 
+def group_line(group: str, split: str, metrics: dict[str, Any], users: int) -> str:
+    """`<group> <split> HR@10 <x> NDCG@10 <y> (<n> users)`, percent (n/a where a group has no users).
+    `metrics` values are floats, None, or {"mean": ...} summaries over seeds."""
+    def percent(value: Any) -> str:
+        value = value["mean"] if isinstance(value, dict) else value
+        return "n/a" if value is None else f"{100 * value:.2f}"
+
+    return f"{group} {split} HR@10 {percent(metrics['HR@10'])} NDCG@10 {percent(metrics['NDCG@10'])} ({users} users)"
+
+
 def report_lines(reports: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
-    """Cost, the tie rule, the spread over seeds, and the two final lines `valid HR@10 <x> NDCG@10 <y>` and
+    """Cost, the tie rule, the spread over seeds, the warm / cold test lines (users whose target occurs in
+    training, and the others), and the two final lines `valid HR@10 <x> NDCG@10 <y>` and
     `test HR@10 <x> NDCG@10 <y>` (percent, means over seeds)."""
     first = reports[0]
     lines = [f"seconds per epoch {statistics.mean(r['seconds_per_epoch'] for r in reports):.2f}, "
@@ -36,6 +58,9 @@ def report_lines(reports: list[dict[str, Any]], summary: dict[str, Any]) -> list
             hr, ndcg = summary[split]["HR@10"], summary[split]["NDCG@10"]
             lines.append(f"{split} over {len(reports)} seeds: HR@10 {100 * hr['mean']:.2f} ± {100 * hr['std']:.2f}, "
                          f"NDCG@10 {100 * ndcg['mean']:.2f} ± {100 * ndcg['std']:.2f}")
+    if "groups" in summary:
+        lines += [group_line(group, "test", entry, entry["users"])
+                  for group, entry in summary["groups"]["test"].items()]
     for split in ("valid", "test"):
         hr, ndcg = summary[split]["HR@10"]["mean"], summary[split]["NDCG@10"]["mean"]
         lines.append(f"{split} HR@10 {100 * hr:.2f} NDCG@10 {100 * ndcg:.2f}")

@@ -205,9 +205,12 @@ def train_cmd(resume, **options) -> None:
               help="Tie rule (default: the run's).")
 def evaluate_cmd(run_dir: Path, split: str, ties: str | None) -> None:
     """Re-score a saved run's best checkpoints."""
+    from iisan.evaluate.report import group_line
     from iisan.train.recipe import evaluate_run
 
     for seed, result in evaluate_run(run_dir, split, ties):
+        for group, g in result.groups().items():
+            click.echo(f"seed {seed} " + group_line(group, split, g, g["users"]))
         click.echo(f"seed {seed} (ties {result.ties}, {result.tied:,} targets tied): " + result.line(split))
 
 

@@ -215,3 +215,48 @@ def test_frozen_reads_the_final_output_and_remove_first_starts_from_h0(env, tmp_
     side = build_model(s).items.side
     assert len(side.intra["text"].blocks) == 2 and side.intra["text"].init_from_first
     assert len(side.inter.blocks) == 2
+
+
+def test_warm_and_cold_users_are_reported_separately(env, tmp_path, monkeypatch):
+    """Warm / cold computed by hand from the users file: a test target is cold when no user's training part
+    (the last 13 items minus the final two) holds it; each group's HR / NDCG are those of its users' ranks."""
+    from iisan.data.dataset import load_dataset
+    from iisan.evaluate.metrics import metrics_from_ranks
+    from iisan.train.recipe import evaluate_run
+
+    data = tmp_path / "data"
+    shutil.copytree(env / "data", data)
+    users = (data / "toy" / "users.tsv").read_text().splitlines()
+    # Items i100..i119 are cached but in no history: ten users' test targets become such items, i.e. cold.
+    users = [line.rsplit(" ", 1)[0] + f" i{100 + k:03d}" if k < 10 else line for k, line in enumerate(users)]
+    (data / "toy" / "users.tsv").write_text("\n".join(users) + "\n")
+    monkeypatch.setenv("IISAN_DATA_DIR", str(data))
+    result = train(resolve(options(env, tmp_path, seeds=2, epochs=1)), log=lambda m: None)
+    dataset = load_dataset("toy")
+    kept = [seq[-13:] for seq in dataset.users.sequences if len(seq) >= 5]
+    trained = {item for seq in kept for item in seq[:-2]}
+    cold = [seq[-1] not in trained for seq in kept]
+    assert (sum(cold), len(cold)) == (COLD_TOY, 150)
+    for seed, ranking in evaluate_run(Path(result["run_dir"]), "test"):
+        groups = ranking.groups()
+        warm_ranks = ranking.ranks[[not c for c in cold]]
+        cold_ranks = ranking.ranks[cold]
+        assert groups["warm"] == {"users": 150 - COLD_TOY, **metrics_from_ranks(warm_ranks)}
+        assert groups["cold"] == {"users": COLD_TOY, **metrics_from_ranks(cold_ranks)}
+    report = json.loads((Path(result["run_dir"]) / "report.json").read_text())
+    seeds = report["seeds"]
+    for group in ("warm", "cold"):
+        entry = report["groups"]["test"][group]
+        assert entry["users"] == seeds[0]["groups"]["test"][group]["users"]
+        assert entry["HR@10"]["mean"] == pytest.approx(sum(s["groups"]["test"][group]["HR@10"] for s in seeds) / 2)
+    from iisan.evaluate.report import report_lines
+
+    lines = report_lines(seeds, report)
+    assert lines[-4] == (f"warm test HR@10 {100 * report['groups']['test']['warm']['HR@10']['mean']:.2f} "
+                         f"NDCG@10 {100 * report['groups']['test']['warm']['NDCG@10']['mean']:.2f} "
+                         f"({150 - COLD_TOY} users)")
+    assert lines[-3].startswith("cold test HR@10 ") and lines[-3].endswith(f"({COLD_TOY} users)")
+    assert lines[-2].startswith("valid HR@10 ") and lines[-1].startswith("test HR@10 ")
+
+
+COLD_TOY = 10

@@ -168,7 +168,9 @@ def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig)
                        for i in range(0, len(inputs), cfg.eval_batch_size)])
     targets = torch.from_numpy(split.valid_target if which == "valid" else split.test_target)
     history = torch.from_numpy(split.valid_history if which == "valid" else split.test_history)
-    return rank_targets(users, table, targets, history, cfg.faithful, cfg.eval_batch_size, ties=cfg.ties)
+    result = rank_targets(users, table, targets, history, cfg.faithful, cfg.eval_batch_size, ties=cfg.ties)
+    result.warm = torch.from_numpy(split.warm_targets(which))
+    return result
 
 
 def evaluate_run(run_dir: Path, split: str = "test", ties: str | None = None) -> list[tuple[int, RankingResult]]:
@@ -301,6 +303,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2) -> dict
               "seconds_per_evaluation": statistics.mean(state.eval_seconds),
               "peak_memory_mib": peak_memory_mib(device), "trainable_parameters": trainable_parameters(model),
               "valid": valid.metrics, "test": test.metrics,
+              "groups": {"valid": valid.groups(), "test": test.groups()},
               "ties": {"rule": cfg.ties, "valid_tied": valid.tied, "test_tied": test.tied}}
     (folder / "report.json").write_text(json.dumps(report, indent=2))
     return report

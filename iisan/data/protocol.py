@@ -71,6 +71,12 @@ class SplitData:
     def zero_popularity_items(self) -> int:
         return int((self.train_counts[1:] == 0).sum())
 
+    def warm_targets(self, which: str) -> np.ndarray:
+        """[U] bool: whether each user's valid / test target occurs in some training sequence ("warm"); the
+        others ("cold") are items an ID model has never been trained on."""
+        targets = self.valid_target if which == "valid" else self.test_target
+        return self.train_counts[targets] > 0
+
     def repeat_targets(self) -> tuple[int, int]:
         """Users whose valid / test target already occurs in the history masked for that split."""
         valid = sum(1 for s in self.sequences if s[-2] in s[:-2])
