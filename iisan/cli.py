@@ -102,17 +102,21 @@ def data_fetch(name: str, dest: Path | None, force: bool, wheel: Path | None) ->
                    "../shared/data).")
 @click.option("--strict", is_flag=True, help="Refuse any data problem (duplicate ids, unknown items, ...).")
 @click.option("--check-images", is_flag=True, help="Decode every kept item's image and count corrupt ones.")
-def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: bool) -> None:
+@click.option("--cold-items", type=float, default=0.0, help="The cold-start protocol's fraction of withheld items.")
+@click.option("--cold-seed", type=int, default=0, help="The cold-start protocol's hash seed.")
+def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: bool, cold_items: float,
+               cold_seed: int) -> None:
     """Print the docs/method.md §1.2 statistics of a dataset: NAME in pipelines.yaml, or a dataset folder
     (a path) in the IISAN TSV layout."""
     from iisan.data.dataset import corrupt_images, dataset_stats, default_pipeline, load_dataset
+    from iisan.data.protocol import ProtocolConfig
 
     dataset = load_dataset(name, folder=data_dir, strict=strict)
     for message in dataset.report.messages():
         click.echo(f"warning: {message}", err=True)
     for absent in dataset.location.absent_image_dirs:
         click.echo(f"warning: image folder '{absent}' not found in the data roots", err=True)
-    s = dataset_stats(dataset)
+    s = dataset_stats(dataset, ProtocolConfig(cold_items=cold_items, cold_seed=cold_seed))
     rows = [
         ("dataset", f"{dataset.name} ({dataset.location.folder}; described by {dataset.location.described_by})"),
         ("text fields", ", ".join(dataset.items.fields)),
@@ -122,6 +126,9 @@ def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: boo
         ("interactions", f"{s.interactions:,}  ({s.file_interactions:,} before truncation)"),
         ("zero-popularity items", f"{s.zero_popularity_items:,}"),
         ("repeat targets valid/test", f"{s.repeat_valid:,} / {s.repeat_test:,}"),
+        ("cold targets valid/test", f"{s.cold_valid:,} / {s.cold_test:,}  (users whose target never occurs in "
+                                    f"training" + (f"; {s.cold_items:,} items withheld by --cold-items {cold_items}"
+                                                   if cold_items else "") + ")"),
         ("items with an image", f"{s.items_with_image:,}  ({s.items - s.items_with_image:,} take the "
                                 f"missing-image path; {s.file_items_with_image:,} in the items file)"),
     ]

@@ -128,3 +128,35 @@ def test_ml100k_posters(ml100k_dir):
     s = dataset_stats(load_dataset("ml-100k", folder=ml100k_dir))
     assert s.items_with_image == 1_260
     assert s.file_items_with_image == 1_612
+
+
+def test_cold_items_are_withheld_from_training_only():
+    import pytest
+
+    from iisan.data.protocol import is_cold_item
+    from iisan.errors import IisanError
+
+    rng = random.Random(3)
+    ids = [f"item{k}" for k in range(400)]
+    sequences = [[rng.choice(ids) for _ in range(rng.randint(5, 20))] for _ in range(300)]
+    usual = apply_protocol(*tables(ids, sequences))
+    cold = apply_protocol(*tables(ids, sequences), ProtocolConfig(cold_items=0.1, cold_seed=0))
+    withheld = {i + 1 for i, item in enumerate(usual.item_ids) if is_cold_item(item, 0.1, 0)}
+    assert cold.cold_items == withheld and len(withheld) == 35  # of 400 kept items: the hash, not a sample
+    # Everything but the training rows is the usual protocol's.
+    assert cold.item_ids == usual.item_ids and cold.sequences == usual.sequences
+    for name in ("valid_inputs", "valid_target", "test_inputs", "test_target", "valid_history", "test_history"):
+        assert np.array_equal(getattr(cold, name), getattr(usual, name)), name
+    # Training rows: the usual rows with the withheld items taken out, left-padded again.
+    for row, base in zip(cold.train.tolist(), usual.train.tolist()):
+        kept = [i for i in base if i and i not in withheld]
+        assert row == [0] * (len(row) - len(kept)) + kept
+    assert all(cold.train_counts[i] == 0 for i in withheld)
+    assert int((~cold.warm_targets("test")).sum()) >= sum(t in withheld for t in usual.test_target.tolist())
+    # The choice depends on the id and the cold seed alone.
+    assert is_cold_item("item7", 0.1, 0) == is_cold_item("item7", 0.1, 0)
+    other = apply_protocol(*tables(ids, sequences), ProtocolConfig(cold_items=0.1, cold_seed=1))
+    assert other.cold_items != cold.cold_items
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(IisanError, match=r"--cold-items .*a fraction in \(0, 1\)"):
+            ProtocolConfig(cold_items=bad)

@@ -260,3 +260,23 @@ def test_warm_and_cold_users_are_reported_separately(env, tmp_path, monkeypatch)
 
 
 COLD_TOY = 10
+
+
+def test_cold_items_protocol_through_training(env, tmp_path):
+    from iisan.data.dataset import dataset_stats, load_dataset
+    from iisan.data.protocol import ProtocolConfig
+
+    stats = dataset_stats(load_dataset("toy"), ProtocolConfig(cold_items=0.2, cold_seed=0))
+    assert stats.cold_items > 0 and stats.cold_test > 0
+    result = CliRunner().invoke(iisan_cli, ["train", "--dataset", "toy", "--cache", str(env / "cache"), "--out",
+                                            str(tmp_path), "--epochs", "1", "--cold-items", "0.2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"cold test HR@10 " in result.output and f"({stats.cold_test} users)" in result.output
+    run_dir = Path(result.output.strip().splitlines()[-1])
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["config"]["cold_items"] == 0.2
+    assert report["groups"]["test"]["cold"]["users"] == stats.cold_test
+    assert report["groups"]["test"]["warm"]["users"] == stats.users - stats.cold_test
+    bad = CliRunner().invoke(iisan_cli, ["train", "--dataset", "toy", "--cache", str(env / "cache"), "--out",
+                                         str(tmp_path), "--cold-items", "1"])
+    assert bad.exit_code == 2 and "--cold-items 1.0: a fraction in (0, 1)" in bad.output

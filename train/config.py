@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal
 from iisan.cache_store.inspect import default_cache_root
 from iisan.errors import IisanError, RegistryError
 from iisan.data.dataset import default_pipeline
+from iisan.data.protocol import ProtocolConfig
 from iisan.registry import is_dataset_path, load_registry, locate_dataset, registry_path
 
 # 1: before the stage-2 redesign (issue 12); 2: slots named text / image / text2, ties rule, h_0 kept for
@@ -54,6 +55,10 @@ class TrainConfig:
     out: str = field(default="runs", metadata=_help("Runs root: runs go to OUT/<dataset>/."))
     min_seq_len: int = field(default=5, metadata=_help("Users with fewer items are dropped."))
     max_seq_len: int = field(default=10, metadata=_help("L: the user encoder's window."))
+    cold_items: float = field(default=0.0, metadata=_help(
+        "Cold-start protocol: withhold this fraction of items (e.g. 0.1, chosen by a hash of the item id) from "
+        "the training sequences; they stay valid / test targets (docs/method.md §1.2.8). 0: the usual protocol."))
+    cold_seed: int = field(default=0, metadata=_help("Which items --cold-items withholds (the hash's seed)."))
     standardize: Standardize = field(default="auto", metadata=_help(
         "Standardise cached states with statistics of the training items: dim (per layer and dimension), "
         "layer (one mean / std per layer), off; auto: decoder-LLM caches only (docs/method.md §6.2)."))
@@ -97,6 +102,9 @@ class TrainConfig:
     text_clean: TextClean = field(default="clean", metadata=_help(
         "End-to-end methods: how raw titles are cleaned before tokenizing (clean: unescape + strip; raw)."))
     version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        ProtocolConfig(self.max_seq_len, self.min_seq_len, self.cold_items, self.cold_seed)  # refuses bad values
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -41,4 +41,6 @@ def inbatch_debiased_loss(user_states: torch.Tensor, item_embeddings: torch.Tens
     logits, positives = masked_logits(user_states, item_embeddings, ids, log_popularity)
     keep = mask.reshape(-1).bool()
     kept = logits[keep]
+    if not len(kept):  # no next item in the batch (possible when --cold-items empties short sequences)
+        return logits.sum() * 0.0
     return F.cross_entropy(kept.to(torch.promote_types(kept.dtype, torch.float32)), positives[keep])

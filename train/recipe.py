@@ -86,10 +86,14 @@ class ItemContext:
         return load_raw_slots(s.cfg, s.method, s.dataset, s.split, s.device)
 
 
+def protocol_config(cfg: TrainConfig) -> ProtocolConfig:
+    return ProtocolConfig(cfg.max_seq_len, cfg.min_seq_len, cfg.cold_items, cfg.cold_seed)
+
+
 def setup(cfg: TrainConfig) -> Setup:
     device = pick_device(cfg.device)
     dataset = load_dataset(cfg.dataset)
-    split = dataset.split(ProtocolConfig(cfg.max_seq_len, cfg.min_seq_len))
+    split = dataset.split(protocol_config(cfg))
     method = method_entry(cfg.method)
     slots = {}
     if method.items is ItemSource.CACHED:
@@ -333,6 +337,7 @@ def matching_run(cfg: TrainConfig) -> Path | None:
             saved = upgrade_config(json.loads((folder / "config.json").read_text()), str(folder))
         except (OSError, ValueError, IisanError):
             continue  # unreadable, or a run of an earlier version that this one cannot continue
+        saved = TrainConfig(**saved).to_dict()  # fields added since the run was written take their defaults
         if {k: v for k, v in saved.items() if k != "progress"} == wanted:
             return folder
     return None

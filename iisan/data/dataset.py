@@ -118,6 +118,9 @@ class DatasetStats:
     file_users: int
     file_interactions: int
     file_items_with_image: int
+    cold_items: int = 0     # items the cold-start protocol withheld from training (0 without it)
+    cold_valid: int = 0     # users whose valid target never occurs in training
+    cold_test: int = 0      # users whose test target never occurs in training
 
 
 def dataset_stats(dataset: Dataset, config: ProtocolConfig = ProtocolConfig()) -> DatasetStats:
@@ -135,6 +138,9 @@ def dataset_stats(dataset: Dataset, config: ProtocolConfig = ProtocolConfig()) -
         file_users=len(dataset.users),
         file_interactions=sum(len(s) for s in dataset.users.sequences),
         file_items_with_image=sum(1 for item in dataset.items.ids if item in dataset.images),
+        cold_items=len(split.cold_items),
+        cold_valid=int((~split.warm_targets("valid")).sum()),
+        cold_test=int((~split.warm_targets("test")).sum()),
     )
 
 

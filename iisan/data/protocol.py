@@ -6,23 +6,39 @@ the padding item. Item index i (1..N) is the i-th kept item in items-file order.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from iisan.data.readers import ItemTable, UserTable
+from iisan.errors import IisanError
 
 
 @dataclass(frozen=True)
 class ProtocolConfig:
-    """docs/method.md §1.2 / §8 defaults."""
+    """docs/method.md §1.2 / §8 defaults, and the cold-start variant (§1.2.8)."""
 
     max_seq_len: int = 10  # L: user-encoder input length
     min_seq_len: int = 5   # users with fewer items (full sequence) are dropped
+    cold_items: float = 0.0  # fraction of items withheld from training (0: the usual protocol)
+    cold_seed: int = 0       # which items: a hash of the item id with this seed
+
+    def __post_init__(self) -> None:
+        if not (self.cold_items == 0.0 or 0.0 < self.cold_items < 1.0):
+            raise IisanError(f"--cold-items {self.cold_items}: a fraction in (0, 1), e.g. 0.1 (0: the usual protocol)")
 
     @property
     def keep_last(self) -> int:
         return self.max_seq_len + 3
+
+
+def is_cold_item(item_id: str, fraction: float, seed: int = 0) -> bool:
+    """Whether the cold-start protocol withholds this item: the first 8 bytes of sha256("<seed>:<item id>"),
+    read as a fraction of 2^64, fall below `fraction`. Depends on the id alone, not on any training seed or
+    file order."""
+    digest = hashlib.sha256(f"{seed}:{item_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2.0 ** 64
 
 
 def _left_pad(rows: list[list[int]], width: int) -> np.ndarray:
@@ -49,6 +65,7 @@ class SplitData:
     valid_history: np.ndarray    # [U, L+1] items masked when scoring valid: s[0:n-2]
     test_history: np.ndarray     # [U, L+2] items masked when scoring test: s[0:n-1]
     train_counts: np.ndarray     # [N+1] occurrences in train sequences (repeats count); [0] = 0
+    cold_items: frozenset[int] = frozenset()  # item indices the cold-start protocol withheld from training
 
     @property
     def n_users(self) -> int:
@@ -85,7 +102,8 @@ class SplitData:
 
 
 def apply_protocol(items: ItemTable, users: UserTable, config: ProtocolConfig = ProtocolConfig()) -> SplitData:
-    """docs/method.md §1.2 steps 1-6."""
+    """docs/method.md §1.2 steps 1-6; with `config.cold_items`, §1.2.8: the withheld items are then removed from
+    the training sequences only (they stay valid / test targets, model inputs and masked history)."""
     L = config.max_seq_len
     kept_users = [(uid, seq[-config.keep_last:]) for uid, seq in zip(users.ids, users.sequences)
                   if len(seq) >= config.min_seq_len]
@@ -96,9 +114,11 @@ def apply_protocol(items: ItemTable, users: UserTable, config: ProtocolConfig = 
 
     train_rows, valid_in, test_in, valid_hist, test_hist = [], [], [], [], []
     valid_target, test_target = [], []
+    cold = ({index[item] for item in kept_items if is_cold_item(item, config.cold_items, config.cold_seed)}
+            if config.cold_items else set())
     for s in sequences:
         n = len(s)
-        train_rows.append(s[: n - 2])
+        train_rows.append([i for i in s[: n - 2] if i not in cold])
         valid_window = s[: n - 1][-(L + 1):]
         valid_in.append(valid_window[:-1])
         valid_target.append(s[n - 2])
@@ -124,4 +144,5 @@ def apply_protocol(items: ItemTable, users: UserTable, config: ProtocolConfig = 
         valid_history=_left_pad(valid_hist, config.keep_last - 2),
         test_history=_left_pad(test_hist, config.keep_last - 1),
         train_counts=counts,
+        cold_items=frozenset(cold),
     )
