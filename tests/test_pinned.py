@@ -8,7 +8,9 @@ Toy world (tests/conftest.py), 2 epochs, seed 7, CPU. History of the numbers:
 - frozen moved when it began to read the final output after DINOv2's final LayerNorm (stored by extraction)
   instead of the last hidden state before it;
 - lora moved when each seed began to load its backbones and inject LoRA after seeding (LoRA's A init now
-  draws from the seed's generator state, no longer from the state before it).
+  draws from the seed's generator state, no longer from the state before it);
+- iisan-hybrid pinned when it was added (issue 14), with a Xavier ID table so that the ID part and its
+  dropout both act from the first step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from iisan.cli import main as iisan_cli
 
 RUNS = {
     "iisan": ["--method", "iisan"],
+    "iisan-hybrid": ["--method", "iisan-hybrid", "--id-init", "xavier"],
     "frozen": ["--method", "frozen"],
     "sasrec-id": ["--method", "sasrec-id"],
     "lora": ["--method", "lora", "--pipeline", "text-only", "--batch-size", "32"],
@@ -30,6 +33,7 @@ RUNS = {
 
 EXPECTED = {
     "iisan": {"loss": [5.734318, 5.756421], "valid": (0.08, 0.039965044), "test": (0.08, 0.037737232)},
+    "iisan-hybrid": {"loss": [5.966115, 5.926484], "valid": (0.12, 0.054831259), "test": (0.086666667, 0.035108597)},
     "frozen": {"loss": [5.779228, 5.766742], "valid": (0.1, 0.043211875), "test": (0.133333333, 0.056090989)},
     "sasrec-id": {"loss": [6.077323, 6.060317], "valid": (0.12, 0.053971779), "test": (0.12, 0.066003256)},
     "lora": {"loss": [5.468960, 5.415772], "valid": (0.08, 0.036628410), "test": (0.113333333, 0.051055404)},

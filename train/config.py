@@ -73,6 +73,10 @@ class TrainConfig:
     fusion: Fusion = field(default="gated", metadata=_help("gated, or add: the no-gate ablation."))
     intra: bool = field(default=True, metadata=_help("Ablation: no intra-modal towers.", "--no-intra"))
     inter: bool = field(default=True, metadata=_help("Ablation: no inter-modal tower.", "--no-inter"))
+    id_dropout: float = field(default=0.2, metadata=_help(
+        "iisan-hybrid: probability that an item occurrence's ID part is zeroed in training."))
+    id_init: Literal["zero", "xavier"] = field(default="zero", metadata=_help(
+        "iisan-hybrid: the ID table's start, zero (starts as IISAN) or xavier (as SASRec's)."))
     # --- optimisation
     epochs: int = field(default=100, metadata=_help("Maximum epochs."))
     patience: int = field(default=10, metadata=_help("Stop after this many epochs without a strict valid HR@10 gain."))

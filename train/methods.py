@@ -90,6 +90,15 @@ def _iisan(ctx: "ItemContext") -> "nn.Module":
     return IISANItems(ctx.cached_states(), ctx.san_config())
 
 
+def _hybrid(ctx: "ItemContext") -> "nn.Module":
+    import torch
+
+    from iisan.train.model import HybridItems
+
+    seen = torch.from_numpy(ctx.split.train_counts > 0)
+    return HybridItems(ctx.cached_states(), ctx.san_config(), seen, ctx.cfg.id_dropout, ctx.cfg.id_init)
+
+
 def _frozen(ctx: "ItemContext") -> "nn.Module":
     from iisan.train.model import FrozenItems
 
@@ -121,6 +130,9 @@ _PEFT_PRESETS = {"batch_size": 32, "lr": 2e-4, "lr_backbone_text": 4e-4, "lr_bac
 for _m in (
     Method("iisan", ItemSource.CACHED, _iisan,
            "IISAN / IISAN-Versa side networks on cached states (the product's method)"),
+    Method("iisan-hybrid", ItemSource.CACHED, _hybrid,
+           "IISAN's content embedding plus a learned item-ID embedding with ID dropout; items never seen in "
+           "training get their content alone (docs/method.md §7.1)"),
     Method("frozen", ItemSource.CACHED, _frozen, "frozen backbone: each modality's final output -> "
            "GELU(Linear(D -> d)), fused (docs/method.md §7)", reads="final"),
     Method("sasrec-id", ItemSource.ID, _ids, "SASRec with ID embeddings, no content"),

@@ -83,6 +83,49 @@ class IDItems(nn.Module):
         return self.embedding(index)
 
 
+class HybridItems(IISANItems):
+    """IISAN's fused content embedding plus a learned item-ID embedding of the same width d, added after the
+    fusion layer (docs/method.md §7.1). In training each item occurrence's ID part is zeroed with probability
+    `id_dropout`, so that the content path alone stays a good embedding; an item that never occurs in
+    training (`seen` false: its ID vector never received a gradient) always gets its content embedding
+    alone. The ID table starts at zero (`id_init="zero"`, the model then starts as plain IISAN) or Xavier
+    normal as SASRec's (`"xavier"`)."""
+
+    def __init__(self, states: dict[str, torch.Tensor], cfg: SANConfig, seen: torch.Tensor, id_dropout: float,
+                 id_init: str = "zero"):
+        super().__init__(states, cfg)
+        if not 0.0 <= id_dropout < 1.0:
+            raise ValueError(f"id_dropout {id_dropout}: a probability in [0, 1)")
+        self.id_dropout = id_dropout
+        self.ids = nn.Embedding(len(seen), cfg.embedding_dim, padding_idx=0)
+        if id_init == "zero":
+            nn.init.zeros_(self.ids.weight)
+        elif id_init == "xavier":
+            nn.init.xavier_normal_(self.ids.weight)
+            with torch.no_grad():
+                self.ids.weight[0] = 0
+        else:
+            raise ValueError(f"id_init '{id_init}': zero or xavier")
+        self.register_buffer("seen", seen.bool(), persistent=False)
+
+    def id_part(self, index: torch.Tensor) -> torch.Tensor:
+        return self.ids(index) * self.seen[index].unsqueeze(-1)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        """Content + ID, no dropout (the item table of evaluation; one item id at a time)."""
+        return self.side(self.gather(index)) + self.id_part(index)
+
+    def encode_occurrences(self, unique: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """A training batch's embeddings, one per occurrence [occurrences, d]: the content of each unique item
+        computed once, the ID part dropped per occurrence while training."""
+        content = self.side(self.gather(unique)).index_select(0, inverse)
+        ids = self.id_part(unique).index_select(0, inverse)
+        if self.training and self.id_dropout > 0:
+            keep = torch.rand(len(inverse), 1, device=ids.device) >= self.id_dropout
+            ids = ids * keep
+        return content + ids
+
+
 class Recommender(nn.Module):
     def __init__(self, items: nn.Module, n_items: int, dim: int = 64, heads: int = 2, blocks: int = 2,
                  max_len: int = 10, dropout: float = 0.1):
@@ -97,6 +140,8 @@ class Recommender(nn.Module):
         # index_select, not `[inverse]`: the backward of advanced indexing accumulates with parallel atomic
         # adds on CPU, whose order (and so the last bits of the gradient) changes from run to run;
         # index_select's backward (index_add) is deterministic.
+        if hasattr(self.items, "encode_occurrences"):  # an encoder with a per-occurrence part (hybrid IDs)
+            return self.items.encode_occurrences(unique, inverse.reshape(-1)).view(*ids.shape, -1)
         return self.items(unique).index_select(0, inverse.reshape(-1)).view(*ids.shape, -1)
 
     def calculate_loss(self, ids: torch.Tensor, log_popularity: torch.Tensor) -> torch.Tensor:

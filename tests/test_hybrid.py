@@ -1,0 +1,80 @@
+"""iisan-hybrid: content + ID, ID dropout per occurrence, and items never seen in training getting exactly
+their content embedding."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from iisan.train.config import resolve
+from iisan.train.model import HybridItems
+from iisan.train.recipe import build_model, setup, train
+from iisan.train.san import SANConfig
+
+from conftest import options
+
+
+def toy_with_cold_targets(env, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(env / "data", data)
+    users = (data / "toy" / "users.tsv").read_text().splitlines()
+    users = [line.rsplit(" ", 1)[0] + f" i{100 + k:03d}" if k < 10 else line for k, line in enumerate(users)]
+    (data / "toy" / "users.tsv").write_text("\n".join(users) + "\n")
+    monkeypatch.setenv("IISAN_DATA_DIR", str(data))
+
+
+def test_unseen_items_get_exactly_their_content_embedding(env, tmp_path, monkeypatch):
+    toy_with_cold_targets(env, tmp_path, monkeypatch)
+    result = train(resolve(options(env, tmp_path, method="iisan-hybrid", epochs=1, id_init="xavier")),
+                   log=lambda m: None)
+    s = setup(resolve(options(env, tmp_path, method="iisan-hybrid", epochs=1, id_init="xavier")))
+    model = build_model(s)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(f"{result['run_dir']}/seed-12345/best.safetensors"), strict=False)
+    model.eval()
+    items: HybridItems = model.items
+    seen = torch.from_numpy(s.split.train_counts > 0)
+    assert int((~seen[1:]).sum()) == 10  # the ten withheld targets
+    table = model.item_table()
+    index = torch.arange(len(seen))
+    with torch.no_grad():
+        content = items.side(items.gather(index))
+    assert torch.equal(table[~seen], content[~seen])                    # content alone, bit for bit
+    assert not torch.allclose(table[seen], content[seen])               # the others carry their ID part
+    assert torch.equal(table[seen], content[seen] + items.ids.weight[seen])
+
+
+def test_id_dropout_zeroes_each_occurrence_independently():
+    torch.manual_seed(0)
+    states = {"text": torch.randn(6, 2, 8)}
+    seen = torch.tensor([False, True, True, True, True, False])
+    items = HybridItems(states, SANConfig(bottleneck=4, embedding_dim=16), seen, id_dropout=0.5, id_init="xavier")
+    unique = torch.tensor([1, 2, 5])
+    inverse = torch.tensor([0] * 2000 + [1] * 10 + [2] * 10)
+    content = items.side(items.gather(unique)).index_select(0, inverse)
+    ids = items.ids.weight[unique].index_select(0, inverse) * seen[unique].index_select(0, inverse)[:, None]
+    items.train()
+    out = items.encode_occurrences(unique, inverse)
+    kept = torch.isclose(out, content + ids, atol=1e-6).all(dim=1)
+    dropped = torch.isclose(out, content, atol=1e-6).all(dim=1)
+    assert bool((kept | dropped).all())
+    # Occurrences of the same item are dropped independently: about half of item 1's 2000.
+    assert 900 < int(dropped[:2000].sum()) < 1100
+    assert bool(dropped[-10:].all())                                     # item 5 is unseen: never an ID part
+    items.eval()
+    assert torch.equal(items.encode_occurrences(unique, inverse), content + ids)
+    with pytest.raises(ValueError, match="id_dropout"):
+        HybridItems(states, SANConfig(bottleneck=4, embedding_dim=16), seen, id_dropout=1.0)
+
+
+def test_zero_init_starts_as_iisan(env, tmp_path):
+    """With the ID table at zero, the hybrid's first forward is IISAN's under the same seed."""
+    torch.manual_seed(3)
+    hybrid = build_model(setup(resolve(options(env, tmp_path, method="iisan-hybrid"))))
+    torch.manual_seed(3)
+    plain = build_model(setup(resolve(options(env, tmp_path, method="iisan"))))
+    hybrid.eval(), plain.eval()
+    assert torch.equal(hybrid.item_table(), plain.item_table())
