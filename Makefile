@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,gptq,bnb
+EXTRAS ?= dev,gptq,bnb,parquet,tune
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 

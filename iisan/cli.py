@@ -69,7 +69,7 @@ def main() -> None:
 
 @main.group()
 def data() -> None:
-    """Datasets: fetch the built-in ones, print statistics."""
+    """Datasets: fetch the built-in ones, import your own, download their images, print statistics."""
 
 
 @data.command("fetch")
@@ -140,8 +140,73 @@ def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: boo
         click.echo(f"{key.ljust(width)}  {value}")
 
 
+@data.command("import")
+@click.option("--from", "fmt", required=True, type=click.Choice(["recbole", "amazon2023", "csv", "parquet"]),
+              help="recbole: a folder of NAME.inter + NAME.item; amazon2023: the reviews and metadata JSONL "
+                   "(.jsonl or .jsonl.gz); csv / parquet: the interactions table, then the items table.")
+@click.argument("src", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The dataset folder to write.")
+@click.option("--name", default=None, help="Dataset name written to dataset.yaml (default: the folder's name).")
+@click.option("--strict", is_flag=True, help="Refuse any counted problem (duplicate events, unknown items, ...).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--user-col", default="user_id", show_default=True, help="recbole / csv / parquet interactions.")
+@click.option("--item-col", default="item_id", show_default=True, help="recbole / csv / parquet interactions.")
+@click.option("--time-col", default="timestamp", show_default=True, help="recbole / csv / parquet interactions.")
+@click.option("--id-col", default="item_id", show_default=True, help="The item id column of the items table.")
+@click.option("--text-cols", default=None,
+              help="csv / parquet: the items table's text columns, comma-separated, the title first "
+                   "(default: title, and description where there is one).")
+@click.option("--image-col", default=None,
+              help="csv / parquet: a column of image paths relative to the items table's folder, copied into "
+                   "OUT/images (default: image_path where there is one; '' for none).")
+@click.option("--fields", default="title", show_default=True,
+              help="amazon2023: metadata keys kept as text, comma-separated (e.g. title,store,features).")
+def data_import(fmt, src, out, name, strict, force, user_col, item_col, time_col, id_col, text_cols, image_col,
+                fields) -> None:
+    """Write a dataset from another layout as an IISAN TSV folder (items.tsv, users.tsv, dataset.yaml) that
+    `--dataset OUT` reads; print what was read, every problem counted, and the protocol's statistics."""
+    from iisan.data.importers import ImportOptions, import_dataset
+
+    def columns(text: str | None) -> tuple[str, ...] | None:
+        return None if text is None else tuple(c.strip() for c in text.split(",") if c.strip())
+
+    options = ImportOptions(user_col=user_col, item_col=item_col, time_col=time_col, id_col=id_col,
+                            text_cols=columns(text_cols), image_col=image_col, fields=columns(fields) or ("title",))
+    result = import_dataset(fmt, list(src), out, name=name, strict=strict, options=options, force=force)
+    for line in result.summary():
+        click.echo(line)
+
+
+@data.command("images")
+@click.argument("folder", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--download", is_flag=True, help="Download the missing images (else only count them).")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per request.")
+@click.option("--retries", type=int, default=2, show_default=True, help="Retries of a failed connection / 5xx.")
+@click.option("--workers", type=int, default=8, show_default=True, help="Downloads at a time.")
+def data_images(folder: Path, download: bool, timeout: float, retries: int, workers: int) -> None:
+    """Images of a dataset folder whose dataset.yaml names an image_url_field: how many items have a URL and
+    an image file; with --download, fetch the missing ones into FOLDER/images (resumable)."""
+    from iisan.data.download import download_images, plan_images
+
+    if not download:
+        lines = plan_images(folder).lines()
+    else:
+        lines = download_images(folder, log=lambda m: click.echo(m, err=True), timeout=timeout, retries=retries,
+                                workers=workers).lines()
+    for line in lines:
+        click.echo(line)
+
+
 @main.command("extract")
-@click.option("--model", "model", required=True, help="Model name in pipelines.yaml (`iisan models list`).")
+@click.option("--model", "model", required=True,
+              help="Name in pipelines.yaml (`iisan models list`), hf:ORG/NAME, or a model folder / .gguf file.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of an hf: model.")
+@click.option("--kind", type=click.Choice(["text", "image"]), default=None,
+              help="Which tower of a two-tower model (CLIP, SigLIP); overrides the kind read from the config.")
+@click.option("--family", type=click.Choice(["encoder", "decoder", "vision"]), default=None,
+              help="Overrides the family read from the config (sets the default pooling, layers, batch size).")
+@click.option("--pooling", type=click.Choice(["cls", "mean", "last"]), default=None,
+              help="Overrides the model's pooling.")
 @click.option("--dataset", required=True, help="Dataset name in pipelines.yaml.")
 @click.option("--field", default=None, help="Text field to encode (default: title); stored as MODEL@FIELD.")
 @click.option("--layers", default=None,
@@ -203,6 +268,30 @@ def train_cmd(resume, **options) -> None:
     else:
         result = train(resolve(given(options), log=log), log=log)
     click.echo(result["run_dir"])
+
+
+def _tune_config():
+    from iisan.experiments.tune import TuneConfig
+
+    return TuneConfig
+
+
+@main.command("tune")
+@options_from(_train_config())
+@options_from(_tune_config())
+def tune_cmd(**options) -> None:
+    """Tune a method's options on the cache with Optuna (TPE, median pruning on valid HR@10 per epoch); every
+    `iisan train` option given is held fixed. Resumable: the same command continues the study. The best config
+    is retrained with fresh seeds and reported on test; writes reports/tune-<dataset>-<method>-<pipeline>.md."""
+    import dataclasses
+
+    from iisan.experiments.tune import TuneConfig, run_tune
+
+    tune_fields = {f.name for f in dataclasses.fields(TuneConfig)}
+    chosen = given(options)
+    tc = TuneConfig(**{k: v for k, v in chosen.items() if k in tune_fields})
+    run_tune({k: v for k, v in chosen.items() if k not in tune_fields}, tc,
+             log=lambda message: click.echo(message, err=True))
 
 
 @main.command("evaluate")

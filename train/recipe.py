@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -235,9 +235,22 @@ def provenance(s: Setup) -> dict[str, Any]:
                         "items": s.split.n_items, "interactions": s.split.n_interactions}}
 
 
-def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2) -> dict[str, Any]:
+def _truncate_metrics(path: Path, epochs: int) -> None:
+    """Keep the per-epoch lines of the epochs the checkpoint holds: a kill between an epoch's line and its
+    checkpoint would otherwise log that epoch twice after resuming."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["epoch"] <= epochs]
+        if len(kept) != len(lines):
+            path.write_text("".join(line + "\n" for line in kept))
+
+
+def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
+               on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train one seed to early stopping (resuming from folder/last.pt if present); returns its report.
-    `version`: the config version the run folder was written with (older checkpoints' keys are upgraded)."""
+    `version`: the config version the run folder was written with (older checkpoints' keys are upgraded).
+    `on_epoch(epoch, valid HR@10)` is called after each epoch's checkpoint is saved (a tuner's pruner may
+    raise from it to stop the run there; the run folder then resumes like any interrupted one)."""
     cfg, split, device = s.cfg, s.split, s.device
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "report.json").exists():
@@ -254,6 +267,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2) -> dict
         load_checkpoint_state(model, upgrade_checkpoint_keys(saved, cfg) if version < 2 else saved)
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = LoopState(**checkpoint["state"])
+        _truncate_metrics(folder / "metrics.jsonl", state.epoch)
         torch.set_rng_state(checkpoint["rng"])
         generator.set_state(checkpoint["generator"])
         log(f"seed {seed}: resumed after epoch {state.epoch} (best valid HR@10 {100 * state.best_hr:.2f} "
@@ -297,6 +311,8 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2) -> dict
         log(f"seed {seed} epoch {epoch}: loss {total / max(steps, 1):.4f}, valid HR@10 {100 * hr:.2f} "
             f"NDCG@10 {100 * valid.metrics['NDCG@10']:.2f} ({train_seconds:.1f} s train, {eval_seconds:.1f} s eval)"
             + (" *" if improved else ""))
+        if on_epoch is not None:
+            on_epoch(epoch, hr)
     best = load_file(folder / "best.safetensors", device=str(device))
     load_checkpoint_state(model, upgrade_checkpoint_keys(best, cfg) if version < 2 else best)
     valid, test = evaluate(model, split, "valid", cfg), evaluate(model, split, "test", cfg)
@@ -322,8 +338,19 @@ def run_label(cfg: TrainConfig) -> str:
 
 
 def run_dir_for(cfg: TrainConfig) -> Path:
+    """A new, created run folder OUT/<dataset>/<label>-<UTC time>; runs started in the same second (a tuner's
+    short trials) get -2, -3, ... after the time."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.out) / dataset_name(cfg.dataset) / f"{run_label(cfg)}-{stamp}"
+    base = Path(cfg.out) / dataset_name(cfg.dataset) / f"{run_label(cfg)}-{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        candidate = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise IisanError(f"{base}: too many runs started in the same second")
 
 
 def matching_run(cfg: TrainConfig) -> Path | None:
@@ -343,16 +370,18 @@ def matching_run(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def train_or_reuse(cfg: TrainConfig, log=print) -> dict[str, Any]:
+def train_or_reuse(cfg: TrainConfig, log=print, on_epoch: Callable[[int, float], None] | None = None
+                   ) -> dict[str, Any]:
     """Train, unless a run with the same config exists: then its finished seeds are reused and an unfinished
-    one resumes from its last checkpoint (what makes `iisan bench --full` resumable)."""
+    one resumes from its last checkpoint (what makes `iisan bench --full` and `iisan tune` resumable)."""
     found = matching_run(cfg)
     if found is None:
-        return train(cfg, log=log)
-    return train(resume=found, log=log)
+        return train(cfg, log=log, on_epoch=on_epoch)
+    return train(resume=found, log=log, on_epoch=on_epoch)
 
 
-def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print) -> dict[str, Any]:
+def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print,
+          on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     if resume is not None:
         if not (resume / "config.json").is_file():
             raise IisanError(f"{resume}: not a run folder (no config.json)")
@@ -364,11 +393,11 @@ def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print)
         assert cfg is not None
         version = cfg.version
         run_dir = run_dir_for(cfg)
-        run_dir.mkdir(parents=True, exist_ok=False)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     s = setup(cfg)
     (run_dir / "provenance.json").write_text(json.dumps(provenance(s), indent=2, default=str))
-    reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log, version) for i in range(cfg.seeds)]
+    reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log, version, on_epoch)
+               for i in range(cfg.seeds)]
     summary = summarize(reports)
     (run_dir / "report.json").write_text(json.dumps({"config": cfg.to_dict(), "seeds": reports, **summary},
                                                     indent=2))

@@ -3,7 +3,6 @@ PyPI (MovieLens-100K under `recbole/dataset_example/ml-100k/`)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from iisan.data.atomic import parse_atomic
+from iisan.data.layout import clean_text, file_sha256, sort_user_ids, write_lines
 from iisan.errors import DataError, IisanError
 
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
@@ -29,34 +30,6 @@ def download_wheel(requirement: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def _read_atomic_table(z: zipfile.ZipFile, member: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """A recbole atomic file: a header `name:type` row, then tab-separated rows (with their line numbers)."""
-    text = z.read(member).decode("utf-8")
-    lines = text.splitlines()
-    header = [column.split(":")[0] for column in lines[0].split("\t")]
-    rows = []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        columns = line.split("\t")
-        if len(columns) != len(header):
-            raise DataError(f"{z.filename}!{member}", f"expected {len(header)} columns, found {len(columns)}",
-                            number)
-        rows.append((number, columns))
-    return header, rows
-
-
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(line + "\n" for line in lines)
-    os.replace(tmp, path)
-
-
-def _clean(text: str) -> str:
-    return " ".join(text.replace("\t", " ").split())
-
-
 def build_ml100k(wheel: Path, dest: Path) -> dict[str, int]:
     """Convert the wheel's ml-100k atomic files into `dest/items.tsv` and `dest/users.tsv`.
 
@@ -64,29 +37,29 @@ def build_ml100k(wheel: Path, dest: Path) -> dict[str, int]:
     users: `user_id \\t items…`, each user's interactions sorted by timestamp, ties in file order.
     """
     with zipfile.ZipFile(wheel) as z:
-        item_header, item_rows = _read_atomic_table(z, ML100K_MEMBER + ".item")
-        inter_header, inter_rows = _read_atomic_table(z, ML100K_MEMBER + ".inter")
-    col = {name: i for i, name in enumerate(item_header)}
+        item_table, inter_table = (parse_atomic(z.read(member).decode("utf-8"), f"{z.filename}!{member}")
+                                   for member in (ML100K_MEMBER + ".item", ML100K_MEMBER + ".inter"))
+    col = {name: i for i, name in enumerate(item_table.names)}
     items = []
-    for _, row in item_rows:
+    for _, row in item_table.rows:
         year = row[col["release_year"]].strip()
         genres = ", ".join(row[col["class"]].split())
         year_genres = "; ".join(part for part in (f"released {year}" if year else "",
                                                   f"genres: {genres}" if genres else "") if part)
-        items.append(f"{row[col['item_id']].strip()}\t{_clean(row[col['movie_title']])}\t{year_genres}")
-    col = {name: i for i, name in enumerate(inter_header)}
+        items.append(f"{row[col['item_id']].strip()}\t{clean_text(row[col['movie_title']])}\t{year_genres}")
+    col = {name: i for i, name in enumerate(inter_table.names)}
     by_user: dict[str, list[tuple[float, str]]] = {}
-    for _, row in inter_rows:
+    for _, row in inter_table.rows:
         by_user.setdefault(row[col["user_id"]], []).append((float(row[col["timestamp"]]), row[col["item_id"]]))
     users = []
-    for user in sorted(by_user, key=lambda u: (len(u), u)):  # numeric ids in numeric order
+    for user in sort_user_ids(by_user):  # numeric ids in numeric order
         history = sorted(by_user[user], key=lambda pair: pair[0])  # stable: ties keep file order
         users.append(f"{user}\t{' '.join(item for _, item in history)}")
     dest.mkdir(parents=True, exist_ok=True)
-    _write_atomic(dest / "items.tsv", items)
-    _write_atomic(dest / "users.tsv", users)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    _write_atomic(dest / "SOURCE.md", [
+    write_lines(dest / "items.tsv", items)
+    write_lines(dest / "users.tsv", users)
+    digest = file_sha256(wheel)
+    write_lines(dest / "SOURCE.md", [
         "# MovieLens-100K in the IISAN TSV format",
         "",
         f"Built by `iisan data fetch ml-100k` from `{wheel.name}` (sha256 {digest}),",
@@ -94,7 +67,7 @@ def build_ml100k(wheel: Path, dest: Path) -> dict[str, int]:
         "items.tsv: item_id, title, year_genres. users.tsv: user_id, items by timestamp (ties in file order).",
         "MovieLens terms allow research use but not redistribution: do not commit these files.",
     ])
-    return {"items": len(items), "users": len(users), "interactions": len(inter_rows)}
+    return {"items": len(items), "users": len(users), "interactions": len(inter_table.rows)}
 
 
 def fetch_ml100k(dest: Path, force: bool = False, wheel: Path | None = None) -> tuple[Path, dict[str, int] | None]:

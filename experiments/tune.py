@@ -1,0 +1,379 @@
+"""`iisan tune`: Optuna on the cache. Every trial is one training run (one seed) whose valid HR@10 after each
+epoch feeds a median pruner; trials select on valid only. The best trial's config is then trained with three
+fresh seeds and reported on test (with the warm / cold split). Resumable: the study lives in SQLite under
+`runs/<dataset>/tune-<method>-<pipeline>/`, a trial killed mid-run is failed and enqueued again on the next
+call, and its training run resumes from its last checkpoint (`train_or_reuse`).
+
+The search space of each method is in one place (`SPACES`), overridable from a YAML file (`--space`):
+
+    lr: {low: 1e-4, high: 1e-3, log: true}     # a float range (log scale optional)
+    bottleneck: {choices: [32, 64]}             # a choice
+    dropout: null                               # not tuned (the fixed config's value)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from iisan.errors import IisanError, RegistryError
+from iisan.registry import dataset_name, load_registry, registry_path
+from iisan.runtime import git_commit
+
+
+class TuneError(IisanError):
+    """A tuning request that cannot run: a bad search space, a study of something else."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tuned TrainConfig field: a float range (`low`, `high`, `log`) or a list of `choices`."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial) -> Any:
+        if self.choices:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def to_dict(self) -> dict[str, Any]:
+        return ({"choices": list(self.choices)} if self.choices else
+                {"low": self.low, "high": self.high, "log": self.log})
+
+
+def _space(**params: dict[str, Any]) -> dict[str, Param]:
+    return {name: Param(name, **spec) for name, spec in params.items()}
+
+
+_OPTIMISATION = dict(lr={"low": 5e-5, "high": 2e-3, "log": True},
+                     batch_size={"choices": (16, 32, 64, 128)},
+                     dropout={"low": 0.0, "high": 0.5})
+_SAN = dict(lr_san={"low": 2e-5, "high": 1e-3, "log": True},
+            bottleneck={"choices": (16, 32, 64, 128)},
+            layers_text={"choices": ("", "remove_first")})  # all cached states; or h_0 as the initial state
+
+# The search space per method: learning rates, SAN bottleneck, batch size, dropout, ID dropout, layer rule.
+SPACES: dict[str, dict[str, Param]] = {
+    "iisan": _space(**_OPTIMISATION, **_SAN),
+    "iisan-hybrid": _space(**_OPTIMISATION, **_SAN, id_dropout={"low": 0.0, "high": 0.6}),
+    "frozen": _space(**_OPTIMISATION),
+    "sasrec-id": _space(**_OPTIMISATION),
+}
+
+
+def load_space(method: str, path: Path | None = None) -> dict[str, Param]:
+    """The method's space, with a YAML file's entries replacing (or, as null, removing) parameters."""
+    from iisan.train.config import TrainConfig
+
+    space = dict(SPACES.get(method, {}))
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise TuneError(f"{path}: cannot read the search space ({e})") from None
+        if not isinstance(raw, dict):
+            raise TuneError(f"{path}: expected a mapping of option -> range, e.g. lr: {{low: 1e-4, high: 1e-3}}")
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        for name, spec in raw.items():
+            if name not in fields or name in ("dataset", "method", "pipeline", "version", "seed", "seeds"):
+                raise TuneError(f"{path}: '{name}' is not a tunable option of iisan train")
+            if spec is None:
+                space.pop(name, None)
+                continue
+            if not isinstance(spec, dict) or set(spec) - {"low", "high", "log", "choices"}:
+                raise TuneError(f"{path}: '{name}': unknown keys {sorted(set(spec) - {'low', 'high', 'log', 'choices'}) if isinstance(spec, dict) else spec!r}; "
+                                f"give low / high [/ log], or choices")
+            if "choices" in spec:
+                if not spec["choices"] or set(spec) != {"choices"}:
+                    raise TuneError(f"{path}: '{name}': choices must be a non-empty list (and alone)")
+                space[name] = Param(name, choices=tuple(spec["choices"]))
+            else:
+                try:
+                    low, high = float(spec["low"]), float(spec["high"])
+                except (KeyError, TypeError, ValueError):
+                    raise TuneError(f"{path}: '{name}': a range needs numeric low and high") from None
+                if not low < high or (spec.get("log") and low <= 0):
+                    raise TuneError(f"{path}: '{name}': empty range [{low}, {high}]"
+                                    + (" (log needs low > 0)" if spec.get("log") else ""))
+                space[name] = Param(name, low, high, bool(spec.get("log", False)))
+    if not space:
+        raise TuneError(f"no search space for method '{method}' (built in: {', '.join(SPACES)}); give --space FILE")
+    return space
+
+
+@dataclass
+class TuneConfig:
+    trials: int = field(default=20, metadata={"help": "trials in total (a resumed study runs only the rest)"})
+    timeout: float = field(default=0.0, metadata={"help": "stop starting trials after this many seconds (0: none)"})
+    space: str = field(default="", metadata={"help": "YAML file overriding the method's search space"})
+    save_preset: str = field(default="", metadata={"help": "write the best config as this pipeline in pipelines.yaml"})
+    final_seeds: int = field(default=3, metadata={"help": "fresh seeds the best config is trained with for test"})
+    sampler_seed: int = field(default=0, metadata={"help": "TPE sampler seed"})
+    reports: str = field(default="reports", metadata={"help": "folder for the report and plot"})
+
+
+FIXED_IDENTITY = ("dataset", "method", "pipeline")
+
+
+def tune_folder(base) -> Path:
+    return Path(base.out) / dataset_name(base.dataset) / f"tune-{base.method}-{base.pipeline}"
+
+
+def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or continue) the study for the fixed options, retrain the best config with fresh seeds, write the
+    report; returns a summary (best params, valid, test)."""
+    import optuna
+
+    from iisan.train.config import resolve
+    from iisan.train.recipe import train_or_reuse
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = resolve(dict(fixed), log=log)
+    space = load_space(base.method, Path(tc.space) if tc.space else None)
+    folder = tune_folder(base)
+    folder.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{folder / 'study.db'}"
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
+    study = optuna.create_study(study_name="iisan-tune", storage=storage, load_if_exists=True,
+                                direction="maximize", pruner=pruner)
+    # The sampler's seed moves on with the trials already run: a resumed study seeded as at its start would
+    # draw its first trials' parameters again.
+    study.sampler = optuna.samplers.TPESampler(seed=tc.sampler_seed + len(study.trials))
+    identity = {"dataset": dataset_name(base.dataset), "method": base.method, "pipeline": base.pipeline,
+                "fixed": {k: v for k, v in base.to_dict().items() if k not in space and k not in ("progress", "out")},
+                "space": {k: p.to_dict() for k, p in space.items()}}
+    known = study.user_attrs.get("identity")
+    if known is None:
+        study.set_user_attr("identity", identity)
+    elif known != identity:
+        differ = sorted(k for k in identity if known.get(k) != identity[k])
+        detail = "; ".join(f"{k}: study has {known.get(k)!r}, this run has {identity[k]!r}"
+                           for k in differ if k != "fixed")
+        if "fixed" in differ:
+            fixed_differ = sorted(k for k in set(known["fixed"]) | set(identity["fixed"])
+                                  if known["fixed"].get(k) != identity["fixed"].get(k))
+            detail = "; ".join(filter(None, [detail, "fixed options " + ", ".join(
+                f"{k} ({known['fixed'].get(k)!r} → {identity['fixed'].get(k)!r})" for k in fixed_differ)]))
+        raise TuneError(f"{folder / 'study.db'} is a study of something else ({detail}); use another --out, or "
+                        f"delete that folder to start over")
+    from optuna.trial import TrialState
+
+    # A tuning killed mid-trial leaves it RUNNING (Ctrl-C leaves it FAIL): fail it and run its parameters
+    # again, once; its training run resumes from the last checkpoint.
+    requeued = set(study.user_attrs.get("requeued", []))
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        if stale.number in requeued:
+            continue
+        if stale.state == TrialState.RUNNING:
+            study.tell(stale.number, state=TrialState.FAIL)
+        if stale.params:
+            study.enqueue_trial(stale.params)
+            log(f"trial {stale.number} was interrupted: enqueued again (its run resumes from the last checkpoint)")
+        requeued.add(stale.number)
+    study.set_user_attr("requeued", sorted(requeued))
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    remaining = max(tc.trials - done, 0)
+    log(f"study {folder / 'study.db'}: {done} trial(s) done, {remaining} to run; tuning {', '.join(space)}")
+    trials_out = folder / "trials"
+
+    def objective(trial) -> float:
+        params = {name: p.suggest(trial) for name, p in space.items()}
+        cfg = resolve({**fixed, **params, "seeds": 1, "out": str(trials_out), "progress": False})
+
+        def on_epoch(epoch: int, hr: float) -> None:
+            trial.report(hr, epoch)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_at_epoch", epoch)
+                raise optuna.TrialPruned()
+
+        try:
+            result = train_or_reuse(cfg, log=lambda m: None, on_epoch=on_epoch)
+        except IisanError as e:
+            if "loss is" not in str(e):
+                raise
+            trial.set_user_attr("diverged", str(e))
+            raise optuna.TrialPruned() from None
+        seed = result["seeds"][0]
+        trial.set_user_attr("run_dir", result["run_dir"])
+        trial.set_user_attr("best_epoch", seed["best_epoch"])
+        return result["valid"]["HR@10"]["mean"]
+
+    def progress(study, trial) -> None:
+        value = f"valid HR@10 {100 * trial.value:.2f}" if trial.value is not None else trial.state.name.lower()
+        if trial.user_attrs.get("diverged"):
+            value = "diverged (pruned)"
+        best = study.best_trial if any(t.state == TrialState.COMPLETE for t in study.trials) else None
+        log(f"trial {trial.number}: {value}; "
+            + ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+            + (f" | best so far {100 * best.value:.2f} (trial {best.number})" if best else ""))
+
+    if remaining:
+        study.optimize(objective, n_trials=remaining, timeout=tc.timeout or None, callbacks=[progress],
+                       catch=())
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise TuneError(f"{folder}: no trial completed (all pruned, diverged or interrupted)")
+    best = study.best_trial
+    log(f"best trial {best.number}: valid HR@10 {100 * best.value:.2f}; retraining it with {tc.final_seeds} fresh "
+        f"seed(s) for test")
+    best_cfg = resolve({**fixed, **best.params, "seeds": tc.final_seeds, "seed": base.seed + 1000,
+                        "out": str(folder / "best"), "progress": False})
+    final = train_or_reuse(best_cfg, log=log)
+    summary = {"folder": str(folder), "best_trial": best.number, "best_params": best.params,
+               "best_valid_hr10": best.value, "final_run": final["run_dir"], "valid": final["valid"],
+               "test": final["test"], "groups": final.get("groups"), "space": identity["space"],
+               "trial_seconds": sum(_seconds(t) for t in study.trials), "trials": len(study.trials)}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    report = write_report(study, base, space, summary, Path(tc.reports), fixed)
+    log(f"report: {report}")
+    if tc.save_preset:
+        values = {**preset_of(base, fixed), **best.params}
+        path = save_pipeline(tc.save_preset, values, f"tuned by `iisan tune` on {identity['dataset']} "
+                             f"({len(complete)} complete trials; best valid HR@10 {100 * best.value:.2f})")
+        log(f"saved pipeline '{tc.save_preset}' in {path}")
+    return summary
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+
+def _seconds(trial) -> float:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return 0.0
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
+def preset_of(base, fixed: dict[str, Any]) -> dict[str, Any]:
+    """What a saved pipeline holds besides the tuned values: the tuned pipeline's own entries (encoders, layer
+    rules, presets), the method, and the training options held fixed on the command line (where and how to
+    run aside), so that the pipeline trains exactly the tuned config."""
+    values = dict((load_registry().get("pipelines") or {}).get(base.pipeline) or {})
+    values["method"] = base.method
+    values.update({k: v for k, v in fixed.items() if k not in NOT_PRESET})
+    return values
+
+
+NOT_PRESET = ("dataset", "pipeline", "method", "cache", "out", "device", "progress", "seed", "seeds")
+
+
+def save_pipeline(name: str, values: dict[str, Any], comment: str) -> Path:
+    """Write (or replace) `pipelines.<name>` in the registry file, keeping the rest of the file as it is: an
+    entry of that name (and the comment line above it) is taken out, the new one goes at the end of the
+    `pipelines:` section."""
+    path = registry_path()
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise TuneError(f"--save-preset '{name}': use letters, digits, - and _")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        start = lines.index("pipelines:")
+    except ValueError:
+        raise RegistryError(f"{path}: no `pipelines:` section to save '{name}' into") from None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()
+                and not lines[i].startswith("#")), len(lines))
+    section = lines[start + 1:end]
+    kept: list[str] = []
+    skipping = False
+    for line in section:
+        if line.startswith(f"  {name}:"):
+            skipping = True
+            if kept and kept[-1].startswith("  # "):
+                kept.pop()
+            continue
+        if skipping and (line.startswith("    ") or not line.strip()):
+            continue
+        skipping = False
+        kept.append(line)
+    while kept and not kept[-1].strip():
+        kept.pop()
+    body = yaml.safe_dump({name: dict(values)}, sort_keys=False).splitlines()
+    block = [f"  # {comment}"] + ["  " + line for line in body]
+    rest = lines[end:]
+    path.write_text("\n".join(lines[:start + 1] + kept + block + ([""] if rest else []) + rest) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def write_report(study, base, space: dict[str, Param], summary: dict[str, Any], reports: Path,
+                 fixed: dict[str, Any]) -> Path:
+    """reports/tune-<dataset>-<method>-<pipeline>.md: the trials table, the best config's test figures, and a
+    plot of valid HR@10 against trial."""
+    from optuna.trial import TrialState
+
+    reports.mkdir(parents=True, exist_ok=True)
+    stem = f"tune-{dataset_name(base.dataset)}-{base.method}-{base.pipeline}"
+    plot = _plot(study, reports / f"{stem}.png", stem)
+    names = list(space)
+    command = "iisan tune " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed.items()
+                                       if k not in ("progress",))
+    lines = [f"# Tuning {base.method} on {dataset_name(base.dataset)} ({base.pipeline})", "",
+             f"- command: `{command}` (trials selected on valid HR@10 only; median pruner on the per-epoch "
+             f"valid HR@10 after 5 trials and 5 epochs)",
+             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
+             f"- trials: {len(study.trials)} ({sum(t.state == TrialState.COMPLETE for t in study.trials)} complete, "
+             f"{sum(t.state == TrialState.PRUNED for t in study.trials)} pruned); time in trials "
+             f"{summary['trial_seconds'] / 60:.1f} min",
+             f"- search space: " + "; ".join(f"{k} {p.to_dict()}" for k, p in space.items()), "",
+             "## Best config, retrained with fresh seeds", "",
+             f"Trial {summary['best_trial']} (valid HR@10 {100 * summary['best_valid_hr10']:.2f}): "
+             + ", ".join(f"{k}={_fmt(v)}" for k, v in summary["best_params"].items()), "",
+             "| split | HR@10 | NDCG@10 | users |", "|---|---|---|---|"]
+    for split in ("valid", "test"):
+        m = summary[split]
+        lines.append(f"| {split} | {100 * m['HR@10']['mean']:.2f} ± {100 * m['HR@10']['std']:.2f} | "
+                     f"{100 * m['NDCG@10']['mean']:.2f} ± {100 * m['NDCG@10']['std']:.2f} | all |")
+    for group, entry in ((summary.get("groups") or {}).get("test") or {}).items():
+        if entry["HR@10"] is not None:
+            lines.append(f"| test, {group} | {100 * entry['HR@10']['mean']:.2f} | {100 * entry['NDCG@10']['mean']:.2f} "
+                         f"| {entry['users']} |")
+    lines += ["", f"Run folder: `{summary['final_run']}`", "", "## Trials", "", f"![valid HR@10 per trial]({plot.name})",
+              "", "| trial | state | valid HR@10 | epochs | seconds | " + " | ".join(names) + " |",
+              "|---" * (5 + len(names)) + "|"]
+    for t in study.trials:
+        epochs = t.user_attrs.get("best_epoch", t.user_attrs.get("pruned_at_epoch", ""))
+        state = "diverged" if t.user_attrs.get("diverged") else t.state.name.lower()
+        value = f"{100 * t.value:.2f}" if t.value is not None else ""
+        lines.append(f"| {t.number} | {state} | {value} | {epochs} | {_seconds(t):.0f} | "
+                     + " | ".join(_fmt(t.params.get(k, "")) for k in names) + " |")
+    path = reports / f"{stem}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _plot(study, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    complete = [(t.number, 100 * t.value) for t in study.trials if t.value is not None]
+    pruned = [(t.number, 100 * max(t.intermediate_values.values())) for t in study.trials
+              if t.value is None and t.intermediate_values]
+    if complete:
+        ax.scatter(*zip(*complete), label="complete", color="#4c72b0")
+        best = [max(v for n, v in complete if n <= k) for k, _ in complete]
+        ax.step([n for n, _ in complete], best, where="post", color="#c44e52", label="best so far")
+    if pruned:
+        ax.scatter(*zip(*pruned), label="pruned (best epoch seen)", color="#999999", marker="x")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("valid HR@10 (%)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
