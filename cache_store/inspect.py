@@ -146,7 +146,7 @@ def _check_structure(store: CacheStore) -> list[str]:
                         f"re-extract the store")
     if not done.all():
         problems.append(f"incomplete: {int(done.sum())} of {len(done)} chunks done "
-                        f"(re-run `iisan extract --model {m.model} --dataset {m.dataset}` to complete it)")
+                        f"(re-run `iisan extract --model {m.model_ref()} --dataset {m.dataset}` to complete it)")
     elif not m.complete:
         problems.append("every chunk is done but the manifest is not marked complete (the writer did not "
                         "finalize; re-run the extraction to finalize)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from iisan.errors import IisanError
@@ -45,7 +46,12 @@ class Manifest:
     fingerprint_inputs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "what the fingerprint covers (fields, images, extra options), so verify can recompute it"})
     text_field: str | None = field(default=None, metadata={"help": "text field encoded (None for images)"})
-    model_revision: str = field(default="", metadata={"help": "hub revision or weight-file hash"})
+    model_revision: str = field(default="", metadata={
+        "help": "hub commit (or the revision asked for), or for a local folder a hash of its config and weight file "
+                "names and sizes"})
+    model_weights_sha256: str = field(default="", metadata={
+        "help": "sha256 of the weight files' bytes (one file: its sha256; shards: of their sha256sum listing); "
+                "\"\" in stores written before it was recorded"})
     model_dtype: str = field(default="float32", metadata={"help": "dtype the backbone ran in"})
     quantization: str = field(default="none", metadata={"help": "none | gptq | bnb-8bit | bnb-4bit | gguf"})
     preprocessing: dict[str, Any] = field(default_factory=dict, metadata={
@@ -83,6 +89,21 @@ class Manifest:
     def chunk_range(self, chunk: int) -> range:
         """Rows of one chunk (row 0 included in chunk 0)."""
         return range(chunk * self.chunk_rows, min(self.rows, (chunk + 1) * self.chunk_rows))
+
+    def model_ref(self) -> str:
+        """What to give `iisan extract --model` to write this store again: the registered name, or the hub id
+        (`hf:ORG/NAME`) / folder / .gguf file whose safe name the store carries (extract/refs.py)."""
+        from iisan.registry import load_registry
+
+        if self.model in (load_registry().get("models") or {}):
+            return self.model
+        source, _, gguf = self.model_source.partition("#")
+        if self.model == source.replace("/", "--"):
+            return f"hf:{source}"
+        path = Path(source) / gguf if gguf else Path(source)
+        if self.model in (path.name, path.stem):
+            return str(path)
+        return self.model
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

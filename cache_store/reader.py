@@ -45,7 +45,7 @@ def check_expectation(manifest: Manifest, expect: CacheExpectation, where: str) 
                             f"requested {list(expect.layers)})")
     if problems:
         raise CacheError(f"{where}: cache does not match the request:\n  " + "\n  ".join(problems)
-                         + f"\nre-extract it: iisan extract --model {expect.model or manifest.model} "
+                         + f"\nre-extract it: iisan extract --model {manifest.model_ref()} "
                            f"--dataset {expect.dataset or manifest.dataset}")
 
 
@@ -94,13 +94,13 @@ class CacheStore:
             if last not in m.layers:
                 raise CacheError(f"{self.path}: the model's final output is its last hidden state (index {last}), "
                                  f"which this store does not keep (it keeps {m.layers}); re-extract with a layer "
-                                 f"selection that keeps it: iisan extract --model {m.model} --dataset "
+                                 f"selection that keeps it: iisan extract --model {m.model_ref()} --dataset "
                                  f"{m.dataset} --layers {','.join(map(str, sorted(set(m.layers) | {last})))} "
                                  f"--overwrite")
             return m.layers.index(last)
         raise CacheError(f"{self.path}: written before stores recorded the model's final output (the pooled "
                          f"last_hidden_state, after the final norm), which the frozen baseline reads; "
-                         f"re-extract: iisan extract --model {m.model} --dataset {m.dataset} --overwrite")
+                         f"re-extract: iisan extract --model {m.model_ref()} --dataset {m.dataset} --overwrite")
 
     def load(self, layers: Sequence[int] | None = None, item_ids: Sequence[str] | None = None,
              device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -183,6 +183,6 @@ def load_cache(path: str | Path, expect: CacheExpectation = CacheExpectation(),
         if fraction < 1.0 and not allow_incomplete:
             raise CacheError(f"{store.path}: cache is incomplete ({fraction:.1%} of chunks done); "
                              f"re-run the extraction to complete it: iisan extract --model "
-                             f"{store.manifest.model} --dataset {store.manifest.dataset}")
+                             f"{store.manifest.model_ref()} --dataset {store.manifest.dataset}")
         return store.load(layers if layers is not None else expect.layers, item_ids, device, dtype, progress,
                           final)

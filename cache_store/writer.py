@@ -19,8 +19,11 @@ from iisan.cache_store.manifest import CacheError, Manifest
 
 # Manifest fields that must agree for a resumed run to continue an existing store.
 RESUME_KEYS = ("format_version", "dataset", "dataset_fingerprint", "model", "model_source", "model_revision",
-               "pooling", "layers", "total_layers", "hidden_size", "rows", "chunk_rows", "storage_dtype",
-               "text_field", "quantization", "model_dtype", "preprocessing", "final_state")
+               "model_weights_sha256", "pooling", "layers", "total_layers", "hidden_size", "rows", "chunk_rows",
+               "storage_dtype", "text_field", "quantization", "model_dtype", "preprocessing", "final_state")
+# Compared only where both sides recorded one: a store written before the field existed, or a caller that
+# does not hash the weights (ranks other than 0, which attach to the store rank 0 has checked), has "".
+IF_RECORDED = ("model_weights_sha256",)
 
 
 def store_path(root: str | Path, dataset: str, model: str, field: str | None = None, fmt: str = "zarr") -> Path:
@@ -43,7 +46,7 @@ def find_store(root: str | Path, dataset: str, model: str, field: str | None = N
 def manifest_differences(have: Manifest, want: Manifest, keys: tuple[str, ...] = RESUME_KEYS) -> list[str]:
     have_d, want_d = have.to_dict(), want.to_dict()
     return [f"{k}: store has {have_d.get(k)!r}, this run has {want_d.get(k)!r}" for k in keys
-            if have_d.get(k) != want_d.get(k)]
+            if have_d.get(k) != want_d.get(k) and not (k in IF_RECORDED and not (have_d.get(k) and want_d.get(k)))]
 
 
 def _unrecorded_final_state() -> str:

