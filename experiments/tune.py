@@ -66,7 +66,8 @@ _SAN = dict(lr_san={"low": 2e-5, "high": 1e-3, "log": True},
 # The search space per method: learning rates, SAN bottleneck, batch size, dropout, ID dropout, layer rule.
 SPACES: dict[str, dict[str, Param]] = {
     "iisan": _space(**_OPTIMISATION, **_SAN),
-    "iisan-hybrid": _space(**_OPTIMISATION, **_SAN, id_dropout={"low": 0.0, "high": 0.6}),
+    "iisan-hybrid": _space(**_OPTIMISATION, **_SAN, id_dropout={"low": 0.0, "high": 0.6},
+                           lr_id={"low": 1e-4, "high": 3e-3, "log": True}),
     "frozen": _space(**_OPTIMISATION),
     "sasrec-id": _space(**_OPTIMISATION),
 }

@@ -75,6 +75,7 @@ class TrainConfig:
     inter: bool = field(default=True, metadata=_help("Ablation: no inter-modal tower.", "--no-inter"))
     id_dropout: float = field(default=0.2, metadata=_help(
         "iisan-hybrid: probability that an item occurrence's ID part is zeroed in training."))
+    lr_id: float = field(default=0.0, metadata=_help("iisan-hybrid: Adam lr of the ID table (0: --lr)."))
     id_init: Literal["zero", "xavier"] = field(default="zero", metadata=_help(
         "iisan-hybrid: the ID table's start, zero (starts as IISAN) or xavier (as SASRec's)."))
     # --- optimisation

@@ -132,7 +132,7 @@ for _m in (
            "IISAN / IISAN-Versa side networks on cached states (the product's method)"),
     Method("iisan-hybrid", ItemSource.CACHED, _hybrid,
            "IISAN's content embedding plus a learned item-ID embedding with ID dropout; items never seen in "
-           "training get their content alone (docs/method.md §7.1)"),
+           "training get their content alone (docs/method.md §7.1)", presets={"lr_id": 1e-3}),
     Method("frozen", ItemSource.CACHED, _frozen, "frozen backbone: each modality's final output -> "
            "GELU(Linear(D -> d)), fused (docs/method.md §7)", reads="final"),
     Method("sasrec-id", ItemSource.ID, _ids, "SASRec with ID embeddings, no content"),

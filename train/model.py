@@ -108,6 +108,10 @@ class HybridItems(IISANItems):
             raise ValueError(f"id_init '{id_init}': zero or xavier")
         self.register_buffer("seen", seen.bool(), persistent=False)
 
+    def lr_groups(self, cfg) -> list[tuple[list[nn.Parameter], float]]:
+        """IISAN's groups, and the ID table at lr_id (0: the default lr)."""
+        return super().lr_groups(cfg) + ([(list(self.ids.parameters()), cfg.lr_id)] if cfg.lr_id else [])
+
     def id_part(self, index: torch.Tensor) -> torch.Tensor:
         return self.ids(index) * self.seen[index].unsqueeze(-1)
 
