@@ -5,9 +5,35 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+import numpy as np
 
-def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over seeds of every valid / test metric, and (`groups`) of the warm and the cold users'."""
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def bootstrap_interval(values: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, level: float = 0.95,
+                       seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of the mean of `values` (one per user), resampling users with a fixed
+    seed; [nan, nan] without users."""
+    if len(values) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return [float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))]
+
+
+def per_user(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """HR@K (1 or 0) or NDCG@K (1 / log2(rank + 1) within the top K) of each user."""
+    k = int(metric.split("@")[1])
+    hit = ranks <= k
+    return hit.astype(np.float64) if metric.startswith("HR") else np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def summarize(reports: list[dict[str, Any]], ranks: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """Mean and std over seeds of every valid / test metric, and (`groups`) of the warm and the cold users'.
+    With each seed's per-user `ranks` (and `<split>_warm` masks), every group also gets a 95 % bootstrap
+    interval over its users of the seed-mean HR@10 / NDCG@10 (`HR@10_ci95`, `NDCG@10_ci95`)."""
     def stats(values: list[float]) -> dict[str, float]:
         return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -24,6 +50,11 @@ def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
                     if k != "users":
                         values = [r["groups"][split][group][k] for r in reports]
                         entry[k] = None if any(v is None for v in values) else stats(values)
+                if ranks is not None:
+                    mask = ranks[0][f"{split}_warm"] if group == "warm" else ~ranks[0][f"{split}_warm"]
+                    for metric in ("HR@10", "NDCG@10"):
+                        values = np.mean([per_user(r[split], metric) for r in ranks], axis=0)[mask]
+                        entry[f"{metric}_ci95"] = bootstrap_interval(values)
                 out["groups"][split][group] = entry
     return out
 

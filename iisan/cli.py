@@ -264,13 +264,18 @@ def _train_config():
 @main.command("train", help=_train_help())
 @options_from(_train_config())
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue a run from its folder.")
-def train_cmd(resume, **options) -> None:
+@click.option("--reuse", is_flag=True, help="If a run with the same resolved config exists under OUT, report it "
+                                            "again (finished seeds) or continue it (unfinished) instead of "
+                                            "starting a new one: what makes scripts of many runs resumable.")
+def train_cmd(resume, reuse, **options) -> None:
     from iisan.train.config import resolve
-    from iisan.train.recipe import train
+    from iisan.train.recipe import train, train_or_reuse
 
     log = lambda message: click.echo(message, err=True)  # noqa: E731
     if resume is not None:
         result = train(resume=resume, log=log)
+    elif reuse:
+        result = train_or_reuse(resolve(given(options), log=log), log=log)
     else:
         result = train(resolve(given(options), log=log), log=log)
     click.echo(result["run_dir"])

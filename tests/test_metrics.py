@@ -73,3 +73,20 @@ def test_report_line():
     u, e, targets, hist = random_case(0)
     line = rank_targets(u, e, targets, hist).line("test")
     assert line.startswith("test HR@10 ") and " NDCG@10 " in line
+
+
+def test_bootstrap_interval_of_a_mean():
+    import numpy as np
+
+    from iisan.evaluate.report import bootstrap_interval, per_user
+
+    assert bootstrap_interval(np.full(50, 0.25)) == [0.25, 0.25]
+    values = (np.random.default_rng(1).random(2000) < 0.3).astype(float)
+    lo, hi = bootstrap_interval(values)
+    half = 1.96 * np.sqrt(values.mean() * (1 - values.mean()) / len(values))  # the normal approximation
+    assert abs(lo - (values.mean() - half)) < 0.003 and abs(hi - (values.mean() + half)) < 0.003
+    assert bootstrap_interval(values) == [lo, hi]                              # seeded: reproducible
+    assert all(np.isnan(bootstrap_interval(np.array([]))))
+    ranks = np.array([1, 3, 10, 11])
+    assert per_user(ranks, "HR@10").tolist() == [1, 1, 1, 0]
+    assert np.allclose(per_user(ranks, "NDCG@10"), [1, 0.5, 1 / np.log2(11), 0])

@@ -34,7 +34,7 @@ def test_cli_trains_and_reports(env, tmp_path):
     assert "seconds per epoch" in result.output and "trainable parameters" in result.output
     seed = run_dir / "seed-12345"
     assert [json.loads(l)["epoch"] for l in (seed / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert {p.name for p in seed.iterdir()} == {"metrics.jsonl", "best.safetensors", "last.pt", "report.json"}
+    assert {p.name for p in seed.iterdir()} == {"metrics.jsonl", "best.safetensors", "last.pt", "report.json", "ranks.npz"}
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["text"], config["image"], config["epochs"]) == ("tiny-bert", "tiny-dino", 2)
     provenance = json.loads((run_dir / "provenance.json").read_text())
@@ -249,6 +249,8 @@ def test_warm_and_cold_users_are_reported_separately(env, tmp_path, monkeypatch)
         entry = report["groups"]["test"][group]
         assert entry["users"] == seeds[0]["groups"]["test"][group]["users"]
         assert entry["HR@10"]["mean"] == pytest.approx(sum(s["groups"]["test"][group]["HR@10"] for s in seeds) / 2)
+        lo, hi = entry["HR@10_ci95"]  # over the group's users, of the seed-mean hit
+        assert lo <= entry["HR@10"]["mean"] <= hi and (hi > lo or entry["HR@10"]["mean"] in (0, 1))
     from iisan.evaluate.report import report_lines
 
     lines = report_lines(seeds, report)
@@ -280,3 +282,15 @@ def test_cold_items_protocol_through_training(env, tmp_path):
     bad = CliRunner().invoke(iisan_cli, ["train", "--dataset", "toy", "--cache", str(env / "cache"), "--out",
                                          str(tmp_path), "--cold-items", "1"])
     assert bad.exit_code == 2 and "--cold-items 1.0: a fraction in (0, 1)" in bad.output
+
+
+def test_reuse_reports_a_finished_run_again_instead_of_training(env, tmp_path):
+    args = ["train", "--dataset", "toy", "--cache", str(env / "cache"), "--out", str(tmp_path), "--epochs", "1",
+            "--no-progress", "--reuse"]
+    first = CliRunner().invoke(iisan_cli, args)
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(iisan_cli, args)
+    assert second.exit_code == 0, second.output
+    assert second.output.strip().splitlines()[-1] == first.output.strip().splitlines()[-1]  # the same folder
+    assert "epoch 1:" not in second.output and second.output.splitlines()[-2] == first.output.splitlines()[-2]
+    assert len(list((tmp_path / "toy").iterdir())) == 1

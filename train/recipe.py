@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -316,6 +317,9 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
     best = load_file(folder / "best.safetensors", device=str(device))
     load_checkpoint_state(model, upgrade_checkpoint_keys(best, cfg) if version < 2 else best)
     valid, test = evaluate(model, split, "valid", cfg), evaluate(model, split, "test", cfg)
+    # Each user's rank and group, for intervals and paired comparisons over the users (the summary, studies).
+    np.savez(folder / "ranks.npz", valid=valid.ranks.numpy(), test=test.ranks.numpy(),
+             valid_warm=valid.warm.numpy(), test_warm=test.warm.numpy())
     report = {"seed": seed, "best_epoch": state.best_epoch, "epochs": state.epoch,
               # Whether early stopping ended the run or the epoch cap cut it while valid HR@10 could still rise.
               "stopped_by": "patience" if state.bad_epochs >= cfg.patience else "epoch cap",
@@ -398,7 +402,8 @@ def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print,
     (run_dir / "provenance.json").write_text(json.dumps(provenance(s), indent=2, default=str))
     reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log, version, on_epoch)
                for i in range(cfg.seeds)]
-    summary = summarize(reports)
+    ranks = [run_dir / f"seed-{cfg.seed + i}" / "ranks.npz" for i in range(cfg.seeds)]
+    summary = summarize(reports, [dict(np.load(path)) for path in ranks] if all(p.is_file() for p in ranks) else None)
     (run_dir / "report.json").write_text(json.dumps({"config": cfg.to_dict(), "seeds": reports, **summary},
                                                     indent=2))
     for line in report_lines(reports, summary):
