@@ -145,6 +145,7 @@ def run_bench(bench: BenchConfig, log=print) -> Path:
                 f"is reused, an unfinished one resumed)")
             result = train_in_child(resolve(train_options(bench, row["method"], None)))
             row["test"] = result["test"]
+            row["groups"] = (result.get("groups") or {}).get("test") or {}
             row["full_run"] = result["run_dir"]
             row["full_epochs"] = [(r["best_epoch"], r["epochs"]) for r in result["seeds"]]
             row["full_capped"] = any(r.get("stopped_by") == "epoch cap" for r in result["seeds"])
@@ -180,6 +181,14 @@ def train_in_child(cfg: TrainConfig) -> dict[str, Any]:
             raise IisanError(f"--full: training {cfg.method} on {cfg.dataset} failed (exit code {child.exitcode}); "
                              f"its output is above, and rerunning resumes it")
         return json.loads(out.read_text())
+
+
+def _group_cell(entry: dict[str, Any] | None) -> str:
+    """`x (n)`: a group's test HR@10 in percent and its user count; empty for runs without the split."""
+    if not entry:
+        return ""
+    hr = entry["HR@10"]
+    return f"{100 * hr['mean']:.2f} ({entry['users']:,})" if hr is not None else f"n/a ({entry['users']:,})"
 
 
 def report_stem(bench: BenchConfig) -> str:
@@ -242,14 +251,15 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
                  f"{s} {v:.0f} s" if v else f"{s} not recorded" for s, v in extraction.items()) or "none"), "",
              "| method | batch | s/step | timed | s/epoch | epoch | peak memory (MiB) | above floor (MiB) "
              "| trainable params | total params | TPME | time ÷ FFT | memory ÷ FFT |"
-             + (" test HR@10 | test NDCG@10 | epochs | train s/epoch |" if bench.full else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if bench.full else "")]
+             + (" test HR@10 | test NDCG@10 | warm HR@10 (users) | cold HR@10 (users) | epochs | train s/epoch |"
+                if bench.full else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|---|---|" if bench.full else "")]
     by_method = {r["method"]: r for r in rows}
     fft = by_method.get("fft")
     for r in rows:
         if r.get("status") != "ok":
             lines.append(f"| {r['method']} | {r['batch_size']} | {r['status']} | | | | "
-                         f"{r.get('peak_memory_mib', 0):,.0f} | | | | | | |" + (" | | | |" if bench.full else ""))
+                         f"{r.get('peak_memory_mib', 0):,.0f} | | | | | | |" + (" | | | | | |" if bench.full else ""))
             continue
         time_ratio = f"{r['seconds_per_epoch'] / fft['seconds_per_epoch']:.3f}" if fft and fft.get("status") == "ok" else ""
         mem_ratio = f"{r['peak_memory_mib'] / fft['peak_memory_mib']:.3f}" if fft and fft.get("status") == "ok" else ""
@@ -257,10 +267,11 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
         if bench.full and "test" in r:
             epochs = ", ".join(f"{best}/{run}" for best, run in r["full_epochs"])
             epochs += " (cap)" if r.get("full_capped") else ""
+            groups = " | ".join(_group_cell(r.get("groups", {}).get(g)) for g in ("warm", "cold"))
             quality = (f" {100 * r['test']['HR@10']['mean']:.2f} | {100 * r['test']['NDCG@10']['mean']:.2f} "
-                       f"| {epochs} | {r['full_seconds_per_epoch']:.1f} |")
+                       f"| {groups} | {epochs} | {r['full_seconds_per_epoch']:.1f} |")
         elif bench.full:
-            quality = " | | | |"
+            quality = " | | | | | |"
         lines.append(f"| {r['method']} | {r['batch_size']} | {r['seconds_per_step']:.3f} | {r['steps_timed']} "
                      f"| {r['seconds_per_epoch']:.1f} "
                      f"| {r['epoch']} | {r['peak_memory_mib']:,.0f} | {r['peak_memory_mib'] - r.get('floor_mib', 0):,.0f} "

@@ -232,7 +232,11 @@ def test_bench_writes_report_and_plots(env, tmp_path):
         saved = json.loads((run / "report.json").read_text())
         assert row[14] == f"{100 * saved['test']['HR@10']['mean']:.2f}"
         capped = " (cap)" if saved["seeds"][0]["stopped_by"] == "epoch cap" else ""
-        assert row[16] == f"{saved['seeds'][0]['best_epoch']}/2{capped}"
+        warm, cold = saved["groups"]["test"]["warm"], saved["groups"]["test"]["cold"]
+        assert row[16] == f"{100 * warm['HR@10']['mean']:.2f} ({warm['users']})"
+        assert row[17] == (f"{100 * cold['HR@10']['mean']:.2f} ({cold['users']})" if cold["HR@10"] is not None
+                           else f"n/a ({cold['users']})")
+        assert row[18] == f"{saved['seeds'][0]['best_epoch']}/2{capped}"
     # Each method trained in its own process: in one, the peak only grows and cached IISAN, trained last,
     # would record at least FFT's peak.
     peaks = {m: json.loads(next((runs_root / "toy").glob(f"{m}-text-image-*/report.json")).read_text())
@@ -245,7 +249,7 @@ def test_bench_writes_report_and_plots(env, tmp_path):
     again = table(bench("--methods", "iisan"))[0]
     assert again[14] == iisan[14] and len(list((runs_root / "toy").iterdir())) == 3
     capped = table(bench("--methods", "iisan", "--epochs", "1"))[0]
-    assert capped[16].endswith("/1 (cap)") and len(list((runs_root / "toy").glob("iisan-*"))) == 2
+    assert capped[18].endswith("/1 (cap)") and len(list((runs_root / "toy").glob("iisan-*"))) == 2
 
 
 @pytest.mark.parametrize("budget, steps_timed", [(0.0, 1), (1e9, 3)])
