@@ -17,6 +17,9 @@ with L blocks has L + 1 hidden states.
   blocks and does not reproduce the published lists; the lists satisfy L - k (L_partner / 2 - 1) >= 1,
   i.e. the code's rule, which is implemented here. When the model has no more blocks than N, every
   hidden state is kept and the training side pairs the top states (docs/method.md §6.4, unequal block counts).
+- `top:N` / `bottom:N` (IISAN-Versa's layer study, its Table VIII): the last / the first N blocks, prefixed
+  with 0 as the other rules are. For 30 blocks, `top:6` = [0, 25, 26, 27, 28, 29, 30] and `bottom:6` =
+  [0, 1, 2, 3, 4, 5, 6]; N larger than the block count is an error.
 - `all`: every hidden state.
 - `i,j,...`: explicit hidden-state indices.
 """
@@ -61,6 +64,16 @@ def select_layers(rule: str, n_hidden_states: int) -> list[int]:
         return even_layers(n_blocks)
     if rule == "remove_first":
         return even_layers(n_blocks)  # h_0 included: the intra towers' initial state
+    if rule.startswith(("top:", "bottom:")):
+        side, _, count = rule.partition(":")
+        try:
+            n = int(count)
+        except ValueError:
+            raise LayerSelectionError(f"'{rule}': expected {side}:<block count>, e.g. {side}:6") from None
+        if not 1 <= n <= n_blocks:
+            raise LayerSelectionError(f"'{rule}': the model has {n_blocks} blocks; choose 1..{n_blocks}")
+        blocks = range(n_blocks - n + 1, n_blocks + 1) if side == "top" else range(1, n + 1)
+        return [0] + list(blocks)
     if rule.startswith("group:"):
         try:
             partner = int(rule.split(":", 1)[1])
@@ -73,8 +86,8 @@ def select_layers(rule: str, n_hidden_states: int) -> list[int]:
     try:
         layers = [int(part) for part in rule.split(",") if part.strip()]
     except ValueError:
-        raise LayerSelectionError(f"'{rule}': expected even, remove_first, group:<L>, all, or indices like "
-                                  f"0,4,8,12") from None
+        raise LayerSelectionError(f"'{rule}': expected even, remove_first, group:<L>, top:<N>, bottom:<N>, all, "
+                                  f"or indices like 0,4,8,12") from None
     if not layers:
         raise LayerSelectionError("empty layer selection")
     bad = [i for i in layers if not 0 <= i < n_hidden_states]

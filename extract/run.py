@@ -49,7 +49,7 @@ class ExtractConfig:
     model: str = field(metadata={"help": "name in pipelines.yaml, hf:ORG/NAME, or a model folder / .gguf file"})
     dataset: str = field(metadata={"help": "dataset name in the registry, or a dataset folder"})
     text_field: str | None = field(default=None, metadata={"help": "text field to encode (text models; default title)"})
-    layers: str | None = field(default=None, metadata={"help": "even | remove_first | group:<L> | all | i,j,…"})
+    layers: str | None = field(default=None, metadata={"help": "even | remove_first | group:<L> | top:<N> | bottom:<N> | all | i,j,…"})
     out: Path = field(default_factory=default_cache_root, metadata={
         "help": "cache root: stores go to OUT/<dataset>/ (default $IISAN_CACHE_DIR, else cache/)"})
     fmt: str = field(default="zarr", metadata={"help": "zarr | h5"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from iisan.extract.layers import LayerSelectionError, group_blocks, select_layers
@@ -65,3 +67,14 @@ def test_group_edge_cases(n_blocks, partner, expected):
 def test_bad_rules(rule, message):
     with pytest.raises(LayerSelectionError, match=message):
         select_layers(rule, 13)
+
+
+def test_top_and_bottom_rules():
+    assert select_layers("top:6", 31) == [0, 25, 26, 27, 28, 29, 30]
+    assert select_layers("bottom:6", 31) == [0, 1, 2, 3, 4, 5, 6]
+    assert select_layers("top:6", 7) == select_layers("bottom:6", 7) == select_layers("all", 7)
+    assert select_layers("top:1", 13) == [0, 12] and select_layers("bottom:1", 13) == [0, 1]
+    for rule, message in (("top:7", "the model has 6 blocks; choose 1..6"), ("bottom:0", "choose 1..6"),
+                          ("top:x", "expected top:<block count>")):
+        with pytest.raises(LayerSelectionError, match=re.escape(message)):
+            select_layers(rule, 7)

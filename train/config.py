@@ -47,8 +47,8 @@ class TrainConfig:
     image: str = field(default="", metadata=_help("MODEL feeding the image slot."))
     text2: str = field(default="", metadata=_help("MODEL@FIELD feeding a second text slot (multimodal text)."))
     layers_text: str = field(default="", metadata=_help(
-        "Cached hidden states the text tower reads: even | remove_first | group:<L> | all | i,j,… (default: all "
-        "cached)."))
+        "Cached hidden states the text tower reads: even | remove_first | group:<L> | top:<N> | bottom:<N> | all | "
+        "i,j,… (default: all cached)."))
     layers_image: str = field(default="", metadata=_help(
         "Cached hidden states the second slot's tower (image or text2) reads (same rules)."))
     cache: str = field(default="", metadata=_help("Cache root (default $IISAN_CACHE_DIR, else cache/)."))
