@@ -122,6 +122,7 @@ class TuneConfig:
     final_seeds: int = field(default=3, metadata={"help": "fresh seeds the best config is trained with for test"})
     sampler_seed: int = field(default=0, metadata={"help": "TPE sampler seed"})
     reports: str = field(default="reports", metadata={"help": "folder for the report and plot"})
+    command: str = ""  # the command line, for the report (no option: no help)
 
 
 FIXED_IDENTITY = ("dataset", "method", "pipeline")
@@ -237,7 +238,7 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
                "test": final["test"], "groups": final.get("groups"), "space": identity["space"],
                "trial_seconds": sum(_seconds(t) for t in study.trials), "trials": len(study.trials)}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    report = write_report(study, base, space, summary, Path(tc.reports), fixed)
+    report = write_report(study, base, space, summary, Path(tc.reports), fixed, tc.command)
     log(f"report: {report}")
     if tc.save_preset:
         values = {**preset_of(base, fixed), **best.params}
@@ -308,7 +309,7 @@ def save_pipeline(name: str, values: dict[str, Any], comment: str) -> Path:
 
 
 def write_report(study, base, space: dict[str, Param], summary: dict[str, Any], reports: Path,
-                 fixed: dict[str, Any]) -> Path:
+                 fixed: dict[str, Any], command: str = "") -> Path:
     """reports/tune-<dataset>-<method>-<pipeline>.md: the trials table, the best config's test figures, and a
     plot of valid HR@10 against trial."""
     from optuna.trial import TrialState
@@ -317,8 +318,8 @@ def write_report(study, base, space: dict[str, Param], summary: dict[str, Any], 
     stem = f"tune-{dataset_name(base.dataset)}-{base.method}-{base.pipeline}"
     plot = _plot(study, reports / f"{stem}.png", stem)
     names = list(space)
-    command = "iisan tune " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed.items()
-                                       if k not in ("progress",))
+    command = command or "iisan tune " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed.items()
+                                                  if k not in ("progress",))
     lines = [f"# Tuning {base.method} on {dataset_name(base.dataset)} ({base.pipeline})", "",
              f"- command: `{command}` (trials selected on valid HR@10 only; median pruner on the per-epoch "
              f"valid HR@10 after 5 trials and 5 epochs)",

@@ -300,7 +300,7 @@ def tune_cmd(**options) -> None:
 
     tune_fields = {f.name for f in dataclasses.fields(TuneConfig)}
     chosen = given(options)
-    tc = TuneConfig(**{k: v for k, v in chosen.items() if k in tune_fields})
+    tc = TuneConfig(command="iisan " + " ".join(sys.argv[1:]), **{k: v for k, v in chosen.items() if k in tune_fields})
     run_tune({k: v for k, v in chosen.items() if k not in tune_fields}, tc,
              log=lambda message: click.echo(message, err=True))
 
