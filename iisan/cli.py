@@ -305,6 +305,29 @@ def tune_cmd(**options) -> None:
              log=lambda message: click.echo(message, err=True))
 
 
+@main.group()
+def study() -> None:
+    """The papers' experiments as plans (plans/*.yaml): run them, resumably."""
+
+
+@study.command("run")
+@click.option("--plan", "plan_name", required=True, help="A plan name (plans/NAME.yaml) or a plan file.")
+@click.option("--dataset", "datasets", multiple=True, help="Only the rows of this dataset (repeatable).")
+@click.option("--seeds", type=int, default=None, help="Seeds per row (default: the plan's).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
+              help="Where study-<plan>.json goes.")
+@click.option("--runs", default="runs", show_default=True, help="Runs root of the rows' training runs.")
+def study_run(plan_name: str, datasets: tuple[str, ...], seeds: int | None, out: Path, runs: str) -> None:
+    """Run a plan: every row its own `iisan train --reuse` process (finished runs reported again, unfinished
+    ones continued), a progress line per row with an ETA, then reports/study-<plan>.json with paired
+    bootstrap p-values against each experiment's reference row."""
+    from iisan.experiments.study import load_plan, run_study
+
+    plan = load_plan(plan_name, datasets, seeds)
+    run_study(plan, out, runs, log=lambda message: click.echo(message, err=True),
+              command="iisan " + " ".join(sys.argv[1:]))
+
+
 @main.command("evaluate")
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)

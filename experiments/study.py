@@ -1,0 +1,235 @@
+"""`iisan study run`: the papers' experiments as plans. A plan is a YAML list of experiments, each a list of
+rows; a row is a dataset, a method, a pipeline and any `iisan train` options (a layer rule among them), run
+with the plan's seeds. Every run is its own process (`iisan train --reuse`): a finished run with the same
+resolved config is reported again and an unfinished one continued, so an interrupted study picks up where it
+stopped, also in a later session. Results go to `reports/study-<plan>.json`, one entry per row, with each
+seed's per-user test ranks compared against the experiment's reference row by a paired bootstrap over users.
+
+Plan file:
+
+    name: quick
+    seeds: 1
+    experiments:
+      - name: methods
+        reference: iisan            # the row (by label) the others are tested against
+        rows:
+          - {label: iisan, dataset: ml-100k, method: iisan, pipeline: text-only}
+          - {label: frozen, dataset: ml-100k, method: frozen, pipeline: text-only, epochs: 50}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from iisan.errors import IisanError
+from iisan.evaluate.report import per_user
+from iisan.registry import REPO_ROOT, load_registry
+from iisan.runtime import git_commit
+
+PLANS_DIR = REPO_ROOT / "plans"
+PAIRED_SAMPLES = 10_000
+METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
+
+
+class StudyError(IisanError):
+    """A plan that cannot run: unknown names, bad options, a YAML error."""
+
+
+@dataclass
+class Row:
+    label: str
+    options: dict[str, Any]          # iisan train options: dataset, method, pipeline, ...
+
+    def args(self, seeds: int, out: str) -> list[str]:
+        """The `iisan train` command line of this row (options as the CLI spells them)."""
+        from iisan.train.config import TrainConfig
+
+        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        args = ["train", "--reuse", "--no-progress", "--seeds", str(seeds), "--out", out]
+        for key, value in self.options.items():
+            name = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                f = fields[key]
+                if value == f.default:
+                    continue
+                args.append(f.metadata.get("flag") or (name if value else f"--no-{key.replace('_', '-')}"))
+            else:
+                args += [name, str(value)]
+        return args
+
+
+@dataclass
+class Experiment:
+    name: str
+    rows: list[Row]
+    reference: str = ""
+
+
+@dataclass
+class Plan:
+    name: str
+    path: Path
+    seeds: int
+    experiments: list[Experiment] = field(default_factory=list)
+
+    def rows(self) -> list[tuple[Experiment, Row]]:
+        return [(e, r) for e in self.experiments for r in e.rows]
+
+
+def plan_path(name_or_file: str) -> Path:
+    path = Path(name_or_file)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return path
+    return PLANS_DIR / f"{name_or_file}.yaml"
+
+
+def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | None = None) -> Plan:
+    """Read and check a plan before anything runs: every method, pipeline, option and layer rule is known."""
+    from iisan.extract.layers import LayerSelectionError, select_layers
+    from iisan.train.config import TrainConfig
+    from iisan.train.methods import METHODS
+
+    path = plan_path(name_or_file)
+    if not path.is_file():
+        raise StudyError(f"{path}: no such plan (shipped plans: "
+                         f"{', '.join(sorted(p.stem for p in PLANS_DIR.glob('*.yaml')))})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise StudyError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("experiments"), list):
+        raise StudyError(f"{path}: expected a mapping with `experiments:` (a list)")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"version", "seeds", "out", "progress"}
+    pipelines = load_registry().get("pipelines") or {}
+    plan = Plan(str(raw.get("name") or path.stem), path, int(seeds or raw.get("seeds", 1)))
+    for e, exp in enumerate(raw["experiments"]):
+        where = f"{path}: experiment {e + 1}"
+        if not isinstance(exp, dict) or not isinstance(exp.get("rows"), list):
+            raise StudyError(f"{where}: expected `name:` and `rows:` (a list)")
+        rows = []
+        for i, row in enumerate(exp["rows"]):
+            at = f"{where} ({exp.get('name', '')}), row {i + 1}"
+            if not isinstance(row, dict) or "dataset" not in row:
+                raise StudyError(f"{at}: a row is a mapping with at least `dataset:`")
+            row = dict(row)
+            label = str(row.pop("label", row.get("method", "iisan")))
+            unknown = sorted(set(row) - fields)
+            if unknown:
+                raise StudyError(f"{at} ({label}): unknown option(s) {', '.join(unknown)}")
+            if row.get("method", "iisan") not in METHODS:
+                raise StudyError(f"{at} ({label}): unknown method '{row['method']}' (known: {', '.join(METHODS)})")
+            if row.get("pipeline") and row["pipeline"] not in pipelines:
+                raise StudyError(f"{at} ({label}): unknown pipeline '{row['pipeline']}'")
+            for key in ("layers_text", "layers_image"):
+                if row.get(key):
+                    try:
+                        select_layers(str(row[key]), 64)  # the rule's form; the store's count is checked at run
+                    except LayerSelectionError as err:
+                        raise StudyError(f"{at} ({label}): {key}: {err}") from None
+            if datasets and str(row["dataset"]) not in datasets:
+                continue
+            rows.append(Row(label, row))
+        if rows:
+            labels = [r.label for r in rows]
+            if len(set(labels)) != len(labels):
+                raise StudyError(f"{where}: row labels repeat ({', '.join(labels)})")
+            reference = str(exp.get("reference") or "")
+            if reference and reference not in labels:
+                raise StudyError(f"{where}: reference '{reference}' is none of the rows ({', '.join(labels)})")
+            plan.experiments.append(Experiment(str(exp.get("name") or f"experiment-{e + 1}"), rows, reference))
+    if not plan.experiments:
+        raise StudyError(f"{path}: no rows to run" + (f" for {', '.join(datasets)}" if datasets else ""))
+    return plan
+
+
+def paired_test(ref: np.ndarray, other: np.ndarray, samples: int = PAIRED_SAMPLES, seed: int = 0) -> float:
+    """Two-sided paired bootstrap p-value of mean(other - ref) over users (values already averaged over
+    seeds): the share of resampled mean differences on the far side of 0, doubled."""
+    diff = other - ref
+    if not diff.any():
+        return 1.0
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    side = (means <= 0).mean() if diff.mean() > 0 else (means >= 0).mean()
+    return float(min(1.0, 2 * side))
+
+
+def _seed_ranks(run_dir: Path) -> list[np.ndarray] | None:
+    files = sorted(run_dir.glob("seed-*/ranks.npz"))
+    return [np.load(f)["test"] for f in files] if files else None
+
+
+def row_result(run_dir: Path) -> dict[str, Any]:
+    report = json.loads((run_dir / "report.json").read_text())
+    ranks = _seed_ranks(run_dir)
+    out: dict[str, Any] = {"run_dir": str(run_dir), "seeds": len(report["seeds"]),
+                           "test": report["test"], "valid": report["valid"], "groups": report.get("groups"),
+                           "seconds_per_epoch": float(np.mean([s["seconds_per_epoch"] for s in report["seeds"]])),
+                           "trainable_parameters": report["seeds"][0]["trainable_parameters"]}
+    if ranks is not None:
+        out["test"]["MRR"] = {"mean": float(np.mean([np.mean(1.0 / r) for r in ranks])),
+                              "std": float(np.std([np.mean(1.0 / r) for r in ranks], ddof=1)) if len(ranks) > 1 else 0.0}
+    return out
+
+
+def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = print,
+              command: str = "") -> Path:
+    """Run every row (its own process), then write reports/study-<plan>.json."""
+    rows = plan.rows()
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    start = time.perf_counter()
+    for n, (exp, row) in enumerate(rows, 1):
+        began = time.perf_counter()
+        args = row.args(plan.seeds, runs)
+        child = subprocess.run([sys.executable, "-m", "iisan.cli", *args], capture_output=True, text=True)
+        took = time.perf_counter() - began
+        done = time.perf_counter() - start
+        eta = done / n * (len(rows) - n)
+        if child.returncode != 0:
+            tail = (child.stderr or child.stdout).strip().splitlines()[-5:]
+            results[(exp.name, row.label)] = {"status": "failed", "log_tail": tail, "args": args}
+            log(f"[{n}/{len(rows)}] {exp.name}/{row.label}: FAILED in {took:.0f} s: {' | '.join(tail)}; "
+                f"ETA {eta / 60:.0f} min")
+            continue
+        run_dir = Path(child.stdout.strip().splitlines()[-1])
+        result = {"status": "ok", "args": args, **row_result(run_dir)}
+        results[(exp.name, row.label)] = result
+        log(f"[{n}/{len(rows)}] {exp.name}/{row.label}: test HR@10 {100 * result['test']['HR@10']['mean']:.2f} "
+            f"({took:.0f} s); ETA {eta / 60:.0f} min")
+    experiments = []
+    for exp in plan.experiments:
+        ref = results.get((exp.name, exp.reference)) if exp.reference else None
+        ref_ranks = _seed_ranks(Path(ref["run_dir"])) if ref and ref.get("status") == "ok" else None
+        entries = []
+        for row in exp.rows:
+            result = dict(results[(exp.name, row.label)])
+            if ref_ranks is not None and result.get("status") == "ok" and row.label != exp.reference:
+                ranks = _seed_ranks(Path(result["run_dir"]))
+                if ranks is not None and len(ranks[0]) == len(ref_ranks[0]):
+                    result["paired_p"] = {m: paired_test(np.mean([per_user(r, m) for r in ref_ranks], axis=0),
+                                                         np.mean([per_user(r, m) for r in ranks], axis=0))
+                                          for m in ("HR@10", "NDCG@10")}
+            entries.append({"label": row.label, "options": row.options, **result})
+        experiments.append({"name": exp.name, "reference": exp.reference, "rows": entries})
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"study-{plan.name}.json"
+    path.write_text(json.dumps({"plan": plan.name, "plan_file": str(plan.path), "seeds": plan.seeds,
+                                "command": command, "commit": git_commit(),
+                                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                "wall_seconds": time.perf_counter() - start, "experiments": experiments},
+                               indent=2, default=str))
+    log(f"wrote {path}")
+    return path

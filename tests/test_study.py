@@ -1,0 +1,76 @@
+"""`iisan study run` on the toy world: two rows, one epoch; rerunning reuses the runs; bad plans are refused
+before anything runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from iisan.cli import main as iisan_cli
+from iisan.experiments.study import StudyError, load_plan, paired_test
+
+PLAN = """name: toy
+seeds: 2
+experiments:
+  - name: methods
+    reference: iisan
+    rows:
+      - {label: iisan, dataset: toy, method: iisan, pipeline: text-only, epochs: 1}
+      - {label: no inter, dataset: toy, method: iisan, pipeline: text-only, epochs: 1, inter: false}
+"""
+
+
+def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = tmp_path / "toy.yaml"
+    plan.write_text(PLAN)
+    args = ["study", "run", "--plan", str(plan), "--out", str(tmp_path / "reports"), "--runs", str(tmp_path / "runs")]
+    monkeypatch.setenv("IISAN_CACHE_DIR", str(env / "cache"))
+    first = CliRunner().invoke(iisan_cli, args)
+    assert first.exit_code == 0, first.output
+    assert "[1/2] methods/iisan: test HR@10 " in first.output and "[2/2] methods/no inter" in first.output
+    study = json.loads((tmp_path / "reports" / "study-toy.json").read_text())
+    rows = study["experiments"][0]["rows"]
+    assert [r["label"] for r in rows] == ["iisan", "no inter"] and all(r["status"] == "ok" for r in rows)
+    assert rows[0]["seeds"] == 2 and "paired_p" not in rows[0] and 0 <= rows[1]["paired_p"]["HR@10"] <= 1
+    report = json.loads((Path(rows[1]["run_dir"]) / "report.json").read_text())
+    assert report["config"]["inter"] is False and rows[1]["test"]["HR@10"] == report["test"]["HR@10"]
+    ranks = [np.load(Path(rows[0]["run_dir"]) / f"seed-{s}" / "ranks.npz")["test"] for s in (12345, 12346)]
+    assert rows[0]["test"]["MRR"]["mean"] == pytest.approx(np.mean([np.mean(1 / r) for r in ranks]))
+    folders = sorted((tmp_path / "runs" / "toy").iterdir())
+    again = CliRunner().invoke(iisan_cli, args)
+    assert again.exit_code == 0, again.output
+    assert sorted((tmp_path / "runs" / "toy").iterdir()) == folders  # reused, nothing trained again
+
+
+def test_paired_test():
+    ref = np.zeros(200)
+    assert paired_test(ref, ref) == 1.0
+    better = np.r_[np.ones(60), np.zeros(140)]
+    assert paired_test(ref, better) < 0.001
+    noise = np.random.default_rng(0).integers(0, 2, 200).astype(float)
+    assert paired_test(noise, np.roll(noise, 1)) > 0.05
+
+
+@pytest.mark.parametrize("text, message", [
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, method: nope}\n", "unknown method 'nope'"),
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, epoch: 3}\n", "unknown option(s) epoch"),
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, pipeline: nope}\n", "unknown pipeline 'nope'"),
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, layers_text: 'top:x'}\n", "expected top:<block count>"),
+    ("experiments:\n  - name: x\n    reference: y\n    rows:\n      - {dataset: toy}\n", "reference 'y' is none"),
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy\n", "toy.yaml:5: not valid YAML"),
+])
+def test_bad_plans_are_refused_before_anything_runs(env, tmp_path, text, message):
+    plan = tmp_path / "toy.yaml"
+    plan.write_text(text)
+    with pytest.raises(StudyError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_plan(str(plan))
+
+
+def test_the_shipped_quick_plan_loads():
+    plan = load_plan("quick")
+    assert {row.options["dataset"] for _, row in plan.rows()} == {"ml-100k"} and plan.seeds == 1
