@@ -233,3 +233,48 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
                                indent=2, default=str))
     log(f"wrote {path}")
     return path
+
+
+def render(json_path: Path, out: Path | None = None) -> Path:
+    """reports/study-<plan>.md from its JSON: a header (command, commit, date, wall time) and one table per
+    experiment: mean ± std over seeds of HR@K / NDCG@K (K = 5, 10, 20) and MRR, warm / cold HR@10 with user
+    counts, seconds per epoch, and the paired test against the reference row (* where p < 0.05)."""
+    study = json.loads(Path(json_path).read_text())
+    out = out or Path(json_path).with_suffix(".md")
+    lines = [f"# Study: {study['plan']}", "",
+             f"- command: `{study.get('command') or 'iisan study run --plan ' + study['plan']}`",
+             f"- commit {study['commit']}, {study['date']}; wall time {study['wall_seconds'] / 60:.1f} min "
+             f"(runs reused from earlier sessions count as their reporting time only)",
+             f"- seeds per row: {study['seeds']}; metrics in percent, mean ± std over seeds; p: paired bootstrap "
+             f"over users of the seed-averaged HR@10 / NDCG@10 against the reference row ({PAIRED_SAMPLES:,} "
+             f"resamples, seed 0), * where p < 0.05", ""]
+
+    def pm(metric: dict[str, Any] | None, scale: float = 100) -> str:
+        if not metric:
+            return ""
+        return f"{scale * metric['mean']:.2f} ± {scale * metric['std']:.2f}"
+
+    def group(entry: dict[str, Any] | None) -> str:
+        if not entry or entry.get("HR@10") is None:
+            return "n/a" if entry else ""
+        return f"{100 * entry['HR@10']['mean']:.2f} ({entry['users']:,})"
+
+    for exp in study["experiments"]:
+        ref = f" (reference: {exp['reference']})" if exp["reference"] else ""
+        lines += [f"## {exp['name']}{ref}", "",
+                  "| row | HR@10 | NDCG@10 | p HR@10 | p NDCG@10 | HR@5 | HR@20 | NDCG@5 | NDCG@20 | MRR | warm HR@10 (n) "
+                  "| cold HR@10 (n) | s/epoch |", "|---" * 13 + "|"]
+        for row in exp["rows"]:
+            if row.get("status") != "ok":
+                lines.append(f"| {row['label']} | failed: {' '.join(row.get('log_tail', [])[-1:])} |" + " |" * 11)
+                continue
+            t, groups = row["test"], (row.get("groups") or {}).get("test") or {}
+            p = row.get("paired_p") or {}
+            mark = {m: (f"{p[m]:.3f}" + ("*" if p[m] < 0.05 else "")) if m in p else "" for m in ("HR@10", "NDCG@10")}
+            lines.append(f"| {row['label']} | {pm(t['HR@10'])} | {pm(t['NDCG@10'])} | {mark['HR@10']} | "
+                         f"{mark['NDCG@10']} | {pm(t.get('HR@5'))} | {pm(t.get('HR@20'))} | {pm(t.get('NDCG@5'))} | "
+                         f"{pm(t.get('NDCG@20'))} | {pm(t.get('MRR'))} | {group(groups.get('warm'))} | "
+                         f"{group(groups.get('cold'))} | {row['seconds_per_epoch']:.1f} |")
+        lines.append("")
+    out.write_text("\n".join(lines))
+    return out

@@ -323,9 +323,21 @@ def study_run(plan_name: str, datasets: tuple[str, ...], seeds: int | None, out:
     bootstrap p-values against each experiment's reference row."""
     from iisan.experiments.study import load_plan, run_study
 
+    from iisan.experiments.study import render
+
     plan = load_plan(plan_name, datasets, seeds)
-    run_study(plan, out, runs, log=lambda message: click.echo(message, err=True),
-              command="iisan " + " ".join(sys.argv[1:]))
+    path = run_study(plan, out, runs, log=lambda message: click.echo(message, err=True),
+                     command="iisan " + " ".join(sys.argv[1:]))
+    click.echo(render(path))
+
+
+@study.command("render")
+@click.argument("json_path", type=click.Path(path_type=Path, exists=True))
+def study_render(json_path: Path) -> None:
+    """Write reports/study-<plan>.md from reports/study-<plan>.json (its tables, nothing re-run)."""
+    from iisan.experiments.study import render
+
+    click.echo(render(json_path))
 
 
 @main.command("evaluate")

@@ -41,6 +41,11 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
     assert report["config"]["inter"] is False and rows[1]["test"]["HR@10"] == report["test"]["HR@10"]
     ranks = [np.load(Path(rows[0]["run_dir"]) / f"seed-{s}" / "ranks.npz")["test"] for s in (12345, 12346)]
     assert rows[0]["test"]["MRR"]["mean"] == pytest.approx(np.mean([np.mean(1 / r) for r in ranks]))
+    table = (tmp_path / "reports" / "study-toy.md").read_text()
+    hr = rows[1]["test"]["HR@10"]
+    p = rows[1]["paired_p"]["HR@10"]
+    assert (f"| no inter | {100 * hr['mean']:.2f} ± {100 * hr['std']:.2f} | " in table
+            and f" | {p:.3f}{'*' if p < 0.05 else ''} | " in table)
     folders = sorted((tmp_path / "runs" / "toy").iterdir())
     again = CliRunner().invoke(iisan_cli, args)
     assert again.exit_code == 0, again.output
