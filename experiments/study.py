@@ -185,9 +185,58 @@ def row_result(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def ensure_caches(plan: Plan, log: Callable[[str], None] = print) -> list[Path]:
+    """Extract, before any row runs, every cache the plan's cached rows read, once per (dataset, encoder,
+    field) with the union of the hidden states its rows select (a row without a rule reads the encoder's
+    default selection). A complete store that keeps them all is left alone; one that lacks some is written
+    again with the union of its own layers and the needed ones. Returns the stores it extracted."""
+    from iisan.cache_store import open_cache
+    from iisan.extract.layers import select_layers
+    from iisan.extract.models import describe_backbone, spec_for
+    from iisan.extract.run import ExtractConfig, run_extraction
+    from iisan.registry import dataset_name
+    from iisan.train.config import resolve
+    from iisan.train.data import layer_rule, slot_kind, slot_sources, slot_store
+    from iisan.train.methods import ItemSource, method
+
+    needs: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for _, row in plan.rows():
+        cfg = resolve(dict(row.options))
+        if method(cfg.method).items is not ItemSource.CACHED:
+            continue
+        for slot, source in slot_sources(cfg).items():
+            model, _, text_field = source.partition("@")
+            key = (cfg.cache, cfg.dataset, source, slot_kind(slot))
+            entry = needs.setdefault(key, {"model": model, "field": text_field or None, "rules": set(), "cfg": cfg})
+            entry["rules"].add(layer_rule(cfg, slot).strip())
+    extracted = []
+    for (cache, dataset, source, kind), entry in needs.items():
+        spec = spec_for(entry["model"], kind=kind if not entry["model"] in (load_registry().get("models") or {})
+                        else None)
+        total = describe_backbone(spec).n_hidden_states
+        wanted = {i for rule in entry["rules"] for i in select_layers(rule or spec.layers, total)}
+        path, _ = slot_store(entry["cfg"], dataset_name(dataset), source, kind)
+        have: set[int] = set()
+        if path is not None:
+            with open_cache(path) as store:
+                have = set(store.manifest.layers) if store.manifest.complete else set()
+                kept = set(store.manifest.layers)
+            if wanted <= have:
+                continue
+            wanted |= kept
+        layers = ",".join(map(str, sorted(wanted)))
+        log(f"extracting {source} on {dataset_name(dataset)}: hidden states {layers} (the union its rows read)")
+        result = run_extraction(ExtractConfig(model=entry["model"], dataset=dataset, text_field=entry["field"],
+                                              layers=layers, out=Path(cache), overwrite=path is not None and
+                                              not wanted <= kept, progress=False), log=log)
+        extracted.append(result.path)
+    return extracted
+
+
 def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = print,
               command: str = "") -> Path:
-    """Run every row (its own process), then write reports/study-<plan>.json."""
+    """Extract what is missing, run every row (its own process), then write reports/study-<plan>.json."""
+    ensure_caches(plan, log)
     rows = plan.rows()
     results: dict[tuple[str, str], dict[str, Any]] = {}
     start = time.perf_counter()

@@ -79,3 +79,27 @@ def test_bad_plans_are_refused_before_anything_runs(env, tmp_path, text, message
 def test_the_shipped_quick_plan_loads():
     plan = load_plan("quick")
     assert {row.options["dataset"] for _, row in plan.rows()} == {"ml-100k"} and plan.seeds == 1
+
+
+def test_missing_layers_are_extracted_once_with_the_union_of_the_rows(env, tmp_path, monkeypatch):
+    import shutil
+
+    from iisan.cache_store import open_cache
+    from iisan.experiments.study import ensure_caches
+
+    cache = tmp_path / "cache"
+    shutil.copytree(env / "cache" / "toy", cache / "toy")  # tiny-bert (3 blocks) kept with `even`: [0, 1, 3]
+    monkeypatch.setenv("IISAN_CACHE_DIR", str(cache))
+    plan = tmp_path / "layers.yaml"
+    plan.write_text("experiments:\n  - name: layers\n    rows:\n"
+                    "      - {label: even, dataset: toy, pipeline: text-only}\n"
+                    "      - {label: top, dataset: toy, pipeline: text-only, layers_text: 'top:2'}\n"
+                    "      - {label: ids, dataset: toy, method: sasrec-id, pipeline: text-only}\n")
+    with open_cache(cache / "toy" / "tiny-bert.zarr") as store:
+        assert store.manifest.layers == [0, 1, 3]
+    messages = []
+    assert [p.name for p in ensure_caches(load_plan(str(plan)), messages.append)] == ["tiny-bert.zarr"]
+    with open_cache(cache / "toy" / "tiny-bert.zarr") as store:
+        assert store.manifest.layers == [0, 1, 2, 3] and store.manifest.complete  # even ∪ top:2 = [0, 2, 3]
+    assert any("hidden states 0,1,2,3 (the union its rows read)" in m for m in messages)
+    assert ensure_caches(load_plan(str(plan)), messages.append) == []  # nothing left to extract
