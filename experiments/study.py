@@ -37,7 +37,9 @@ from iisan.evaluate.report import per_user
 from iisan.registry import REPO_ROOT, load_registry
 from iisan.runtime import git_commit
 
-PLANS_DIR = REPO_ROOT / "plans"
+# Shipped plans: the repository's plans/ (source checkout, editable install), else the copy a wheel installs.
+PLANS_DIR = (REPO_ROOT / "plans" if (REPO_ROOT / "plans").is_dir()
+             else Path(sys.prefix) / "share" / "iisan-versa" / "plans")
 PAIRED_SAMPLES = 10_000
 METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 
