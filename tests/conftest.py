@@ -123,3 +123,17 @@ def forget_final_state(path: Path) -> None:
         del raw["final_state"]
         backend.file.attrs["iisan"] = json.dumps(raw)
     backend.close()
+
+
+def toy_with_cold_targets(env: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the toy world's data in which ten users' test targets are items i100..i119: cached, but in no
+    history, so those targets are cold. IISAN_DATA_DIR points at the copy."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(env / "data", data)
+    users = (data / "toy" / "users.tsv").read_text().splitlines()
+    users = [line.rsplit(" ", 1)[0] + f" i{100 + k:03d}" if k < 10 else line for k, line in enumerate(users)]
+    (data / "toy" / "users.tsv").write_text("\n".join(users) + "\n")
+    monkeypatch.setenv("IISAN_DATA_DIR", str(data))
+    return data

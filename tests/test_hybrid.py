@@ -3,8 +3,6 @@ their content embedding."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -13,16 +11,7 @@ from iisan.train.model import HybridItems
 from iisan.train.recipe import build_model, setup, train
 from iisan.train.san import SANConfig
 
-from conftest import options
-
-
-def toy_with_cold_targets(env, tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    shutil.copytree(env / "data", data)
-    users = (data / "toy" / "users.tsv").read_text().splitlines()
-    users = [line.rsplit(" ", 1)[0] + f" i{100 + k:03d}" if k < 10 else line for k, line in enumerate(users)]
-    (data / "toy" / "users.tsv").write_text("\n".join(users) + "\n")
-    monkeypatch.setenv("IISAN_DATA_DIR", str(data))
+from conftest import options, toy_with_cold_targets
 
 
 def test_unseen_items_get_exactly_their_content_embedding(env, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from iisan.errors import IisanError
 from iisan.train.config import resolve
 from iisan.train.recipe import run_label, train
 
-from conftest import options
+from conftest import options, toy_with_cold_targets
 
 
 def test_run_folder_says_text_only_when_the_image_slot_is_emptied(env, tmp_path):
@@ -224,13 +224,7 @@ def test_warm_and_cold_users_are_reported_separately(env, tmp_path, monkeypatch)
     from iisan.evaluate.metrics import metrics_from_ranks
     from iisan.train.recipe import evaluate_run
 
-    data = tmp_path / "data"
-    shutil.copytree(env / "data", data)
-    users = (data / "toy" / "users.tsv").read_text().splitlines()
-    # Items i100..i119 are cached but in no history: ten users' test targets become such items, i.e. cold.
-    users = [line.rsplit(" ", 1)[0] + f" i{100 + k:03d}" if k < 10 else line for k, line in enumerate(users)]
-    (data / "toy" / "users.tsv").write_text("\n".join(users) + "\n")
-    monkeypatch.setenv("IISAN_DATA_DIR", str(data))
+    toy_with_cold_targets(env, tmp_path, monkeypatch)
     result = train(resolve(options(env, tmp_path, seeds=2, epochs=1)), log=lambda m: None)
     dataset = load_dataset("toy")
     kept = [seq[-13:] for seq in dataset.users.sequences if len(seq) >= 5]
