@@ -286,6 +286,13 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
     return path
 
 
+def percent(metric: dict[str, Any] | None, seeds: int) -> str:
+    """A metric as percent, `mean ± std` over seeds (the mean alone for one seed)."""
+    if not metric:
+        return ""
+    return f"{100 * metric['mean']:.2f}" + (f" ± {100 * metric['std']:.2f}" if seeds > 1 else "")
+
+
 def render(json_path: Path, out: Path | None = None) -> Path:
     """reports/study-<plan>.md from its JSON: a header (command, commit, date, wall time) and one table per
     experiment: mean ± std over seeds of HR@K / NDCG@K (K = 5, 10, 20) and MRR, warm / cold HR@10 with user
@@ -296,14 +303,9 @@ def render(json_path: Path, out: Path | None = None) -> Path:
              f"- command: `{study.get('command') or 'iisan study run --plan ' + study['plan']}`",
              f"- commit {study['commit']}, {study['date']}; wall time {study['wall_seconds'] / 60:.1f} min "
              f"(runs reused from earlier sessions count as their reporting time only)",
-             f"- seeds per row: {study['seeds']}; metrics in percent, mean ± std over seeds; p: paired bootstrap "
+             f"- seeds per row: {study['seeds']}; metrics in percent, mean ± std over seeds (the mean alone for one seed); p: paired bootstrap "
              f"over users of the seed-averaged HR@10 / NDCG@10 against the reference row ({PAIRED_SAMPLES:,} "
              f"resamples, seed 0), * where p < 0.05", ""]
-
-    def pm(metric: dict[str, Any] | None, scale: float = 100) -> str:
-        if not metric:
-            return ""
-        return f"{scale * metric['mean']:.2f} ± {scale * metric['std']:.2f}"
 
     def group(entry: dict[str, Any] | None) -> str:
         if not entry or entry.get("HR@10") is None:
@@ -322,9 +324,11 @@ def render(json_path: Path, out: Path | None = None) -> Path:
             t, groups = row["test"], (row.get("groups") or {}).get("test") or {}
             p = row.get("paired_p") or {}
             mark = {m: (f"{p[m]:.3f}" + ("*" if p[m] < 0.05 else "")) if m in p else "" for m in ("HR@10", "NDCG@10")}
-            lines.append(f"| {row['label']} | {pm(t['HR@10'])} | {pm(t['NDCG@10'])} | {mark['HR@10']} | "
-                         f"{mark['NDCG@10']} | {pm(t.get('HR@5'))} | {pm(t.get('HR@20'))} | {pm(t.get('NDCG@5'))} | "
-                         f"{pm(t.get('NDCG@20'))} | {pm(t.get('MRR'))} | {group(groups.get('warm'))} | "
+            n = row["seeds"]
+            lines.append(f"| {row['label']} | {percent(t['HR@10'], n)} | {percent(t['NDCG@10'], n)} | {mark['HR@10']} | "
+                         f"{mark['NDCG@10']} | {percent(t.get('HR@5'), n)} | {percent(t.get('HR@20'), n)} | "
+                         f"{percent(t.get('NDCG@5'), n)} | {percent(t.get('NDCG@20'), n)} | {percent(t.get('MRR'), n)} | "
+                         f"{group(groups.get('warm'))} | "
                          f"{group(groups.get('cold'))} | {row['seconds_per_epoch']:.1f} |")
         lines.append("")
     out.write_text("\n".join(lines))

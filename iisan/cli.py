@@ -333,11 +333,18 @@ def study_run(plan_name: str, datasets: tuple[str, ...], seeds: int | None, out:
 
 @study.command("render")
 @click.argument("json_path", type=click.Path(path_type=Path, exists=True))
-def study_render(json_path: Path) -> None:
-    """Write reports/study-<plan>.md from reports/study-<plan>.json (its tables, nothing re-run)."""
+@click.option("--readme", type=click.Path(path_type=Path), default=Path("README.md"), show_default=True,
+              help="Also rewrite this README's study tables that name JSON_PATH (if the file exists).")
+def study_render(json_path: Path, readme: Path) -> None:
+    """Write reports/study-<plan>.md from reports/study-<plan>.json (its tables, nothing re-run), and the
+    README's tables generated from it."""
+    from iisan.experiments.readme import update_readme
     from iisan.experiments.study import render
 
     click.echo(render(json_path))
+    if readme.is_file():
+        for source in update_readme(readme, only=json_path):
+            click.echo(f"{readme}: table from {source} rewritten")
 
 
 @main.command("evaluate")

@@ -46,10 +46,46 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
     p = rows[1]["paired_p"]["HR@10"]
     assert (f"| no inter | {100 * hr['mean']:.2f} ± {100 * hr['std']:.2f} | " in table
             and f" | {p:.3f}{'*' if p < 0.05 else ''} | " in table)
+    # the README's table is generated from the JSON by `study render`, and rendering again changes nothing
+    (tmp_path / "README.md").write_text("intro\n\n<!-- study-table reports/study-toy.json -->\nold\n"
+                                        "<!-- end study-table -->\n\noutro\n")
+    rendered = CliRunner().invoke(iisan_cli, ["study", "render", "reports/study-toy.json"])
+    assert rendered.exit_code == 0 and "table from reports/study-toy.json rewritten" in rendered.output
+    readme = (tmp_path / "README.md").read_text()
+    warm = rows[1]["groups"]["test"]["warm"]
+    assert readme.startswith("intro\n\n<!-- study-table reports/study-toy.json -->\n| setting | row |")
+    assert readme.endswith("<!-- end study-table -->\n\noutro\n") and "\nold\n" not in readme
+    assert (f"| methods | no inter | {100 * hr['mean']:.2f} ± {100 * hr['std']:.2f} | " in readme
+            and f"| {100 * warm['HR@10']['mean']:.2f} [{100 * warm['HR@10_ci95'][0]:.1f}, "
+                f"{100 * warm['HR@10_ci95'][1]:.1f}] ({warm['users']:,}) |" in readme)
+    assert "rewritten" not in CliRunner().invoke(iisan_cli, ["study", "render", "reports/study-toy.json"]).output
+    assert (tmp_path / "README.md").read_text() == readme
     folders = sorted((tmp_path / "runs" / "toy").iterdir())
     again = CliRunner().invoke(iisan_cli, args)
     assert again.exit_code == 0, again.output
     assert sorted((tmp_path / "runs" / "toy").iterdir()) == folders  # reused, nothing trained again
+
+
+def test_the_committed_readme_tables_are_those_of_their_json():
+    from iisan.experiments.readme import update_readme
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    assert "<!-- study-table reports/" in readme.read_text()
+    assert update_readme(readme, check=True) == [], "run `iisan study render JSON` and commit the README"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a\n<!-- study-table reports/x.json -->\n| t |\n", "README.md:2: a '<!-- study-table PATH -->' marker without"),
+    ("a\nb\n<!-- study-table reports/none.json -->\n<!-- end study-table -->\n",
+     "README.md:3: the study table's JSON reports/none.json does not exist"),
+])
+def test_bad_readme_blocks_are_named(tmp_path, text, message):
+    from iisan.experiments.readme import ReadmeError, update_readme
+
+    (tmp_path / "README.md").write_text(text)
+    with pytest.raises(ReadmeError, match=message.replace("|", r"\|")):
+        update_readme(tmp_path / "README.md")
+    assert (tmp_path / "README.md").read_text() == text
 
 
 def test_paired_test():

@@ -135,7 +135,8 @@ for _m in (
            "training get their content alone (docs/method.md §7.1)", presets={"lr_id": 1e-3}),
     Method("frozen", ItemSource.CACHED, _frozen, "frozen backbone: each modality's final output -> "
            "GELU(Linear(D -> d)), fused (docs/method.md §7)", reads="final"),
-    Method("sasrec-id", ItemSource.ID, _ids, "SASRec with ID embeddings, no content"),
+    Method("sasrec-id", ItemSource.ID, _ids, "SASRec with ID embeddings, no content (lr 1e-3 as SASRec's "
+           "paper: docs/method.md §7)", presets={"lr": 1e-3}),
     Method("iisan-uncached", ItemSource.END_TO_END, _uncached, "the same side networks, frozen backbones run "
            "every step in inference mode (docs/method.md §5.8, fixed: eval mode)"),
     Method("fft", ItemSource.END_TO_END, _end_to_end, "full fine-tuning of the backbones end to end",
