@@ -8,7 +8,7 @@ EXTRAS ?= dev,gptq,bnb,parquet,tune
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 
-.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache clean
+.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache study clean
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,13 @@ bench: setup
 	$(VENV)/bin/iisan data fetch ml-100k
 	$(VENV)/bin/iisan bench --dataset ml-100k $(ARGS)
 	$(VENV)/bin/iisan bench --dataset scientific $(ARGS)
+
+# The papers' experiments as one resumable command: make study [PLAN=paper] [ARGS="--dataset ml-100k"]
+# (plans/*.yaml; reports/study-PLAN.{json,md} and its plots). Running it again continues where it stopped.
+PLAN ?= quick
+study: setup
+	$(VENV)/bin/iisan data fetch ml-100k
+	$(VENV)/bin/iisan study run --plan $(PLAN) $(ARGS)
 
 # Extraction items/s next to the bare forward pass, for a text and an image encoder.
 bench-extract: setup

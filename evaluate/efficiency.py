@@ -46,6 +46,23 @@ def total_memory_mib() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2**20
 
 
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's model and the machine's memory, for report headers."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"CPU ({cpu}, {os.cpu_count()} cores, {total_memory_mib() / 1024:.0f} GiB)"
+
+
 def resident_mib(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:

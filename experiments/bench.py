@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import platform
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from iisan.evaluate.efficiency import MEMORY_FRACTION, total_memory_mib, tpme
+from iisan.evaluate.efficiency import MEMORY_FRACTION, device_name, total_memory_mib, tpme
 from iisan.experiments.cost import run_measurement
 from iisan.registry import dataset_name
 from iisan.runtime import git_commit, pick_device
@@ -217,16 +216,12 @@ def markdown(bench: BenchConfig, cfg, device, batch: int, rows: list[dict[str, A
     import torch
 
     commit = git_commit(short=True) or "unknown"
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"CPU ({platform.processor() or platform.machine()}, {total_memory_mib() / 1024:.0f} GiB)"
     encoders = cfg.text + (f" + {cfg.image}" if cfg.image else "") + (f" + {cfg.text2}" if cfg.text2 else "")
     first_ok = next((r for r in rows if r.get("status") == "ok"), {})
     lines = [f"# Training cost on {bench.dataset}: {encoders}", "",
              f"- command: `{bench.command or 'iisan bench --dataset ' + bench.dataset}`",
              f"- commit {commit}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"- device: {device_name}; torch {torch.__version__}, {first_ok.get('threads', torch.get_num_threads())} "
+             f"- device: {device_name(device)}; torch {torch.__version__}, {first_ok.get('threads', torch.get_num_threads())} "
              f"threads; Python {sys.version.split()[0]}",
              f"- every method: same data, encoders, seed {cfg.seed}, batch size {batch} users; s/step is the mean "
              f"of the timed steps after {max(bench.warmup, 1)} warm-up step(s): 1 to {bench.steps}, stopping once "

@@ -9,12 +9,22 @@ Plan file:
 
     name: quick
     seeds: 1
+    include: [methods]              # optional: other plans' experiments and claims, run with this plan's seeds
     experiments:
       - name: methods
         reference: iisan            # the row (by label) the others are tested against
+        plot: bars                  # optional: bars (HR@10 per row) or scaling (HR@10 against text-encoder size)
         rows:
           - {label: iisan, dataset: ml-100k, method: iisan, pipeline: text-only}
           - {label: frozen, dataset: ml-100k, method: frozen, pipeline: text-only, epochs: 50}
+          - {label: fft, dataset: ml-100k, method: fft, pipeline: text-only, seeds: 1}   # a row's own seeds
+    claims:                         # the papers' claims, each one line of the report: holds / does not hold
+      - claim: IISAN beats the frozen backbone
+        experiment: methods
+        rows: [iisan, frozen]
+        relation: above             # above (first > second), matches (>= or no significant difference),
+                                    # increasing (strictly, along the rows)
+        paper: "Scientific 6.83 vs 6.00 (TKDE Table III)"
 """
 
 from __future__ import annotations
@@ -52,13 +62,14 @@ class StudyError(IisanError):
 class Row:
     label: str
     options: dict[str, Any]          # iisan train options: dataset, method, pipeline, ...
+    seeds: int | None = None         # the row's own seed count (else the plan's)
 
     def args(self, seeds: int, out: str) -> list[str]:
         """The `iisan train` command line of this row (options as the CLI spells them)."""
         from iisan.train.config import TrainConfig
 
         fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-        args = ["train", "--reuse", "--no-progress", "--seeds", str(seeds), "--out", out]
+        args = ["train", "--reuse", "--no-progress", "--seeds", str(self.seeds or seeds), "--out", out]
         for key, value in self.options.items():
             name = "--" + key.replace("_", "-")
             if isinstance(value, bool):
@@ -76,6 +87,22 @@ class Experiment:
     name: str
     rows: list[Row]
     reference: str = ""
+    plot: str = ""                   # "", "bars" or "scaling"
+
+
+RELATIONS = ("above", "matches", "increasing")
+PLOTS = ("bars", "scaling")
+
+
+@dataclass
+class Claim:
+    """One of the papers' claims, checked on one experiment's rows by test HR@10 (docstring above)."""
+
+    claim: str
+    experiment: str
+    rows: list[str]
+    relation: str
+    paper: str = ""
 
 
 @dataclass
@@ -84,6 +111,7 @@ class Plan:
     path: Path
     seeds: int
     experiments: list[Experiment] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
 
     def rows(self) -> list[tuple[Experiment, Row]]:
         return [(e, r) for e in self.experiments for r in e.rows]
@@ -96,8 +124,10 @@ def plan_path(name_or_file: str) -> Path:
     return PLANS_DIR / f"{name_or_file}.yaml"
 
 
-def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | None = None) -> Plan:
-    """Read and check a plan before anything runs: every method, pipeline, option and layer rule is known."""
+def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | None = None,
+              _including: tuple[Path, ...] = ()) -> Plan:
+    """Read and check a plan before anything runs: every method, pipeline, option and layer rule is known, and
+    every claim names rows of its experiment. `seeds` (the command line's) overrides the plan's and the rows'."""
     from iisan.extract.layers import LayerSelectionError, select_layers
     from iisan.train.config import TrainConfig
     from iisan.train.methods import METHODS
@@ -117,6 +147,21 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"version", "seeds", "out", "progress"}
     pipelines = load_registry().get("pipelines") or {}
     plan = Plan(str(raw.get("name") or path.stem), path, int(seeds or raw.get("seeds", 1)))
+    for included in raw.get("include") or []:
+        # a plan name (plans/NAME.yaml), or a file relative to the including plan's folder
+        target = plan_path(str(included))
+        if not target.is_absolute() and not target.is_file() and (path.parent / target).is_file():
+            target = path.parent / target
+        if target.resolve() in {p.resolve() for p in (*_including, path)}:
+            raise StudyError(f"{path}: include '{included}' includes itself")
+        try:
+            sub = load_plan(str(target), datasets, seeds, (*_including, path))  # rows run with this plan's seeds
+        except StudyError as err:
+            if "no rows to run" in str(err):
+                continue
+            raise
+        plan.experiments += sub.experiments
+        plan.claims += sub.claims
     for e, exp in enumerate(raw["experiments"]):
         where = f"{path}: experiment {e + 1}"
         if not isinstance(exp, dict) or not isinstance(exp.get("rows"), list):
@@ -128,6 +173,9 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
                 raise StudyError(f"{at}: a row is a mapping with at least `dataset:`")
             row = dict(row)
             label = str(row.pop("label", row.get("method", "iisan")))
+            row_seeds = row.pop("seeds", None)
+            if row_seeds is not None and (not isinstance(row_seeds, int) or row_seeds < 1):
+                raise StudyError(f"{at} ({label}): seeds: {row_seeds!r}, expected a positive integer")
             unknown = sorted(set(row) - fields)
             if unknown:
                 raise StudyError(f"{at} ({label}): unknown option(s) {', '.join(unknown)}")
@@ -143,7 +191,7 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
                         raise StudyError(f"{at} ({label}): {key}: {err}") from None
             if datasets and str(row["dataset"]) not in datasets:
                 continue
-            rows.append(Row(label, row))
+            rows.append(Row(label, row, None if seeds else row_seeds))
         if rows:
             labels = [r.label for r in rows]
             if len(set(labels)) != len(labels):
@@ -151,10 +199,49 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
             reference = str(exp.get("reference") or "")
             if reference and reference not in labels:
                 raise StudyError(f"{where}: reference '{reference}' is none of the rows ({', '.join(labels)})")
-            plan.experiments.append(Experiment(str(exp.get("name") or f"experiment-{e + 1}"), rows, reference))
+            plot = str(exp.get("plot") or "")
+            if plot and plot not in PLOTS:
+                raise StudyError(f"{where}: plot '{plot}': one of {', '.join(PLOTS)}")
+            plan.experiments.append(Experiment(str(exp.get("name") or f"experiment-{e + 1}"), rows, reference, plot))
+    names = [exp.name for exp in plan.experiments]
+    if len(set(names)) != len(names):
+        raise StudyError(f"{path}: experiment names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+    for c, raw_claim in enumerate(raw.get("claims") or []):
+        claim = _claim(raw_claim, f"{path}: claim {c + 1}", {exp.name: exp for exp in plan.experiments}, datasets)
+        if claim is not None:
+            plan.claims.append(claim)
     if not plan.experiments:
         raise StudyError(f"{path}: no rows to run" + (f" for {', '.join(datasets)}" if datasets else ""))
     return plan
+
+
+def _claim(raw: Any, where: str, experiments: dict[str, Experiment], datasets: tuple[str, ...]) -> Claim | None:
+    """A checked claim; None where `--dataset` left its experiment out."""
+    if not isinstance(raw, dict) or not {"claim", "experiment", "rows", "relation"} <= set(raw):
+        raise StudyError(f"{where}: a claim is a mapping with claim, experiment, rows, relation (and paper)")
+    unknown = sorted(set(raw) - {"claim", "experiment", "rows", "relation", "paper"})
+    if unknown:
+        raise StudyError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    claim = Claim(str(raw["claim"]), str(raw["experiment"]), [str(r) for r in raw["rows"] or []],
+                  str(raw["relation"]), str(raw.get("paper") or ""))
+    if claim.relation not in RELATIONS:
+        raise StudyError(f"{where} ({claim.claim}): relation '{claim.relation}': one of {', '.join(RELATIONS)}")
+    if len(claim.rows) < 2 or (claim.relation != "increasing" and len(claim.rows) != 2):
+        raise StudyError(f"{where} ({claim.claim}): rows: two labels" +
+                         (" or more" if claim.relation == "increasing" else ""))
+    exp = experiments.get(claim.experiment)
+    if exp is None:
+        if datasets:
+            return None
+        raise StudyError(f"{where} ({claim.claim}): no experiment '{claim.experiment}' "
+                         f"(experiments: {', '.join(experiments)})")
+    labels = [r.label for r in exp.rows]
+    missing = [r for r in claim.rows if r not in labels]
+    if missing:
+        if datasets:
+            return None
+        raise StudyError(f"{where} ({claim.claim}): row(s) {', '.join(missing)} not in '{exp.name}' ({', '.join(labels)})")
+    return claim
 
 
 def paired_test(ref: np.ndarray, other: np.ndarray, samples: int = PAIRED_SAMPLES, seed: int = 0) -> float:
@@ -235,6 +322,58 @@ def ensure_caches(plan: Plan, log: Callable[[str], None] = print) -> list[Path]:
     return extracted
 
 
+def encoder_parameters(options: dict[str, Any]) -> dict[str, int]:
+    """Parameter counts of a row's backbones by slot (from their configs, no weights read): the x axis of the
+    scaling plot."""
+    from iisan.extract.models import parameter_count, spec_for
+    from iisan.train.config import resolve
+    from iisan.train.data import slot_sources
+
+    cfg = resolve(dict(options))
+    return {slot: parameter_count(spec_for(source.partition("@")[0])) for slot, source in slot_sources(cfg).items()}
+
+
+def machine() -> dict[str, Any]:
+    """Where a study ran: device, threads, torch and Python versions (the header of its report)."""
+    import platform
+
+    import torch
+
+    from iisan.evaluate.efficiency import device_name
+    from iisan.runtime import pick_device
+
+    return {"device": device_name(pick_device()), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def _hr(result: dict[str, Any] | None) -> float | None:
+    return result["test"]["HR@10"]["mean"] if result and result.get("status") == "ok" else None
+
+
+def evaluate_claims(plan: Plan, results: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each claim against its rows' test HR@10 (means over seeds), with the paired bootstrap p-value between the
+    two rows of an `above` / `matches` claim. `holds` is None where a row failed or did not run."""
+    out = []
+    for claim in plan.claims:
+        rows = [results.get((claim.experiment, label)) for label in claim.rows]
+        values = [_hr(r) for r in rows]
+        entry: dict[str, Any] = {**dataclasses.asdict(claim), "values": values, "holds": None, "p": None}
+        if all(v is not None for v in values):
+            if claim.relation == "increasing":
+                entry["holds"] = all(a < b for a, b in zip(values, values[1:]))
+            else:
+                a, b = (_seed_ranks(Path(r["run_dir"])) for r in rows)
+                if a is not None and b is not None and len(a[0]) == len(b[0]):
+                    entry["p"] = paired_test(np.mean([per_user(r, "HR@10") for r in b], axis=0),
+                                             np.mean([per_user(r, "HR@10") for r in a], axis=0))
+                if claim.relation == "above":
+                    entry["holds"] = values[0] > values[1]
+                else:  # matches: at least as good, or no significant difference
+                    entry["holds"] = values[0] >= values[1] or (entry["p"] is not None and entry["p"] >= 0.05)
+        out.append(entry)
+    return out
+
+
 def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = print,
               command: str = "") -> Path:
     """Extract what is missing, run every row (its own process), then write reports/study-<plan>.json."""
@@ -257,6 +396,8 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
             continue
         run_dir = Path(child.stdout.strip().splitlines()[-1])
         result = {"status": "ok", "args": args, **row_result(run_dir)}
+        if exp.plot == "scaling":
+            result["encoder_parameters"] = encoder_parameters(row.options)
         results[(exp.name, row.label)] = result
         log(f"[{n}/{len(rows)}] {exp.name}/{row.label}: test HR@10 {100 * result['test']['HR@10']['mean']:.2f} "
             f"({took:.0f} s); ETA {eta / 60:.0f} min")
@@ -274,13 +415,14 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
                                                          np.mean([per_user(r, m) for r in ranks], axis=0))
                                           for m in ("HR@10", "NDCG@10")}
             entries.append({"label": row.label, "options": row.options, **result})
-        experiments.append({"name": exp.name, "reference": exp.reference, "rows": entries})
+        experiments.append({"name": exp.name, "reference": exp.reference, "plot": exp.plot, "rows": entries})
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"study-{plan.name}.json"
     path.write_text(json.dumps({"plan": plan.name, "plan_file": str(plan.path), "seeds": plan.seeds,
                                 "command": command, "commit": git_commit(),
                                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                "wall_seconds": time.perf_counter() - start, "experiments": experiments},
+                                "machine": machine(), "wall_seconds": time.perf_counter() - start,
+                                "experiments": experiments, "claims": evaluate_claims(plan, results)},
                                indent=2, default=str))
     log(f"wrote {path}")
     return path
@@ -299,13 +441,20 @@ def render(json_path: Path, out: Path | None = None) -> Path:
     counts, seconds per epoch, and the paired test against the reference row (* where p < 0.05)."""
     study = json.loads(Path(json_path).read_text())
     out = out or Path(json_path).with_suffix(".md")
+    where = study.get("machine") or {}
     lines = [f"# Study: {study['plan']}", "",
              f"- command: `{study.get('command') or 'iisan study run --plan ' + study['plan']}`",
              f"- commit {study['commit']}, {study['date']}; wall time {study['wall_seconds'] / 60:.1f} min "
-             f"(runs reused from earlier sessions count as their reporting time only)",
+             f"(runs reused from earlier sessions count as their reporting time only)"]
+    if where:
+        lines.append(f"- device: {where['device']}; {where['threads']} threads; torch {where['torch']}, "
+                     f"Python {where['python']}")
+    lines += [
              f"- seeds per row: {study['seeds']}; metrics in percent, mean ± std over seeds (the mean alone for one seed); p: paired bootstrap "
              f"over users of the seed-averaged HR@10 / NDCG@10 against the reference row ({PAIRED_SAMPLES:,} "
              f"resamples, seed 0), * where p < 0.05", ""]
+    if study.get("claims"):
+        lines += ["## The papers' claims, here", ""] + [claim_line(c) for c in study["claims"]] + [""]
 
     def group(entry: dict[str, Any] | None) -> str:
         if not entry or entry.get("HR@10") is None:
@@ -331,5 +480,132 @@ def render(json_path: Path, out: Path | None = None) -> Path:
                          f"{group(groups.get('warm'))} | "
                          f"{group(groups.get('cold'))} | {row['seconds_per_epoch']:.1f} |")
         lines.append("")
+    pictures = plots(study, out)
+    if pictures:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pictures] + [""]
     out.write_text("\n".join(lines))
     return out
+
+
+def claim_line(claim: dict[str, Any]) -> str:
+    """`- **claim** (experiment): holds / does not hold — the numbers; paper: theirs`."""
+    values = claim["values"]
+    shown = [f"{label} {100 * v:.2f}" if v is not None else f"{label} not run" for label, v in
+             zip(claim["rows"], values)]
+    verdict = {True: "holds", False: "does not hold", None: "not measured"}[claim["holds"]]
+    if claim["relation"] == "increasing":
+        numbers = " < ".join(shown) if claim["holds"] else ", ".join(shown)
+    else:
+        numbers = " vs ".join(shown)
+        if None not in values:
+            numbers += f" ({100 * (values[0] - values[1]):+.2f}"
+            numbers += f", paired p {claim['p']:.3f})" if claim.get("p") is not None else ")"
+    paper = f"; paper: {claim['paper']}" if claim.get("paper") else ""
+    return f"- **{claim['claim']}** ({claim['experiment']}): {verdict} — test HR@10 {numbers}{paper}"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+
+
+def plots(study: dict[str, Any], out: Path) -> list[Path]:
+    """PNGs next to the report: per experiment with `plot: bars` test HR@10 per row (± std over seeds), with
+    `plot: scaling` test HR@10 against the text encoder's parameters; and the cost-vs-quality scatter (seconds
+    per training epoch against test HR@10) of every row of the study."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    ok = lambda exp: [r for r in exp["rows"] if r.get("status") == "ok"]  # noqa: E731
+    for exp in study["experiments"]:
+        rows = ok(exp)
+        if not exp.get("plot") or len(rows) < 2:
+            continue
+        hr = [100 * r["test"]["HR@10"]["mean"] for r in rows]
+        err = [100 * r["test"]["HR@10"]["std"] for r in rows]
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        if exp["plot"] == "scaling":
+            params = [r.get("encoder_parameters", {}).get("text", 0) / 1e6 for r in rows]
+            ax.errorbar(params, hr, yerr=err, fmt="o-", capsize=3)
+            for x, y, r in zip(params, hr, rows):
+                ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set_xscale("log")
+            ax.set_xlabel("text encoder parameters (millions, log scale)")
+        else:
+            colours = ["tab:orange" if r["label"] == exp.get("reference") else "tab:blue" for r in rows]
+            ax.bar(range(len(rows)), hr, yerr=err, capsize=3, color=colours)
+            ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("test HR@10 (%)")
+        ax.set_title(exp["name"], fontsize=10)
+        fig.tight_layout()
+        path = out.with_name(f"{out.stem}-{_slug(exp['name'])}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        made.append(path)
+    points = [(exp, r) for exp in study["experiments"] for r in ok(exp) if r.get("seconds_per_epoch")]
+    if len(points) >= 2:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for exp, r in points:
+            ax.scatter(r["seconds_per_epoch"], 100 * r["test"]["HR@10"]["mean"], s=18)
+            ax.annotate(f"{r['label']} ({exp['name']})", (r["seconds_per_epoch"], 100 * r["test"]["HR@10"]["mean"]),
+                        textcoords="offset points", xytext=(3, 3), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per training epoch (log scale)")
+        ax.set_ylabel("test HR@10 (%)")
+        ax.set_title(f"cost against quality: {study['plan']}", fontsize=10)
+        fig.tight_layout()
+        path = out.with_name(f"{out.stem}-cost.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+CHECK_TOLERANCE = 0.003  # 0.3 points of HR@10 and NDCG@10
+
+
+def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
+                tolerance: float = CHECK_TOLERANCE) -> bool:
+    """Re-run a committed study's plan from scratch (fresh runs under `runs`, nothing reused) and compare every
+    row's test HR@10 and NDCG@10 with the committed JSON: identical where the run is deterministic (same CPU
+    kind, threads and torch give bit-identical runs), else within `tolerance`. Prints what moved; True when
+    every row is within it."""
+    committed = json.loads(Path(json_path).read_text())
+    plan_file = Path(committed.get("plan_file") or "")
+    plan = load_plan(str(plan_file) if plan_file.is_file() else committed["plan"], seeds=committed["seeds"])
+    out = runs / "reports"
+    fresh = json.loads(run_study(plan, out, str(runs), log, command=f"iisan study check {json_path}").read_text())
+    same_machine = {k: v for k, v in (committed.get("machine") or {}).items() if k != "python"} == \
+        {k: v for k, v in fresh["machine"].items() if k != "python"}
+    before = {(e["name"], r["label"]): r for e in committed["experiments"] for r in e["rows"]}
+    passed = True
+    for exp in fresh["experiments"]:
+        for row in exp["rows"]:
+            key = (exp["name"], row["label"])
+            old = before.get(key)
+            name = f"{exp['name']}/{row['label']}"
+            if old is None or old.get("status") != "ok" or row.get("status") != "ok":
+                passed = False
+                log(f"{name}: FAILED ({'not in the committed study' if old is None else 'a run failed'})")
+                continue
+            diffs = {m: row["test"][m]["mean"] - old["test"][m]["mean"] for m in ("HR@10", "NDCG@10")}
+            shown = ", ".join(f"{m} {100 * old['test'][m]['mean']:.2f} -> {100 * row['test'][m]['mean']:.2f}"
+                              for m in diffs)
+            if all(d == 0 for d in diffs.values()):
+                log(f"{name}: identical ({shown})")
+            elif all(abs(d) <= tolerance for d in diffs.values()):
+                log(f"{name}: within {100 * tolerance:.1f} points ({shown})"
+                    + (" — expected identical on the same machine" if same_machine else ""))
+            else:
+                passed = False
+                log(f"{name}: MOVED ({shown})")
+    missing = set(before) - {(e["name"], r["label"]) for e in fresh["experiments"] for r in e["rows"]}
+    for exp_name, label in sorted(missing):
+        passed = False
+        log(f"{exp_name}/{label}: in the committed study, not in the plan now")
+    log(f"check {'passed' if passed else 'FAILED'}: {sum(len(e['rows']) for e in fresh['experiments'])} rows, "
+        f"{'same' if same_machine else 'another'} machine than the committed run ({fresh['machine']['device']}, "
+        f"{fresh['machine']['threads']} threads)")
+    return passed

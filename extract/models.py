@@ -356,6 +356,20 @@ def describe_backbone(spec: ModelSpec, fetch: bool = True) -> BackboneInfo:
                         revision)
 
 
+def parameter_count(spec: ModelSpec, fetch: bool = True) -> int:
+    """The backbone's parameter count (the tower's, for one tower of a two-tower model), from its config alone:
+    the model is built on the meta device, so no weights are read or allocated."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(resolve_source(spec, fetch=fetch), **_load_kwargs(spec))
+    with torch.device("meta"):
+        model = (getattr(transformers, spec.model_class)._from_config(config) if spec.model_class
+                 else AutoModel.from_config(config))
+    return sum(p.numel() for p in model.parameters())
+
+
 def weights_sha256(info: BackboneInfo) -> str:
     """sha256 of the weight files' bytes (`refs.weights_sha256`): those of a local folder, or of the hub
     snapshot in the HF cache (downloaded first where missing: loading the model would fetch them anyway)."""

@@ -21,6 +21,9 @@ experiments:
     rows:
       - {label: iisan, dataset: toy, method: iisan, pipeline: text-only, epochs: 1}
       - {label: no inter, dataset: toy, method: iisan, pipeline: text-only, epochs: 1, inter: false}
+    plot: bars
+claims:
+  - {claim: the inter tower helps, experiment: methods, rows: [iisan, no inter], relation: above, paper: 6.83 vs 6.38}
 """
 
 
@@ -41,7 +44,17 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
     assert report["config"]["inter"] is False and rows[1]["test"]["HR@10"] == report["test"]["HR@10"]
     ranks = [np.load(Path(rows[0]["run_dir"]) / f"seed-{s}" / "ranks.npz")["test"] for s in (12345, 12346)]
     assert rows[0]["test"]["MRR"]["mean"] == pytest.approx(np.mean([np.mean(1 / r) for r in ranks]))
+    claim = study["claims"][0]
+    values = [rows[0]["test"]["HR@10"]["mean"], rows[1]["test"]["HR@10"]["mean"]]
+    assert claim["values"] == values and claim["holds"] == (values[0] > values[1]) and 0 <= claim["p"] <= 1
+    assert study["machine"]["threads"] >= 1 and study["machine"]["torch"]
     table = (tmp_path / "reports" / "study-toy.md").read_text()
+    verdict = "holds" if claim["holds"] else "does not hold"
+    assert (f"- **the inter tower helps** (methods): {verdict} — test HR@10 iisan {100 * values[0]:.2f} vs no inter "
+            f"{100 * values[1]:.2f} ({100 * (values[0] - values[1]):+.2f}, paired p {claim['p']:.3f}); "
+            f"paper: 6.83 vs 6.38") in table
+    for png in ("study-toy-methods.png", "study-toy-cost.png"):
+        assert (tmp_path / "reports" / png).stat().st_size > 1000 and f"]({png})" in table
     hr = rows[1]["test"]["HR@10"]
     p = rows[1]["paired_p"]["HR@10"]
     assert (f"| no inter | {100 * hr['mean']:.2f} ± {100 * hr['std']:.2f} | " in table
@@ -64,6 +77,17 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
     again = CliRunner().invoke(iisan_cli, args)
     assert again.exit_code == 0, again.output
     assert sorted((tmp_path / "runs" / "toy").iterdir()) == folders  # reused, nothing trained again
+
+    # `study check` re-runs the plan from scratch: identical on this CPU; a committed number that differs by more
+    # than 0.3 points is reported as moved, and the check fails
+    check = CliRunner().invoke(iisan_cli, ["study", "check", "reports/study-toy.json", "--runs", "check-1"])
+    assert check.exit_code == 0, check.output
+    assert "methods/iisan: identical" in check.output and "methods/no inter: identical" in check.output
+    assert sorted((tmp_path / "check-1" / "toy").iterdir()) != folders and "check passed: 2 rows" in check.output
+    study["experiments"][0]["rows"][1]["test"]["NDCG@10"]["mean"] += 0.004
+    (tmp_path / "reports" / "study-toy.json").write_text(json.dumps(study))
+    moved = CliRunner().invoke(iisan_cli, ["study", "check", "reports/study-toy.json", "--runs", "check-2"])
+    assert moved.exit_code == 1 and "methods/no inter: MOVED" in moved.output and "check FAILED" in moved.output
 
 
 def test_the_committed_readme_tables_are_those_of_their_json():
@@ -104,6 +128,14 @@ def test_paired_test():
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, layers_text: 'top:x'}\n", "expected top:<block count>"),
     ("experiments:\n  - name: x\n    reference: y\n    rows:\n      - {dataset: toy}\n", "reference 'y' is none"),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy\n", "toy.yaml:5: not valid YAML"),
+    ("experiments:\n  - name: x\n    plot: pie\n    rows:\n      - {dataset: toy}\n", "plot 'pie': one of bars"),
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, seeds: 0}\n", "seeds: 0, expected a positive"),
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy}\nclaims:\n  - {claim: c, experiment: y, rows: "
+     "[a, b], relation: above}\n", "claim 1 (c): no experiment 'y'"),
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy}\nclaims:\n  - {claim: c, experiment: x, rows: "
+     "[iisan, b], relation: above}\n", "claim 1 (c): row(s) b not in 'x'"),
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy}\nclaims:\n  - {claim: c, experiment: x, rows: "
+     "[iisan, iisan], relation: beats}\n", "relation 'beats': one of above, matches, increasing"),
 ])
 def test_bad_plans_are_refused_before_anything_runs(env, tmp_path, text, message):
     plan = tmp_path / "toy.yaml"
@@ -112,9 +144,34 @@ def test_bad_plans_are_refused_before_anything_runs(env, tmp_path, text, message
         load_plan(str(plan))
 
 
-def test_the_shipped_quick_plan_loads():
+def test_the_shipped_plans_load():
     plan = load_plan("quick")
     assert {row.options["dataset"] for _, row in plan.rows()} == {"ml-100k"} and plan.seeds == 1
+    paper = load_plan("paper")
+    parts = [load_plan(name) for name in ("methods", "ablations", "scaling", "layers", "multimodal-text")]
+    assert [e.name for e in paper.experiments] == [e.name for p in parts for e in p.experiments]
+    assert len(paper.claims) == sum(len(p.claims) for p in parts) > 0 and paper.seeds == 3
+    end_to_end = [r for _, r in paper.rows() if r.options.get("method") in ("fft", "adapter", "lora", "bitfit",
+                                                                             "iisan-uncached")]
+    assert end_to_end and all(r.seeds == 1 for r in end_to_end)
+    assert {r.options["dataset"] for r in end_to_end} == {"ml-100k"}
+
+
+def test_includes_and_row_seeds(env, tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nseeds: 5\nexperiments:\n  - name: one\n    rows:\n"
+                                     "      - {dataset: toy}\n      - {label: e2e, dataset: toy, method: fft, seeds: 1}\n"
+                                     "claims:\n  - {claim: c, experiment: one, rows: [iisan, e2e], relation: matches}\n")
+    (tmp_path / "b.yaml").write_text("name: b\nseeds: 2\ninclude: [a.yaml]\nexperiments:\n  - name: two\n"
+                                     "    rows:\n      - {dataset: toy, method: frozen}\n")
+    plan = load_plan(str(tmp_path / "b.yaml"))
+    assert [e.name for e in plan.experiments] == ["one", "two"] and [c.claim for c in plan.claims] == ["c"]
+    seeds = [r.args(plan.seeds, "runs")[r.args(plan.seeds, "runs").index("--seeds") + 1] for _, r in plan.rows()]
+    assert seeds == ["2", "1", "2"]  # the including plan's seeds, except a row's own
+    forced = load_plan(str(tmp_path / "b.yaml"), seeds=4)
+    assert {r.args(forced.seeds, "runs")[4] for _, r in forced.rows()} == {"4"}  # --seeds wins over a row's own
+    (tmp_path / "c.yaml").write_text("include: [c.yaml]\nexperiments: []\n")
+    with pytest.raises(StudyError, match="include 'c.yaml' includes itself"):
+        load_plan(str(tmp_path / "c.yaml"))
 
 
 def test_missing_layers_are_extracted_once_with_the_union_of_the_rows(env, tmp_path, monkeypatch):
@@ -139,3 +196,13 @@ def test_missing_layers_are_extracted_once_with_the_union_of_the_rows(env, tmp_p
         assert store.manifest.layers == [0, 1, 2, 3] and store.manifest.complete  # even ∪ top:2 = [0, 2, 3]
     assert any("hidden states 0,1,2,3 (the union its rows read)" in m for m in messages)
     assert ensure_caches(load_plan(str(plan)), messages.append) == []  # nothing left to extract
+
+
+def test_every_shipped_plan_is_installed_with_the_package():
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    assert sorted(listed["share/iisan-versa/plans"]) == sorted(f"plans/{p.name}" for p in (root / "plans").glob("*.yaml"))
+    for plan in (root / "plans").glob("*.yaml"):
+        load_plan(str(plan))  # every shipped plan is valid
