@@ -236,7 +236,8 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
     summary = {"folder": str(folder), "best_trial": best.number, "best_params": best.params,
                "best_valid_hr10": best.value, "final_run": final["run_dir"], "valid": final["valid"],
                "test": final["test"], "groups": final.get("groups"), "space": identity["space"],
-               "trial_seconds": sum(_seconds(t) for t in study.trials), "trials": len(study.trials)}
+               "trial_seconds": sum(_seconds(t) for t in study.trials if t.number not in requeued),
+               "interrupted_trials": sorted(requeued), "trials": len(study.trials)}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     report = write_report(study, base, space, summary, Path(tc.reports), fixed, tc.command)
     log(f"report: {report}")
@@ -320,13 +321,16 @@ def write_report(study, base, space: dict[str, Param], summary: dict[str, Any], 
     names = list(space)
     command = command or "iisan tune " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed.items()
                                                   if k not in ("progress",))
+    interrupted = set(summary.get("interrupted_trials") or [])
     lines = [f"# Tuning {base.method} on {dataset_name(base.dataset)} ({base.pipeline})", "",
              f"- command: `{command}` (trials selected on valid HR@10 only; median pruner on the per-epoch "
              f"valid HR@10 after 5 trials and 5 epochs)",
              f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
              f"- trials: {len(study.trials)} ({sum(t.state == TrialState.COMPLETE for t in study.trials)} complete, "
              f"{sum(t.state == TrialState.PRUNED for t in study.trials)} pruned); time in trials "
-             f"{summary['trial_seconds'] / 60:.1f} min",
+             f"{summary['trial_seconds'] / 60:.1f} min" + (
+                 f" ({len(interrupted)} interrupted trial(s) not counted: their wall time spans the interruption, "
+                 f"and their runs resumed in the trial enqueued again for them)" if interrupted else ""),
              f"- search space: " + "; ".join(f"{k} {p.to_dict()}" for k, p in space.items()), "",
              "## Best config, retrained with fresh seeds", "",
              f"Trial {summary['best_trial']} (valid HR@10 {100 * summary['best_valid_hr10']:.2f}): "
@@ -345,9 +349,11 @@ def write_report(study, base, space: dict[str, Param], summary: dict[str, Any], 
               "|---" * (5 + len(names)) + "|"]
     for t in study.trials:
         epochs = t.user_attrs.get("best_epoch", t.user_attrs.get("pruned_at_epoch", ""))
-        state = "diverged" if t.user_attrs.get("diverged") else t.state.name.lower()
+        state = ("diverged" if t.user_attrs.get("diverged") else "interrupted" if t.number in interrupted
+                 else t.state.name.lower())
         value = f"{100 * t.value:.2f}" if t.value is not None else ""
-        lines.append(f"| {t.number} | {state} | {value} | {epochs} | {_seconds(t):.0f} | "
+        seconds = "" if t.number in interrupted else f"{_seconds(t):.0f}"
+        lines.append(f"| {t.number} | {state} | {value} | {epochs} | {seconds} | "
                      + " | ".join(_fmt(t.params.get(k, "")) for k in names) + " |")
     path = reports / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")

@@ -76,6 +76,13 @@ def test_a_killed_tuning_resumes_and_finishes(env, tmp_path, monkeypatch):
     summary = json.loads((folder / "summary.json").read_text())
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert summary["best_trial"] == best.number and summary["best_params"] == best.params
+    # the killed trial's wall time spans the interruption: not counted in the time in trials, marked in the table
+    from iisan.experiments.tune import _seconds
+
+    assert summary["interrupted_trials"] == [0]
+    assert summary["trial_seconds"] == pytest.approx(sum(_seconds(t) for t in trials[1:]))
+    report = (out / "reports" / "tune-toy-iisan-text-only.md").read_text()
+    assert "(1 interrupted trial(s) not counted" in report and "\n| 0 | interrupted |  |  |  | " in report
     final = json.loads((Path(summary["final_run"]) / "report.json").read_text())
     assert [s["seed"] for s in final["seeds"]] == [13345]
     assert final["config"]["lr"] == best.params["lr"] and final["config"]["bottleneck"] == best.params["bottleneck"]
