@@ -364,6 +364,40 @@ def study_check(json_path: Path, runs: Path | None) -> None:
         raise SystemExit(1)
 
 
+@main.command("recommend")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
+@click.option("--users", default="all", show_default=True,
+              help="all, ID,ID,..., or a file of user ids (one per line).")
+@click.option("--history", default=None, help='An ad-hoc history of raw item ids, oldest first: "ID ID ...".')
+@click.option("--k", type=int, default=10, show_default=True)
+@click.option("--split", type=click.Choice(["next", "valid", "test"]), default="next", show_default=True,
+              help="next: each user's whole sequence as input (deployment); valid / test: the evaluation's inputs.")
+@click.option("--include-history", is_flag=True, help="Do not exclude the items a user already has.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here instead of stdout.")
+@click.option("--seed", type=int, default=None, help="Which seed's checkpoint [default: the run's first].")
+def recommend_cmd(run_dir: Path, users: str, history: str | None, k: int, split: str, include_history: bool,
+                  fmt: str, out: Path | None, seed: int | None) -> None:
+    """Top-k item ids, titles and scores for dataset users or an ad-hoc history, from a trained run."""
+    import time
+
+    from iisan.deploy.recommend import run_recommend, write
+    from iisan.deploy.run import load_run
+
+    began = time.perf_counter()
+    run = load_run(run_dir, seed)
+    loaded = time.perf_counter()
+    recs = run_recommend(run, users, history, k, split, include_history)
+    ranked = time.perf_counter()
+    if out is None:
+        write(recs, fmt, sys.stdout)
+    else:
+        with open(out, "w", encoding="utf-8", newline="") as f:
+            write(recs, fmt, f)
+    click.echo(f"{len(recs):,} users, top {k} of {len(run.item_ids):,} items: loading {loaded - began:.1f} s, "
+               f"ranking {ranked - loaded:.2f} s" + (f"; wrote {out}" if out else ""), err=True)
+
+
 @main.command("evaluate")
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)

@@ -94,14 +94,14 @@ def test_errors_name_the_problem(env, tmp_path, monkeypatch):
 def test_standardized_uses_training_items_and_keeps_padding_zero():
     import torch
 
-    from iisan.train.data import standardized
+    from iisan.train.data import standardization, standardized
 
     torch.manual_seed(0)
     states = torch.randn(50, 3, 4) * 30 + 7
     states[0] = 0
     in_training = torch.zeros(50, dtype=torch.bool)
     in_training[1:40] = True
-    out = standardized(states, in_training)
+    out = standardized(states, standardization(states, in_training))
     assert torch.equal(out[0], torch.zeros(3, 4))
     torch.testing.assert_close(out[in_training].mean(0), torch.zeros(3, 4), atol=1e-5, rtol=0)
     torch.testing.assert_close(out[in_training].std(0), torch.ones(3, 4), atol=1e-5, rtol=0)
@@ -182,20 +182,20 @@ def test_a_run_folder_written_before_the_redesign_still_evaluates_and_resumes(en
 def test_standardize_per_layer_uses_one_mean_and_std_per_layer():
     import torch
 
-    from iisan.train.data import standardized
+    from iisan.train.data import standardization, standardized
 
     torch.manual_seed(0)
     states = torch.randn(40, 2, 6) * torch.tensor([1.0, 50.0, 0.01, 3.0, 7.0, 2.0]) + 5
     states[0] = 0
     in_training = torch.ones(40, dtype=torch.bool)
     in_training[0] = False
-    out = standardized(states, in_training, per="layer")
+    out = standardized(states, standardization(states, in_training, per="layer"))
     rows = states[1:]
     for k in range(2):
         expected = (rows[:, k] - rows[:, k].mean()) / rows[:, k].std()
         torch.testing.assert_close(out[1:, k], expected, atol=1e-5, rtol=1e-5)
     # a near-constant dimension stays near constant (per-dimension standardisation would blow it up to std 1)
-    assert out[1:, 0, 2].std() < 0.01 and standardized(states, in_training)[1:, 0, 2].std() > 0.99
+    assert out[1:, 0, 2].std() < 0.01 and standardized(states, standardization(states, in_training))[1:, 0, 2].std() > 0.99
     assert torch.equal(out[0], torch.zeros(2, 6))
 
 

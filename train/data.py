@@ -39,6 +39,7 @@ class SlotStates:
     states: torch.Tensor       # [N + 1, K, D], the cache's storage dtype (fp32 when standardised)
     standardized: str          # off | dim | layer
     init_from_first: bool = False  # remove_first: states[:, 0] is h_0, the intra tower's initial state
+    statistics: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) applied when standardised
 
 
 def slot_sources(cfg: TrainConfig) -> dict[str, str]:
@@ -90,9 +91,12 @@ def _find_store(cfg: TrainConfig, dataset: str, source: str, kind: str | None = 
 
 
 def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, source: str,
-              device: torch.device, final: bool = False) -> SlotStates:
+              device: torch.device, final: bool = False, item_ids: list[str] | None = None,
+              statistics: tuple[torch.Tensor, torch.Tensor] | None = None) -> SlotStates:
     """One slot's cached states: the layers its rule selects (`final`: the model's final output instead, as
-    one state per item), in the trainer's item order, standardised as the config says."""
+    one state per item), in the trainer's item order (or for `item_ids`, e.g. every item of the dataset),
+    standardised as the config says: with the statistics of the split's training items, or `statistics`
+    (those a run saved)."""
     path, name = _find_store(cfg, dataset.name, source, slot_kind(slot))
     with open_cache(path) as store:
         manifest = store.manifest
@@ -109,14 +113,19 @@ def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, s
     # Held in the cache's storage dtype (an fp16 cache takes half the memory of an fp32 copy); the item encoder
     # casts only the rows it gathers, which is exact. Standardised states are new values, so they are fp32.
     loaded = load_cache(path, CacheExpectation(dataset=dataset.name, dataset_fingerprint=fingerprint, model=name,
-                                               layers=layers), item_ids=split.item_ids,
+                                               layers=layers), item_ids=split.item_ids if item_ids is None else item_ids,
                         dtype=torch.float32 if mode != "off" else None, progress=cfg.progress, final=final)
     states = loaded.final[:, None, :] if final else loaded.states
     if mode != "off":
-        states = standardized(states, torch.from_numpy(split.train_counts > 0), per=mode)
+        if statistics is None:
+            if item_ids is not None:
+                raise ValueError("standardised states for other items need the run's statistics")
+            statistics = standardization(states, torch.from_numpy(split.train_counts > 0), per=mode)
+        states = standardized(states, statistics)
     return SlotStates(slot, source, path, manifest, [] if final else layers, states.to(device), mode,
                       # no rule given: the cache's own (a store extracted with remove_first trains as one)
-                      init_from_first=not final and (rule or manifest.layer_selection).strip() == "remove_first")
+                      init_from_first=not final and (rule or manifest.layer_selection).strip() == "remove_first",
+                      statistics=statistics if mode != "off" else None)
 
 
 def standardize_mode(choice: str, model: str, manifest: Manifest) -> str:
@@ -138,18 +147,24 @@ def _is_decoder(model: str, manifest: Manifest) -> bool:
         return manifest.pooling == "last"
 
 
-def standardized(states: torch.Tensor, in_training: torch.Tensor, per: str = "dim") -> torch.Tensor:
-    """(x - mean) / std with statistics of the items seen in training; row 0 stays 0. `per="dim"`: one mean
-    and std per (layer, dimension); `per="layer"`: one per layer over all its dimensions (near-constant
-    dimensions of LLM states are then not blown up to unit variance)."""
+def standardization(states: torch.Tensor, in_training: torch.Tensor, per: str = "dim"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the items seen in training, each [K, D] (broadcastable to states [N + 1, K, D]).
+    `per="dim"`: one mean and std per (layer, dimension); `per="layer"`: one per layer over all its
+    dimensions (near-constant dimensions of LLM states are then not blown up to unit variance)."""
     rows = states[in_training]
     if per == "layer":
         flat = rows.transpose(0, 1).reshape(rows.shape[1], -1)               # [K, items * D]
         mean, std = flat.mean(dim=1)[:, None], flat.std(dim=1).clamp(min=1e-6)[:, None]
-    elif per == "dim":
-        mean, std = rows.mean(dim=0), rows.std(dim=0).clamp(min=1e-6)
-    else:
-        raise ValueError(f"standardize per '{per}': dim or layer")
+        return mean.expand(-1, rows.shape[2]).contiguous(), std.expand(-1, rows.shape[2]).contiguous()
+    if per == "dim":
+        return rows.mean(dim=0), rows.std(dim=0).clamp(min=1e-6)
+    raise ValueError(f"standardize per '{per}': dim or layer")
+
+
+def standardized(states: torch.Tensor, statistics: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(x - mean) / std; row 0 (padding) stays 0."""
+    mean, std = statistics
     out = (states - mean) / std
     out[0] = 0
     return out

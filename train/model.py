@@ -39,7 +39,12 @@ class IISANItems(CachedItems):
         return [(self.side.san_parameters(), cfg.lr_san)]
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        return self.side(self.gather(index))
+        return self.embed_states(self.gather(index), index)
+
+    def embed_states(self, states: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """Embeddings of items given their cached states (rows as `gather` returns them) and their training
+        index (0 for an item the run never trained on): how recommendations embed every item of a store."""
+        return self.side(states)
 
 
 class LastStateHeads(nn.Module):
@@ -66,7 +71,10 @@ class FrozenItems(CachedItems):
         self.head = LastStateHeads({s: t.shape[2] for s, t in states.items()}, dim)
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        return self.head({s: t[:, -1] for s, t in self.gather(index).items()})
+        return self.embed_states(self.gather(index), index)
+
+    def embed_states(self, states: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        return self.head({s: t[:, -1] for s, t in states.items()})
 
 
 class IDItems(nn.Module):
@@ -117,7 +125,11 @@ class HybridItems(IISANItems):
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         """Content + ID, no dropout (the item table of evaluation; one item id at a time)."""
-        return self.side(self.gather(index)) + self.id_part(index)
+        return self.embed_states(self.gather(index), index)
+
+    def embed_states(self, states: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """Content + ID; an item with index 0 (never trained on) gets its content alone."""
+        return self.side(states) + self.id_part(index)
 
     def encode_occurrences(self, unique: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         """A training batch's embeddings, one per occurrence [occurrences, d]: the content of each unique item

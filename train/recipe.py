@@ -218,6 +218,26 @@ class LoopState:
     eval_seconds: list[float] = dataclasses.field(default_factory=list)
 
 
+STANDARDIZATION_FILE = "standardization.safetensors"
+
+
+def save_standardization(s: Setup, run_dir: Path) -> None:
+    """The mean and std each standardised slot used (statistics of the training items), so that items embedded
+    later (`iisan recommend`, new items) are standardised the same way: `<slot>.mean`, `<slot>.std`."""
+    tensors = {f"{slot}.{name}": t.contiguous().cpu() for slot, x in s.slots.items() if x.statistics is not None
+               for name, t in zip(("mean", "std"), x.statistics)}
+    if tensors:
+        save_file(tensors, str(run_dir / STANDARDIZATION_FILE))
+
+
+def load_standardization(run_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    path = Path(run_dir) / STANDARDIZATION_FILE
+    if not path.is_file():
+        return {}
+    state = load_file(str(path))
+    return {key[:-5]: (state[key], state[key[:-5] + ".std"]) for key in state if key.endswith(".mean")}
+
+
 def provenance(s: Setup) -> dict[str, Any]:
     def version(name: str) -> str:
         try:
@@ -400,6 +420,7 @@ def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print,
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     s = setup(cfg)
     (run_dir / "provenance.json").write_text(json.dumps(provenance(s), indent=2, default=str))
+    save_standardization(s, run_dir)
     reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log, version, on_epoch)
                for i in range(cfg.seeds)]
     ranks = [run_dir / f"seed-{cfg.seed + i}" / "ranks.npz" for i in range(cfg.seeds)]
