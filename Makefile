@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,gptq,bnb,parquet,tune
+EXTRAS ?= dev,gptq,bnb,parquet,tune,faiss,serve
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 

@@ -398,6 +398,22 @@ def recommend_cmd(run_dir: Path, users: str, history: str | None, k: int, split:
                f"ranking {ranked - loaded:.2f} s" + (f"; wrote {out}" if out else ""), err=True)
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The folder to write.")
+@click.option("--faiss", "with_faiss", is_flag=True, help="Also exact and HNSW FAISS indexes (the faiss extra).")
+@click.option("--seed", type=int, default=None, help="Which seed's checkpoint [default: the run's first].")
+def export_cmd(run_dir: Path, out: Path, with_faiss: bool, seed: int | None) -> None:
+    """Item embeddings (safetensors), the user encoder (a torch.export program), meta.json and FAISS indexes."""
+    from iisan.deploy.export import export_run
+    from iisan.deploy.run import load_run
+
+    meta = export_run(load_run(run_dir, seed), out, with_faiss)
+    for path in sorted(out.iterdir()):
+        click.echo(f"{path}  {path.stat().st_size / 2**20:.2f} MiB")
+    click.echo(f"{meta['items']:,} items × {meta['dim']}; user program input [B, {meta['max_seq_len']}]", err=True)
+
+
 @main.command("evaluate")
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
