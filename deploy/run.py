@@ -66,6 +66,10 @@ class TrainedRun:
         """The raw item ids and their embeddings [M, d] (what scores are inner products with)."""
         return list(self.item_ids), self.table[1:].clone()
 
+    def embed_items(self, item_ids: Sequence[str]) -> torch.Tensor:
+        """The embeddings [n, d] of these items (raw ids), as the run's item tower gives them."""
+        return self.table[torch.tensor(self._indices(list(item_ids)), dtype=torch.long, device=self.table.device)]
+
     def item(self, item_id: str) -> dict[str, object]:
         j = self._indices([item_id])[0]
         return {"id": item_id, "title": self.titles[j - 1], "index": j}
