@@ -8,7 +8,7 @@ EXTRAS ?= dev,gptq,bnb,parquet,tune,faiss,serve
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 
-.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache study clean
+.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache study check-ui clean
 
 setup: $(VENV)/.installed
 
@@ -63,6 +63,11 @@ PLAN ?= quick
 study: setup
 	$(VENV)/bin/iisan data fetch ml-100k
 	$(VENV)/bin/iisan study run --plan $(PLAN) $(ARGS)
+
+# The serving page in headless Chromium (apt-get install chromium): make check-ui RUN=runs/ml-100k/<run>
+# writes reports/ui-<dataset>.png. A manual check, not part of CI.
+check-ui: setup
+	$(PY) -m iisan.deploy.check_ui $(RUN)
 
 # Extraction items/s next to the bare forward pass, for a text and an image encoder.
 bench-extract: setup

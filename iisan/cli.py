@@ -414,6 +414,18 @@ def export_cmd(run_dir: Path, out: Path, with_faiss: bool, seed: int | None) -> 
     click.echo(f"{meta['items']:,} items × {meta['dim']}; user program input [B, {meta['max_seq_len']}]", err=True)
 
 
+@main.command("serve")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--seed", type=int, default=None, help="Which seed's checkpoint [default: the run's first].")
+def serve_cmd(run_dir: Path, host: str, port: int, seed: int | None) -> None:
+    """An HTTP server over a trained run: POST /recommend, GET /items/ID, /users/ID, /health, and a page at /."""
+    from iisan.deploy.serve import serve
+
+    serve(run_dir, host, port, seed)
+
+
 @main.command("evaluate")
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
