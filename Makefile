@@ -8,7 +8,7 @@ EXTRAS ?= dev,gptq,bnb,parquet,tune,faiss,serve
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 
-.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache study check-ui clean
+.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache study check-ui bench-serve clean
 
 setup: $(VENV)/.installed
 
@@ -68,6 +68,10 @@ study: setup
 # writes reports/ui-<dataset>.png. A manual check, not part of CI.
 check-ui: setup
 	$(PY) -m iisan.deploy.check_ui $(RUN)
+
+# The server's requests/s and p50 / p99 latency at 1 and 16 clients: make bench-serve RUN=runs/ml-100k/<run>
+bench-serve: setup
+	$(PY) -m iisan.deploy.bench_serve $(RUN)
 
 # Extraction items/s next to the bare forward pass, for a text and an image encoder.
 bench-extract: setup

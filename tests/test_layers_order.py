@@ -10,10 +10,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Installed package -> source folder (pyproject.toml's package-dir), and the layers, lowest first.
 FOLDERS = {"iisan": REPO / "iisan", "iisan.cache_store": REPO / "cache_store", "iisan.extract": REPO / "extract",
            "iisan.evaluate": REPO / "evaluate", "iisan.train": REPO / "train",
-           "iisan.experiments": REPO / "experiments"}
+           "iisan.deploy": REPO / "deploy", "iisan.experiments": REPO / "experiments"}
 LAYERS = [("iisan", "iisan.errors", "iisan.registry", "iisan.runtime"), ("iisan.data",), ("iisan.cache_store",),
-          ("iisan.extract",), ("iisan.evaluate",), ("iisan.train",), ("iisan.experiments",),
-          ("iisan.cli", "iisan.demo")]
+          ("iisan.extract",), ("iisan.evaluate",), ("iisan.train",), ("iisan.deploy",), ("iisan.experiments",),
+          ("iisan.cli", "iisan.demo", "iisan.api")]
 
 
 def layer_of(module: str) -> int:
