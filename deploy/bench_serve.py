@@ -4,13 +4,13 @@ users, k = 10) and stops; the server is started and stopped by the script."""
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import urllib.request
+
+from iisan.deploy.serve import start_server
 
 
 def _post(url: str, body: dict) -> float:
@@ -30,23 +30,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200, help="requests per client")
     parser.add_argument("--out", default="", help="report file [default: reports/bench-serve-<dataset>.md]")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "iisan.cli", "serve", args.run_dir, "--port", str(port)],
-                              stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server(args.run_dir)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2).read()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    print("the server did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
         users = json.load(urllib.request.urlopen(base + "/users"))["users"]
         histories = [[h["id"] for h in json.load(urllib.request.urlopen(f"{base}/users/{u}"))["history"]][-10:]
                      for u in users[:100]]

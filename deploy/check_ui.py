@@ -4,12 +4,12 @@ the picture can be checked against it. A manual check, not part of CI."""
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from iisan.deploy.serve import start_server
 
 
 def main(run_dir: str, out: str = "") -> int:
@@ -17,22 +17,9 @@ def main(run_dir: str, out: str = "") -> int:
     if browser is None:
         print("check-ui needs Chromium: apt-get install chromium", file=sys.stderr)
         return 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "iisan.cli", "serve", run_dir, "--port", str(port)])
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(run_dir)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                health = json.load(urllib.request.urlopen(url + "/health", timeout=2))
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    print("the server did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
+        health = json.load(urllib.request.urlopen(url + "/health", timeout=10))
         first = json.load(urllib.request.urlopen(url + "/users", timeout=10))["users"][0]
         shown = json.load(urllib.request.urlopen(f"{url}/users/{first}", timeout=30))
         path = Path(out or f"reports/ui-{health['dataset']}.png").resolve()

@@ -111,6 +111,33 @@ def create_app(run: TrainedRun, max_history: int = MAX_HISTORY):
     return app
 
 
+def start_server(run_dir: str, timeout: float = 120.0):
+    """`iisan serve RUN_DIR` as a child process on a free 127.0.0.1 port, once /health answers: (process, base
+    URL). For the UI check and the serving bench; the caller terminates the process."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "iisan.cli", "serve", str(run_dir), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2).read()
+            return server, base
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.terminate()
+                raise RuntimeError(f"iisan serve {run_dir} did not start") from None
+            time.sleep(0.5)
+
+
 def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, seed: int | None = None) -> None:
     import uvicorn
 
