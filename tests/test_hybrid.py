@@ -67,3 +67,25 @@ def test_zero_init_starts_as_iisan(env, tmp_path):
     plain = build_model(setup(resolve(options(env, tmp_path, method="iisan"))))
     hybrid.eval(), plain.eval()
     assert torch.equal(hybrid.item_table(), plain.item_table())
+
+
+def test_the_content_loss_adds_the_same_loss_over_content_only_embeddings(env, tmp_path):
+    from iisan.train.loss import inbatch_debiased_loss
+
+    s = setup(resolve(options(env, tmp_path, method="iisan-hybrid", pipeline="text-only", id_init="xavier",
+                              id_dropout=0.0, dropout=0.0, content_loss=0.5)))
+    model = build_model(s)
+    model.train()
+    ids = torch.from_numpy(s.split.train[:16])
+    log_pop = torch.log(torch.from_numpy(s.split.popularity()).float())
+    loss = model.calculate_loss(ids, log_pop)
+    inputs, mask = ids[:, :-1], (ids[:, :-1] != 0) & (ids[:, 1:] != 0)
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    content = model.items.side(model.items.gather(unique)).index_select(0, inverse.reshape(-1)).view(*ids.shape, -1)
+    full = content + (model.items.ids(ids) * model.items.seen[ids].unsqueeze(-1))
+    want = inbatch_debiased_loss(model.user(full[:, :-1], inputs != 0), full, ids, mask, log_pop) + \
+        0.5 * inbatch_debiased_loss(model.user(content[:, :-1], inputs != 0), content, ids, mask, log_pop)
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="content_loss -1"):
+        HybridItems({"text": torch.randn(3, 2, 4)}, SANConfig(bottleneck=2, embedding_dim=8),
+                    torch.tensor([False, True, True]), 0.2, "zero", -1.0)

@@ -78,6 +78,9 @@ class TrainConfig:
     lr_id: float = field(default=0.0, metadata=_help("iisan-hybrid: Adam lr of the ID table (0: --lr)."))
     id_init: Literal["zero", "xavier"] = field(default="zero", metadata=_help(
         "iisan-hybrid: the ID table's start, zero (starts as IISAN) or xavier (as SASRec's)."))
+    content_loss: float = field(default=0.0, metadata=_help(
+        "iisan-hybrid: weight of a second loss on the content-only embeddings (every ID part off), so the content "
+        "path stays a recommender on its own (0: none)."))
     # --- optimisation
     epochs: int = field(default=100, metadata=_help("Maximum epochs."))
     patience: int = field(default=10, metadata=_help("Stop after this many epochs without a strict valid HR@10 gain."))

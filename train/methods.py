@@ -96,7 +96,8 @@ def _hybrid(ctx: "ItemContext") -> "nn.Module":
     from iisan.train.model import HybridItems
 
     seen = torch.from_numpy(ctx.split.train_counts > 0)
-    return HybridItems(ctx.cached_states(), ctx.san_config(), seen, ctx.cfg.id_dropout, ctx.cfg.id_init)
+    return HybridItems(ctx.cached_states(), ctx.san_config(), seen, ctx.cfg.id_dropout, ctx.cfg.id_init,
+                       ctx.cfg.content_loss)
 
 
 def _frozen(ctx: "ItemContext") -> "nn.Module":

@@ -100,11 +100,15 @@ class HybridItems(IISANItems):
     normal as SASRec's (`"xavier"`)."""
 
     def __init__(self, states: dict[str, torch.Tensor], cfg: SANConfig, seen: torch.Tensor, id_dropout: float,
-                 id_init: str = "zero"):
+                 id_init: str = "zero", content_loss: float = 0.0):
         super().__init__(states, cfg)
         if not 0.0 <= id_dropout < 1.0:
             raise ValueError(f"id_dropout {id_dropout}: a probability in [0, 1)")
+        if content_loss < 0:
+            raise ValueError(f"content_loss {content_loss}: a weight >= 0")
         self.id_dropout = id_dropout
+        self.content_loss = content_loss
+        self.last_content: torch.Tensor | None = None  # the last training batch's content part, per occurrence
         self.ids = nn.Embedding(len(seen), cfg.embedding_dim, padding_idx=0)
         if id_init == "zero":
             nn.init.zeros_(self.ids.weight)
@@ -135,6 +139,7 @@ class HybridItems(IISANItems):
         """A training batch's embeddings, one per occurrence [occurrences, d]: the content of each unique item
         computed once, the ID part dropped per occurrence while training."""
         content = self.side(self.gather(unique)).index_select(0, inverse)
+        self.last_content = content if self.training and self.content_loss else None
         ids = self.id_part(unique).index_select(0, inverse)
         if self.training and self.id_dropout > 0:
             keep = torch.rand(len(inverse), 1, device=ids.device) >= self.id_dropout
@@ -165,7 +170,14 @@ class Recommender(nn.Module):
         inputs = ids[:, :-1]
         user_states = self.user(embeddings[:, :-1], inputs != 0)
         mask = (inputs != 0) & (ids[:, 1:] != 0)
-        return inbatch_debiased_loss(user_states, embeddings, ids, mask, log_popularity)
+        loss = inbatch_debiased_loss(user_states, embeddings, ids, mask, log_popularity)
+        content = getattr(self.items, "last_content", None)
+        if content is not None:  # hybrid with content_loss: the same loss with every ID part off
+            content = content.view(*ids.shape, -1)
+            content_states = self.user(content[:, :-1], inputs != 0)
+            loss = loss + self.items.content_loss * inbatch_debiased_loss(content_states, content, ids, mask,
+                                                                          log_popularity)
+        return loss
 
     @torch.no_grad()
     def item_table(self) -> torch.Tensor:
