@@ -61,6 +61,11 @@ class Backend:
             return False
         return isinstance(raw, dict) and raw.get("final_state") == "stored"
 
+    def extend(self, manifest: Manifest, item_ids: list[str]) -> None:
+        """Grow every array to `manifest.rows` rows (and its chunk count), the item ids to `item_ids` (row 0 is
+        padding); existing rows are not touched. The new chunks start not done."""
+        raise NotImplementedError
+
     # Implemented per format ------------------------------------------------------------------------
     def _raw_manifest(self) -> dict | None: ...
     def set_manifest(self, manifest: Manifest) -> None: ...
@@ -220,6 +225,19 @@ class ZarrBackend(Backend):
     def _arrays(self):
         return self.group
 
+    def extend(self, manifest: Manifest, item_ids: list[str]) -> None:
+        rows = manifest.rows
+        for name in ("states", "final", "missing"):
+            if name in self.group:
+                array = self.group[name]
+                array.resize((rows,) + tuple(array.shape[1:]))
+        self.group["done"].resize((manifest.n_chunks,))
+        # one chunk of ids, rewritten whole (the ids are small next to the states)
+        del self.group["item_ids"]
+        ids = self.group.create_array("item_ids", shape=(rows,), chunks=(rows,), dtype=str)
+        ids[:] = np.asarray([""] + list(item_ids), dtype=object)
+        self.set_manifest(manifest)
+
     def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray,
                     final: np.ndarray | None = None) -> None:
         stop = start + len(states)
@@ -250,14 +268,15 @@ class Hdf5Backend(Backend):
         tmp = _temporary_sibling(path)
         f = cls._h5open(tmp, "w")
         K, D, C = len(manifest.layers), manifest.hidden_size, manifest.chunk_rows
+        # Resizable along the rows (maxshape None), so that the store can be extended with appended items.
         f.create_dataset("states", shape=(manifest.rows, K, D), chunks=(min(C, manifest.rows), K, D),
-                         dtype=manifest.storage_dtype, fillvalue=0)
+                         maxshape=(None, K, D), dtype=manifest.storage_dtype, fillvalue=0)
         if manifest.final_state == "stored":  # the pooled last_hidden_state, chunked like `states`
             f.create_dataset("final", shape=(manifest.rows, D), chunks=(min(C, manifest.rows), D),
-                             dtype=manifest.storage_dtype, fillvalue=0)
-        f.create_dataset("missing", shape=(manifest.rows,), dtype=bool, fillvalue=False)
-        f.create_dataset("done", shape=(manifest.n_chunks,), dtype=bool, fillvalue=False)
-        f.create_dataset("item_ids", data=np.asarray([""] + list(item_ids), dtype=object),
+                             maxshape=(None, D), dtype=manifest.storage_dtype, fillvalue=0)
+        f.create_dataset("missing", shape=(manifest.rows,), maxshape=(None,), dtype=bool, fillvalue=False)
+        f.create_dataset("done", shape=(manifest.n_chunks,), maxshape=(None,), dtype=bool, fillvalue=False)
+        f.create_dataset("item_ids", data=np.asarray([""] + list(item_ids), dtype=object), maxshape=(None,),
                          dtype=h5py.string_dtype("utf-8"))
         f.attrs[MANIFEST_KEY] = json.dumps(manifest.to_dict())
         f.close()
@@ -332,6 +351,20 @@ class Hdf5Backend(Backend):
 
     def _arrays(self):
         return self.file
+
+    def extend(self, manifest: Manifest, item_ids: list[str]) -> None:
+        fixed = [name for name in ("states", "final", "missing", "done", "item_ids")
+                 if name in self.file and self.file[name].maxshape[0] is not None]
+        if fixed:
+            raise CacheError(f"{self.path}: this HDF5 store was written before stores could grow ({', '.join(fixed)} "
+                             f"cannot be resized); extract it again (--overwrite) or use a .zarr store")
+        for name in ("states", "final", "missing"):
+            if name in self.file:
+                self.file[name].resize(manifest.rows, axis=0)
+        self.file["done"].resize(manifest.n_chunks, axis=0)
+        self.file["item_ids"].resize(manifest.rows, axis=0)
+        self.file["item_ids"][:] = np.asarray([""] + list(item_ids), dtype=object)
+        self.set_manifest(manifest)
 
     def write_chunk(self, chunk: int, start: int, states: np.ndarray, missing: np.ndarray,
                     final: np.ndarray | None = None) -> None:

@@ -62,6 +62,11 @@ class Manifest:
     extraction_seconds: float = field(default=0.0, metadata={
         "help": "wall seconds rank 0 spent encoding, summed over resumed runs (model loading excluded)"})
     complete: bool = field(default=False, metadata={"help": "every chunk flagged done (set at finalize)"})
+    extensions: list[dict[str, Any]] = field(default_factory=list, metadata={
+        "help": "each time the store was extended with items appended to the items file: from_rows, to_rows, "
+                "the fingerprint before, the UTC date (old rows are never rewritten)"})
+    first_new_row: int = field(default=0, metadata={
+        "help": "after an extension, the first row it added: a chunk holding older rows is written from here on"})
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in STORAGE_DTYPES:

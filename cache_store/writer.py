@@ -66,7 +66,8 @@ class CacheWriter:
 
     @classmethod
     def open(cls, path: str | Path, manifest: Manifest, item_ids: list[str], rank: int = 0, world_size: int = 1,
-             overwrite: bool = False, probe_final_state: Callable[[], str] | None = None) -> "CacheWriter":
+             overwrite: bool = False, probe_final_state: Callable[[], str] | None = None,
+             prefix_fingerprint: Callable[[int], str] | None = None) -> "CacheWriter":
         """Create the store, or attach to an existing one written for the same thing (every RESUME_KEYS field
         and the item ids agree); refuses one written for something else, listing the differences.
 
@@ -106,6 +107,10 @@ class CacheWriter:
         backend = kind.open(path, writable=True)
         try:
             have = backend.manifest()
+            if prefix_fingerprint is not None:
+                extended = _extension(backend, have, manifest, item_ids, prefix_fingerprint, rank, world_size)
+                if extended is not None:
+                    have = extended
             keys = RESUME_KEYS if probe_final_state is None else tuple(k for k in RESUME_KEYS if k != "final_state")
             differences = manifest_differences(have, manifest, keys)
             if not differences and backend.read_item_ids()[1:] != list(item_ids):
@@ -137,10 +142,15 @@ class CacheWriter:
         done = self.done()
         return [c for c in range(self.manifest.n_chunks) if c % self.world_size == self.rank and not done[c]]
 
+    def _first_row(self, chunk: int) -> int:
+        """The first row this chunk's write covers: its first row, or after an extension the first new row
+        (the older rows of a chunk that held the store's last rows are kept as they are)."""
+        return max(self.manifest.chunk_range(chunk).start, self.manifest.first_new_row)
+
     def item_positions(self, chunk: int) -> range:
-        """0-based positions in the items file of the items stored in this chunk (row = position + 1)."""
+        """0-based positions in the items file of the items this chunk's write covers (row = position + 1)."""
         rows = self.manifest.chunk_range(chunk)
-        return range(max(rows.start, 1) - 1, rows.stop - 1)
+        return range(max(self._first_row(chunk), 1) - 1, rows.stop - 1)
 
     def _checked(self, chunk: int, name: str, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """Shape, finiteness and the storage dtype (overflow included) of one array's rows of a chunk."""
@@ -156,7 +166,7 @@ class CacheWriter:
         if not np.isfinite(values).all():
             raise CacheError(f"chunk {chunk}: {name} values overflow {self.manifest.storage_dtype}; "
                              f"store as float32 or standardise the encoder output")
-        if chunk == 0:  # row 0, the padding row
+        if self._first_row(chunk) == 0:  # row 0, the padding row
             values = np.concatenate([np.zeros((1,) + shape[1:], values.dtype), values])
         return values
 
@@ -183,9 +193,9 @@ class CacheWriter:
         missing = np.zeros(len(positions), bool) if missing is None else np.asarray(missing, dtype=bool)
         if missing.shape != (len(positions),):
             raise CacheError(f"chunk {chunk}: missing shape {missing.shape}, expected {(len(positions),)}")
-        if chunk == 0:
+        if self._first_row(chunk) == 0:
             missing = np.concatenate([[False], missing])
-        self.backend.write_chunk(chunk, self.manifest.chunk_range(chunk).start, states, missing, final)
+        self.backend.write_chunk(chunk, self._first_row(chunk), states, missing, final)
 
     def finalize(self, seconds: float = 0.0) -> bool:
         """Rank 0: add this run's encoding seconds and mark the store complete if every chunk is done.
@@ -205,3 +215,35 @@ class CacheWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _extension(backend: Backend, have: Manifest, want: Manifest, item_ids: list[str],
+               prefix_fingerprint: Callable[[int], str], rank: int, world_size: int) -> Manifest | None:
+    """Extend a complete store whose items are a prefix of `item_ids` (ids and content: the store's fingerprint
+    equals the fingerprint of the dataset's first items) and which was written for the same thing otherwise:
+    grow it to every item, record the extension, and flag the chunks holding new rows not done. None where it
+    is not such a store (the caller then compares as usual and refuses a mismatch)."""
+    from datetime import datetime, timezone
+
+    old = have.rows - 1
+    if not (old < len(item_ids) and have.complete and rank == 0):
+        return None
+    keys = tuple(k for k in RESUME_KEYS if k not in ("dataset_fingerprint", "rows", "final_state"))
+    if manifest_differences(have, want, keys) or (want.final_state and want.final_state != have.final_state):
+        return None
+    if backend.read_item_ids()[1:] != list(item_ids[:old]) or prefix_fingerprint(old) != have.dataset_fingerprint:
+        return None
+    grown = Manifest.from_dict({**have.to_dict(), "rows": len(item_ids) + 1,
+                                "dataset_fingerprint": want.dataset_fingerprint, "complete": False,
+                                "first_new_row": have.rows,
+                                "extensions": list(have.extensions) + [{
+                                    "from_rows": have.rows, "to_rows": len(item_ids) + 1,
+                                    "previous_fingerprint": have.dataset_fingerprint,
+                                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}]},
+                               str(backend.path))
+    backend.extend(grown, list(item_ids))
+    # the chunk that held the old last rows now also holds new ones: not done until they are written
+    last_old = (have.rows - 1) // have.chunk_rows
+    if have.rows % have.chunk_rows and last_old < grown.n_chunks:
+        backend._arrays()["done"][last_old] = False
+    return grown

@@ -10,6 +10,7 @@ methods rank the items their training protocol kept (they have no cached states 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -231,8 +232,14 @@ def _content_table(s, model, statistics) -> tuple[list[str], torch.Tensor]:
     statistics (or, for a run written before they were saved, the same statistics recomputed)."""
     from iisan.train.data import load_slot, slot_sources
 
-    items = list(s.dataset.items.ids)
     cfg = s.cfg
+    # Items appended to the items file after a store was written are ranked once the store is extended.
+    stored = min(x.manifest.rows - 1 for x in s.slots.values())
+    items = list(s.dataset.items.ids[:stored])
+    if stored < len(s.dataset.items.ids):
+        print(f"{len(s.dataset.items.ids) - stored:,} items appended to {s.dataset.items.path} are not in the "
+              f"caches yet (iisan extract on the same store adds them); ranking the {stored:,} cached items",
+              file=sys.stderr)
     states = {}
     for slot, source in slot_sources(cfg).items():
         stats = statistics.get(slot) or s.slots[slot].statistics

@@ -229,8 +229,10 @@ def _open_store(cfg: ExtractConfig, rank: int, world: int, local_rank: int, fetc
                               weights=weights_sha256(info) if rank == 0 else "")
     path = store_path(cfg.out, dataset.name, spec.name, manifest.text_field, cfg.fmt)
     encoder = _LazyEncoder(cfg, dataset, spec, info, layers, world, local_rank)
+    # A store written before items were appended to the items file is extended with the new items only.
     writer = CacheWriter.open(path, manifest, dataset.items.ids, rank, world, overwrite=cfg.overwrite and rank == 0,
-                              probe_final_state=encoder.probe_final_state)
+                              probe_final_state=encoder.probe_final_state,
+                              prefix_fingerprint=lambda n: dataset.prefix_fingerprint(manifest.fingerprint_inputs, n))
     return dataset, spec, writer, encoder
 
 
@@ -259,6 +261,10 @@ def _extract(cfg, spec, writer, lazy: _LazyEncoder, rank, world, log) -> Extract
     encoded = missing = 0
     start = time.perf_counter()
     problems: list[str] = []
+    extension = writer.manifest.extensions[-1] if writer.manifest.extensions else None
+    if pending and extension and not writer.manifest.complete and rank == 0:
+        log(f"{path}: extending the store from {extension['from_rows'] - 1:,} to {extension['to_rows'] - 1:,} items "
+            f"(items appended to the items file); the old rows are kept as they are")
     if pending:
         encoder = lazy.get()
         backbone = encoder.backbone

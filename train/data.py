@@ -104,6 +104,19 @@ def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, s
         raise IisanError(f"dataset '{dataset.name}' has no images, but the pipeline feeds the {slot} slot with "
                          f"image states ({source}); use a text pipeline (--pipeline text-only)")
     fingerprint = dataset.fingerprint_of(manifest.fingerprint_inputs)
+    stored = manifest.rows - 1
+    if fingerprint != manifest.dataset_fingerprint and stored < len(dataset.items.ids) and \
+            dataset.prefix_fingerprint(manifest.fingerprint_inputs, stored) == manifest.dataset_fingerprint:
+        # A store written before items were appended to the items file: its items are the file's first ones.
+        wanted = split.item_ids if item_ids is None else item_ids
+        absent = [i for i in wanted if dataset.items.position[i] >= stored]
+        if absent:
+            raise IisanError(f"{path}: {len(absent):,} of the items needed ({', '.join(absent[:3])}"
+                             f"{', ...' if len(absent) > 3 else ''}) were appended to {dataset.items.path} after "
+                             f"the store was written; extend it: iisan extract --model {manifest.model_ref()} "
+                             f"--dataset {dataset.name}" + (f" --field {manifest.text_field}"
+                                                            if manifest.text_field else ""))
+        fingerprint = manifest.dataset_fingerprint
     rule = layer_rule(cfg, slot)
     # With `final`, only the last kept layer is read next to it (the loader reads at least one layer).
     layers = ([manifest.layers[-1]] if final else

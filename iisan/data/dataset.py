@@ -40,6 +40,15 @@ class Dataset:
                     extra: Mapping[str, str] | None = None) -> str:
         return content_fingerprint(self.items, fields, self.images if images else None, extra)
 
+    def prefix_fingerprint(self, inputs: Mapping[str, Any] | None, n: int) -> str:
+        """The fingerprint the dataset's first `n` items would have (a cache store written before items were
+        appended to the items file has it)."""
+        inputs = inputs or {}
+        head = ItemTable(self.items.path, self.items.ids[:n], {k: v[:n] for k, v in self.items.fields.items()},
+                         self.items.lines[:n])
+        return content_fingerprint(head, inputs.get("fields", []), self.images if inputs.get("images") else None,
+                                   inputs.get("extra") or {})
+
     def fingerprint_of(self, inputs: Mapping[str, Any] | None) -> str:
         """The fingerprint for a cache manifest's `fingerprint_inputs` (`fingerprint_inputs(...)` made them)."""
         inputs = inputs or {}
