@@ -217,6 +217,19 @@ class CacheWriter:
         self.close()
 
 
+def extends(have: Manifest, want: Manifest, stored_ids: list[str], item_ids: list[str],
+            prefix_fingerprint: Callable[[int], str]) -> bool:
+    """Whether a store (`have`, holding `stored_ids`) can be extended to `item_ids`: it is complete, written for
+    the same encoder and settings, and its items, ids and content, are the first of `item_ids`."""
+    old = have.rows - 1
+    if not (old < len(item_ids) and have.complete):
+        return False
+    keys = tuple(k for k in RESUME_KEYS if k not in ("dataset_fingerprint", "rows", "final_state"))
+    if manifest_differences(have, want, keys) or (want.final_state and want.final_state != have.final_state):
+        return False
+    return stored_ids == list(item_ids[:old]) and prefix_fingerprint(old) == have.dataset_fingerprint
+
+
 def _extension(backend: Backend, have: Manifest, want: Manifest, item_ids: list[str],
                prefix_fingerprint: Callable[[int], str], rank: int, world_size: int) -> Manifest | None:
     """Extend a complete store whose items are a prefix of `item_ids` (ids and content: the store's fingerprint
@@ -225,13 +238,7 @@ def _extension(backend: Backend, have: Manifest, want: Manifest, item_ids: list[
     is not such a store (the caller then compares as usual and refuses a mismatch)."""
     from datetime import datetime, timezone
 
-    old = have.rows - 1
-    if not (old < len(item_ids) and have.complete and rank == 0):
-        return None
-    keys = tuple(k for k in RESUME_KEYS if k not in ("dataset_fingerprint", "rows", "final_state"))
-    if manifest_differences(have, want, keys) or (want.final_state and want.final_state != have.final_state):
-        return None
-    if backend.read_item_ids()[1:] != list(item_ids[:old]) or prefix_fingerprint(old) != have.dataset_fingerprint:
+    if rank != 0 or not extends(have, want, backend.read_item_ids()[1:], item_ids, prefix_fingerprint):
         return None
     grown = Manifest.from_dict({**have.to_dict(), "rows": len(item_ids) + 1,
                                 "dataset_fingerprint": want.dataset_fingerprint, "complete": False,

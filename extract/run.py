@@ -33,7 +33,7 @@ from iisan import __version__
 from iisan.cache_store import CacheWriter, Manifest, store_path
 from iisan.cache_store.backends import backend_for
 from iisan.cache_store.inspect import default_cache_root, human_bytes
-from iisan.cache_store.writer import RESUME_KEYS, manifest_differences
+from iisan.cache_store.writer import RESUME_KEYS, extends, manifest_differences
 from iisan.data.dataset import Dataset, fingerprint_inputs, load_dataset
 from iisan.errors import IisanError
 from iisan.extract.encode import TEXT_CLEAN, ChunkEncoder
@@ -385,15 +385,21 @@ class ExtractPlan:
         ]
 
 
-def _store_state(path: Path, want: Manifest) -> tuple[str, int | None]:
+def _store_state(path: Path, want: Manifest, dataset: Dataset | None = None) -> tuple[str, int | None]:
     """What exists at `path`, and how many items a run would encode there (None: all of them)."""
     if not path.exists():
         return "does not exist: would be created", None
     backend = backend_for(path).open(path)
     try:
         have, done = backend.manifest(), backend.read_done()
+        ids = backend.read_item_ids()[1:]
     finally:
         backend.close()
+    grown = want.rows - have.rows
+    if dataset is not None and extends(have, want, ids, list(dataset.items.ids),
+                                       lambda n: dataset.prefix_fingerprint(have.fingerprint_inputs, n)):
+        return (f"exists for the file's first {len(ids):,} items: a run would extend it with the {grown:,} "
+                f"appended ones"), grown
     differences = manifest_differences(have, want, tuple(k for k in RESUME_KEYS if k != "final_state"))
     if differences:
         return ("exists, written for something else: a run would refuse it (" + "; ".join(differences)
@@ -417,7 +423,7 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
     encoder.final = final_state == "stored"
     manifest = build_manifest(cfg, dataset, info, encoder.backbone.preprocessor, layers, layer_rule, final_state)
     path = store_path(cfg.out, dataset.name, spec.name, manifest.text_field, cfg.fmt)
-    state, left = _store_state(path, manifest)
+    state, left = _store_state(path, manifest, dataset)
     n, batch = len(dataset.items), encoder.batch_size
     encoder.encode(range(0, min(batch, n)))  # warm-up: first-call allocations and kernel choices
     start = batch if n > batch else 0

@@ -122,3 +122,13 @@ def test_training_on_items_appended_after_the_store_says_to_extend_it(env, copy,
     assert result.exit_code != 0
     assert "were appended to" in result.output and "extend it: iisan extract --model tiny-bert --dataset toy" \
         in result.output
+
+
+def test_the_dry_run_says_a_grown_file_would_extend_the_store(env, copy, tmp_path):
+    cache = tmp_path / "cache"
+    assert extract(cache).exit_code == 0
+    grow(copy)
+    result = CliRunner().invoke(iisan_cli, ["extract", "--model", "tiny-bert", "--dataset", "toy", "--out", str(cache),
+                                            "--chunk-rows", "32", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "exists for the file's first 120 items: a run would extend it with the 5 appended ones" in result.output
