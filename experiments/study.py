@@ -267,7 +267,8 @@ def row_result(run_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": str(run_dir), "seeds": len(report["seeds"]),
                            "test": report["test"], "valid": report["valid"], "groups": report.get("groups"),
                            "seconds_per_epoch": float(np.mean([s["seconds_per_epoch"] for s in report["seeds"]])),
-                           "trainable_parameters": report["seeds"][0]["trainable_parameters"]}
+                           "trainable_parameters": report["seeds"][0]["trainable_parameters"],
+                           "threads": sorted({s["threads"] for s in report["seeds"] if "threads" in s}) or None}
     if ranks is not None:
         out["test"]["MRR"] = {"mean": float(np.mean([np.mean(1.0 / r) for r in ranks])),
                               "std": float(np.std([np.mean(1.0 / r) for r in ranks], ddof=1)) if len(ranks) > 1 else 0.0}
@@ -595,12 +596,16 @@ def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
                               for m in diffs)
             if all(d == 0 for d in diffs.values()):
                 log(f"{name}: identical ({shown})")
-            elif all(abs(d) <= tolerance for d in diffs.values()):
-                log(f"{name}: within {100 * tolerance:.1f} points ({shown})"
-                    + (" — expected identical on the same machine" if same_machine else ""))
             else:
-                passed = False
-                log(f"{name}: MOVED ({shown})")
+                # runs are bit-identical only at the same thread count: say where the committed row ran otherwise
+                then, now = old.get("threads"), row.get("threads")
+                why = (f" — committed at {then} thread(s), now {now}" if then and now and then != now else
+                       " — expected identical on the same machine" if same_machine else "")
+                if all(abs(d) <= tolerance for d in diffs.values()):
+                    log(f"{name}: within {100 * tolerance:.1f} points ({shown}){why}")
+                else:
+                    passed = False
+                    log(f"{name}: MOVED ({shown}){why}")
     missing = set(before) - {(e["name"], r["label"]) for e in fresh["experiments"] for r in e["rows"]}
     for exp_name, label in sorted(missing):
         passed = False

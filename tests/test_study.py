@@ -48,6 +48,7 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
     values = [rows[0]["test"]["HR@10"]["mean"], rows[1]["test"]["HR@10"]["mean"]]
     assert claim["values"] == values and claim["holds"] == (values[0] > values[1]) and 0 <= claim["p"] <= 1
     assert study["machine"]["threads"] >= 1 and study["machine"]["torch"]
+    assert all(isinstance(r["threads"], list) and r["threads"][0] >= 1 for r in rows)  # per row, as each ran
     table = (tmp_path / "reports" / "study-toy.md").read_text()
     verdict = "holds" if claim["holds"] else "does not hold"
     assert (f"- **the inter tower helps** (methods): {verdict} — test HR@10 iisan {100 * values[0]:.2f} vs no inter "

@@ -346,6 +346,8 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
               "seconds_per_epoch": statistics.mean(state.train_seconds),
               "seconds_per_evaluation": statistics.mean(state.eval_seconds),
               "peak_memory_mib": peak_memory_mib(device), "trainable_parameters": trainable_parameters(model),
+              # CPU results depend on the thread count (float sums): that of the process that finished the seed
+              "threads": torch.get_num_threads(),
               "valid": valid.metrics, "test": test.metrics,
               "groups": {"valid": valid.groups(), "test": test.groups()},
               "ties": {"rule": cfg.ties, "valid_tied": valid.tied, "test_tied": test.tied}}
