@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from iisan.errors import IisanError
-from iisan.train.config import TrainConfig, load_config
+from iisan.train.config import TrainConfig
 from iisan.train.methods import ItemSource
 
 SPLITS = ("next", "valid", "test")
@@ -78,7 +78,7 @@ class TrainedRun:
     def _indices(self, items: Sequence[str]) -> list[int]:
         unknown = [i for i in items if i not in self.index]
         if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            shown = _listed(unknown)
             why = ("" if self.embeds_content else
                    f" ({self.cfg.method} ranks only the items its training kept: it cannot embed others)")
             raise RecommendError(f"unknown item id(s) {shown}: not among the {len(self.item_ids):,} items of "
@@ -110,7 +110,7 @@ class TrainedRun:
         raw = {u: seq for u, seq in zip(self.dataset.users.ids, self.dataset.users.sequences)}
         unknown = [u for u in users if u not in (position if split != "next" else raw)]
         if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            shown = _listed(unknown)
             where = "the evaluation's users (the protocol keeps users with enough interactions)" if split != "next" \
                 else f"the users of {self.dataset.users.path}"
             raise RecommendError(f"unknown user id(s) {shown}: not among {where}")
@@ -173,14 +173,17 @@ class TrainedRun:
         return out
 
 
+def _listed(ids: Sequence[str], n: int = 5) -> str:
+    return ", ".join(repr(i) for i in ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
 def topk_by_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores per row, ties broken by the lower index (deterministic, unlike topk)."""
     values, index = torch.topk(scores, k, dim=1)
     threshold = values[:, -1:]
-    # Rows whose k-th score is tied with an item outside the top k: order that row by (-score, index).
-    tied = ((scores == threshold).sum(dim=1) > (values == threshold).sum(dim=1)) | \
-        ((values[:, :-1] == values[:, 1:]).any(dim=1) if k > 1 else torch.zeros(len(scores), dtype=torch.bool,
-                                                                                 device=scores.device))
+    # Rows with a tie at the k-th score (more than k items at or above it) or inside the top k: ordered by
+    # (-score, index) below.
+    tied = ((scores >= threshold).sum(dim=1) > k) | (values[:, 1:] == values[:, :-1]).any(dim=1)
     for row in tied.nonzero().flatten().tolist():
         # only the items at or above the k-th score can be in the top k: order those by (-score, index)
         candidates = (scores[row] >= threshold[row]).nonzero().flatten()        # ascending index
@@ -191,34 +194,24 @@ def topk_by_index(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def load_run(run_dir: str | Path, seed: int | None = None, device: str = "auto") -> TrainedRun:
     """A finished run's best checkpoint (of `seed`, default its first seed), every item embedded."""
-    from iisan.train.recipe import (_read_checkpoint, build_model, load_checkpoint_state, load_standardization,
-                                    setup)
-    from iisan.train.config import saved_version
+    import dataclasses
 
+    from iisan.train.recipe import load_best, run_config, setup
+
+    cfg = run_config(Path(run_dir))
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise RecommendError(f"{run_dir}: not a run folder (no config.json)")
-    cfg = load_config(run_dir / "config.json")
     if device != "auto":
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, device=device)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     seed = seeds[0] if seed is None else seed
     if seed not in seeds:
         raise RecommendError(f"{run_dir}: no seed {seed} (its seeds: {', '.join(map(str, seeds))})")
-    best = run_dir / f"seed-{seed}" / "best.safetensors"
-    if not best.is_file():
-        raise RecommendError(f"{best}: no checkpoint (the run has not finished an epoch)")
-    import dataclasses
-
     s = setup(dataclasses.replace(cfg, progress=False))
-    torch.manual_seed(seed)
-    model = build_model(s)
-    load_checkpoint_state(model, _read_checkpoint(best, cfg, saved_version(run_dir / "config.json"), s.device))
-    model.eval()
+    model = load_best(s, run_dir, seed)
     with torch.no_grad():
         if s.method.items is ItemSource.CACHED:
+            from iisan.train.recipe import load_standardization
+
             item_ids, table = _content_table(s, model, load_standardization(run_dir))
             content = True
         else:

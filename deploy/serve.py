@@ -49,8 +49,6 @@ def create_app(run: TrainedRun, max_history: int = MAX_HISTORY):
     def ranked(histories, k, exclude=None, windows=None):
         with lock:
             if windows is not None:
-                if not 1 <= k <= len(run.item_ids):
-                    raise RecommendError(f"k {k}: between 1 and the {len(run.item_ids):,} ranked items")
                 return run.rank(windows, exclude, k)
             return run.recommend(histories, k)
 

@@ -26,13 +26,9 @@ __all__ = ["Dataset", "Recommendation", "TrainedRun", "fetch", "load_dataset", "
 def fetch(name: str = "ml-100k", dest: str | Path | None = None, force: bool = False) -> Path:
     """Build a dataset the product fetches itself (`iisan data fetch NAME`, into ./data/NAME by default);
     returns its folder."""
-    from iisan.data.fetch import FETCHERS
-    from iisan.errors import IisanError
+    from iisan.data.fetch import fetch as _fetch
 
-    if name not in FETCHERS:
-        raise IisanError(f"no built-in fetcher for '{name}' (available: {', '.join(FETCHERS)})")
-    path, _ = FETCHERS[name](Path(dest) if dest else Path("data") / name, force=force)
-    return path
+    return _fetch(name, Path(dest) if dest else None, force)[0]
 
 
 def load_dataset(ref: str | Path, strict: bool = False) -> Dataset:

@@ -81,13 +81,9 @@ def data() -> None:
               help="Use this already-downloaded wheel instead of downloading it (also $IISAN_RECBOLE_WHEEL).")
 def data_fetch(name: str, dest: Path | None, force: bool, wheel: Path | None) -> None:
     """Build a built-in dataset (ml-100k) in the IISAN TSV format."""
-    from iisan.data.fetch import FETCHERS
+    from iisan.data.fetch import fetch
 
-    if name not in FETCHERS:
-        raise IisanError(f"no built-in fetcher for '{name}' (available: {', '.join(FETCHERS)}); other datasets "
-                         f"are folders of items.tsv / users.tsv found in $IISAN_DATA_DIR, ./data or ../shared/data")
-    dest = dest or Path("data") / name
-    path, counts = FETCHERS[name](dest, force=force, wheel=wheel)
+    path, counts = fetch(name, dest, force, wheel)
     if counts is None:
         click.echo(f"{name}: already at {path} (use --force to rebuild)")
     else:

