@@ -52,7 +52,7 @@ def study_table(study: dict[str, Any]) -> str:
         for row in exp["rows"]:
             label = row["label"] + (" (ref.)" if row["label"] == exp.get("reference") else "")
             if row.get("status") != "ok":
-                lines.append(f"| {exp['name']} | {label} | failed |  |  |  |  |")
+                lines.append(f"| {exp['name']} | {label} | {row.get('status', 'failed')} |  |  |  |  |")
                 continue
             p = (row.get("paired_p") or {}).get("HR@10")
             mark = "" if p is None else f"{p:.3f}" + ("*" if p < 0.05 else "")

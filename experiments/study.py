@@ -2,13 +2,22 @@
 rows; a row is a dataset, a method, a pipeline and any `iisan train` options (a layer rule among them), run
 with the plan's seeds. Every run is its own process (`iisan train --reuse`): a finished run with the same
 resolved config is reported again and an unfinished one continued, so an interrupted study picks up where it
-stopped, also in a later session. Results go to `reports/study-<plan>.json`, one entry per row, with each
-seed's per-user test ranks compared against the experiment's reference row by a paired bootstrap over users.
+stopped. Results go to `reports/study-<plan>.json`, one entry per row, with each seed's per-user test ranks
+compared against the experiment's reference row by a paired bootstrap over users.
+
+The study's record, `reports/study-<plan>/`, keeps the small files of every run (configs, reports, each
+finished seed's per-user ranks and epoch metrics; no checkpoints) as soon as its row ends. Committed, it is what
+makes a study resumable in a later session on a fresh clone: a row whose finished run is in the record is
+reported from it without training (or extracting) anything; one whose run is there in part continues from its
+finished seeds. Rows that `--dataset` / `--experiment` leave out keep their entry of the previous
+`study-<plan>.json` where their options and seeds are the same ("carried"), else are marked not run.
 
 Plan file:
 
     name: quick
     seeds: 1
+    threads: 2                      # optional: torch threads of every run (CPU results are bit-identical only
+                                    # at the same count; `study check` runs at the committed study's count)
     include: [methods]              # optional: other plans' experiments and claims, run with this plan's seeds
     experiments:
       - name: methods
@@ -112,6 +121,7 @@ class Plan:
     seeds: int
     experiments: list[Experiment] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
+    threads: int | None = None       # torch threads of every run (None: the machine's)
 
     def rows(self) -> list[tuple[Experiment, Row]]:
         return [(e, r) for e in self.experiments for r in e.rows]
@@ -146,7 +156,14 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
         raise StudyError(f"{path}: expected a mapping with `experiments:` (a list)")
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"version", "seeds", "out", "progress"}
     pipelines = load_registry().get("pipelines") or {}
-    plan = Plan(str(raw.get("name") or path.stem), path, int(seeds or raw.get("seeds", 1)))
+    threads = raw.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise StudyError(f"{path}: threads: {threads!r}, expected a positive integer")
+    unknown = sorted(set(raw) - {"name", "seeds", "threads", "include", "experiments", "claims"})
+    if unknown:
+        raise StudyError(f"{path}: unknown key(s) {', '.join(unknown)} (known: name, seeds, threads, include, "
+                         f"experiments, claims)")
+    plan = Plan(str(raw.get("name") or path.stem), path, int(seeds or raw.get("seeds", 1)), threads=threads)
     for included in raw.get("include") or []:
         # a plan name (plans/NAME.yaml), or a file relative to the including plan's folder
         target = plan_path(str(included))
@@ -275,11 +292,13 @@ def row_result(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def ensure_caches(plan: Plan, log: Callable[[str], None] = print) -> list[Path]:
+def ensure_caches(plan: Plan, log: Callable[[str], None] = print,
+                  rows: list[tuple[Experiment, Row]] | None = None) -> list[Path]:
     """Extract, before any row runs, every cache the plan's cached rows read, once per (dataset, encoder,
     field) with the union of the hidden states its rows select (a row without a rule reads the encoder's
     default selection). A complete store that keeps them all is left alone; one that lacks some is written
-    again with the union of its own layers and the needed ones. Returns the stores it extracted."""
+    again with the union of its own layers and the needed ones. `rows`: only those (default: all the plan's).
+    Returns the stores it extracted."""
     from iisan.cache_store import open_cache
     from iisan.extract.layers import select_layers
     from iisan.extract.models import describe_backbone, spec_for
@@ -290,7 +309,7 @@ def ensure_caches(plan: Plan, log: Callable[[str], None] = print) -> list[Path]:
     from iisan.train.methods import ItemSource, method
 
     needs: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-    for _, row in plan.rows():
+    for _, row in plan.rows() if rows is None else rows:
         cfg = resolve(dict(row.options))
         if method(cfg.method).items is not ItemSource.CACHED:
             continue
@@ -334,8 +353,9 @@ def encoder_parameters(options: dict[str, Any]) -> dict[str, int]:
     return {slot: parameter_count(spec_for(source.partition("@")[0])) for slot, source in slot_sources(cfg).items()}
 
 
-def machine() -> dict[str, Any]:
-    """Where a study ran: device, threads, torch and Python versions (the header of its report)."""
+def machine(threads: int | None = None) -> dict[str, Any]:
+    """Where a study ran: device, threads (`threads`: the count its runs were pinned to), torch and Python
+    versions (the header of its report)."""
     import platform
 
     import torch
@@ -343,7 +363,8 @@ def machine() -> dict[str, Any]:
     from iisan.evaluate.efficiency import device_name
     from iisan.runtime import pick_device
 
-    return {"device": device_name(pick_device()), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"device": device_name(pick_device()), "threads": threads or torch.get_num_threads(),
+            "pinned_threads": threads is not None, "torch": torch.__version__,
             "python": platform.python_version()}
 
 
@@ -375,32 +396,141 @@ def evaluate_claims(plan: Plan, results: dict[tuple[str, str], dict[str, Any]]) 
     return out
 
 
-def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = print,
-              command: str = "") -> Path:
-    """Extract what is missing, run every row (its own process), then write reports/study-<plan>.json."""
-    ensure_caches(plan, log)
-    rows = plan.rows()
+# Fields that say where a run lived, not what it computed: a record matches a row whatever they are.
+LOCAL_FIELDS = ("out", "cache", "progress")
+RUN_RECORD = ("config.json", "report.json", "provenance.json")
+SEED_RECORD = ("report.json", "ranks.npz", "metrics.jsonl")
+
+
+def record_root(out: Path, plan: Plan) -> Path:
+    """The study's record: reports/study-<plan>/<dataset>/<run folder>/ (module docstring)."""
+    return Path(out) / f"study-{plan.name}"
+
+
+def row_config(row: Row, seeds: int, runs: str):
+    """The resolved TrainConfig that `iisan train` writes for this row (what matches runs and records)."""
+    from iisan.train.config import resolve
+
+    return resolve({**row.options, "seeds": row.seeds or seeds, "out": runs, "progress": False})
+
+
+def keep_record(run_dir: Path, root: Path) -> Path | None:
+    """Copy a run's small files into the record (root/<dataset>/<folder>): its config, report and provenance,
+    and of each finished seed its report, per-user ranks and epoch metrics. None when there is nothing yet."""
+    import shutil
+
+    if not (run_dir / "config.json").is_file():
+        return None
+    dest = root / run_dir.parent.name / run_dir.name
+    for name in RUN_RECORD:
+        if (run_dir / name).is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run_dir / name, dest / name)
+    for seed in sorted(run_dir.glob("seed-*")):
+        if (seed / "report.json").is_file():
+            (dest / seed.name).mkdir(parents=True, exist_ok=True)
+            for name in SEED_RECORD:
+                if (seed / name).is_file():
+                    shutil.copy2(seed / name, dest / seed.name / name)
+    return dest
+
+
+def restore_record(record: Path, cfg) -> Path:
+    """A partly finished record laid back under the runs root (its config's OUT and CACHE those of this
+    machine), for `iisan train --reuse` to continue from its finished seeds."""
+    import shutil
+
+    dest = Path(cfg.out) / record.parent.name / record.name
+    if not dest.exists():
+        shutil.copytree(record, dest)
+        config = json.loads((dest / "config.json").read_text())
+        config.update({k: getattr(cfg, k) for k in LOCAL_FIELDS})
+        (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest
+
+
+def restriction(plan: Plan, datasets: tuple[str, ...] = (), experiments: tuple[str, ...] = ()
+                ) -> Callable[[Experiment, Row], bool] | None:
+    """The `only` of run_study for `--dataset` / `--experiment` (None: every row); refuses names that select
+    nothing."""
+    names = [e.name for e in plan.experiments]
+    unknown = [e for e in experiments if e not in names]
+    if unknown:
+        raise StudyError(f"{plan.path}: no experiment {', '.join(map(repr, unknown))} (experiments: {', '.join(names)})")
+    if not datasets and not experiments:
+        return None
+
+    def only(exp: Experiment, row: Row) -> bool:
+        return ((not datasets or str(row.options["dataset"]) in datasets)
+                and (not experiments or exp.name in experiments))
+
+    if not any(only(e, r) for e, r in plan.rows()):
+        raise StudyError(f"{plan.path}: no rows to run for {', '.join((*datasets, *experiments))}")
+    return only
+
+
+def _same_row(old: dict[str, Any], row: Row, seeds: int) -> bool:
+    return old.get("options") == row.options and old.get("seeds") == (row.seeds or seeds)
+
+
+def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = print, command: str = "",
+              only: Callable[[Experiment, Row], bool] | None = None, threads: int | None = None) -> Path:
+    """Extract what is missing, run every row (its own process) that the record does not hold already, then
+    write reports/study-<plan>.json. `only`: the rows to run (the others are carried from the previous JSON);
+    `threads`: the torch threads of every run (default: the plan's, else the machine's)."""
+    import os
+
+    from iisan.train.recipe import matching_run
+
+    threads = threads or plan.threads
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
+    root = record_root(out, plan)
+    path = Path(out) / f"study-{plan.name}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    before = {(e["name"], r["label"]): r for e in previous.get("experiments", []) for r in e["rows"]}
     results: dict[tuple[str, str], dict[str, Any]] = {}
+    todo = []
+    for exp, row in plan.rows():
+        key = (exp.name, row.label)
+        if only is not None and not only(exp, row):
+            old = before.get(key)
+            carried = old is not None and old.get("status") == "ok" and _same_row(old, row, plan.seeds)
+            results[key] = ({**old, "carried_from": old.get("carried_from") or previous.get("commit")} if carried
+                            else {"status": "not run", "log_tail": ["left out by --dataset / --experiment"]})
+            continue
+        cfg = row_config(row, plan.seeds, runs)
+        record = matching_run(cfg, root, LOCAL_FIELDS)
+        if record is not None and (record / "report.json").is_file():
+            results[key] = {"status": "ok", "args": row.args(plan.seeds, runs), "recorded": True, **row_result(record)}
+            continue
+        if record is not None and matching_run(cfg) is None:
+            restore_record(record, cfg)
+        todo.append((exp, row, cfg))
+    recorded = sum(1 for r in results.values() if r.get("recorded"))
+    if recorded:
+        log(f"{recorded} row(s) reported from the record {root} (nothing trained)")
+    ensure_caches(plan, log, [(exp, row) for exp, row, _ in todo])
     start = time.perf_counter()
-    for n, (exp, row) in enumerate(rows, 1):
+    for n, (exp, row, cfg) in enumerate(todo, 1):
         began = time.perf_counter()
         args = row.args(plan.seeds, runs)
-        child = subprocess.run([sys.executable, "-m", "iisan.cli", *args], capture_output=True, text=True)
+        try:
+            child = subprocess.run([sys.executable, "-m", "iisan.cli", *args], capture_output=True, text=True, env=env)
+        finally:  # also when interrupted: the finished seeds go into the record
+            found = matching_run(cfg)
+            kept = keep_record(found, root) if found is not None else None
         took = time.perf_counter() - began
         done = time.perf_counter() - start
-        eta = done / n * (len(rows) - n)
-        if child.returncode != 0:
+        eta = done / n * (len(todo) - n)
+        if child.returncode != 0 or kept is None:
             tail = (child.stderr or child.stdout).strip().splitlines()[-5:]
             results[(exp.name, row.label)] = {"status": "failed", "log_tail": tail, "args": args}
-            log(f"[{n}/{len(rows)}] {exp.name}/{row.label}: FAILED in {took:.0f} s: {' | '.join(tail)}; "
+            log(f"[{n}/{len(todo)}] {exp.name}/{row.label}: FAILED in {took:.0f} s: {' | '.join(tail)}; "
                 f"ETA {eta / 60:.0f} min")
             continue
-        run_dir = Path(child.stdout.strip().splitlines()[-1])
-        result = {"status": "ok", "args": args, **row_result(run_dir)}
-        if exp.plot == "scaling":
-            result["encoder_parameters"] = encoder_parameters(row.options)
+        result = {"status": "ok", "args": args, **row_result(kept)}
         results[(exp.name, row.label)] = result
-        log(f"[{n}/{len(rows)}] {exp.name}/{row.label}: test HR@10 {100 * result['test']['HR@10']['mean']:.2f} "
+        log(f"[{n}/{len(todo)}] {exp.name}/{row.label}: test HR@10 {100 * result['test']['HR@10']['mean']:.2f} "
             f"({took:.0f} s); ETA {eta / 60:.0f} min")
     experiments = []
     for exp in plan.experiments:
@@ -409,20 +539,23 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
         entries = []
         for row in exp.rows:
             result = dict(results[(exp.name, row.label)])
-            if ref_ranks is not None and result.get("status") == "ok" and row.label != exp.reference:
+            if result.get("status") == "ok" and "carried_from" not in result:
+                if exp.plot == "scaling":
+                    result["encoder_parameters"] = encoder_parameters(row.options)
+                result.pop("paired_p", None)
                 ranks = _seed_ranks(Path(result["run_dir"]))
-                if ranks is not None and len(ranks[0]) == len(ref_ranks[0]):
+                if (ref_ranks is not None and row.label != exp.reference and ranks is not None
+                        and len(ranks[0]) == len(ref_ranks[0])):
                     result["paired_p"] = {m: paired_test(np.mean([per_user(r, m) for r in ref_ranks], axis=0),
                                                          np.mean([per_user(r, m) for r in ranks], axis=0))
                                           for m in ("HR@10", "NDCG@10")}
             entries.append({"label": row.label, "options": row.options, **result})
         experiments.append({"name": exp.name, "reference": exp.reference, "plot": exp.plot, "rows": entries})
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"study-{plan.name}.json"
     path.write_text(json.dumps({"plan": plan.name, "plan_file": str(plan.path), "seeds": plan.seeds,
                                 "command": command, "commit": git_commit(),
                                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                "machine": machine(), "wall_seconds": time.perf_counter() - start,
+                                "machine": machine(threads), "wall_seconds": time.perf_counter() - start,
                                 "experiments": experiments, "claims": evaluate_claims(plan, results)},
                                indent=2, default=str))
     log(f"wrote {path}")
@@ -448,12 +581,14 @@ def render(json_path: Path, out: Path | None = None) -> Path:
              f"- commit {study['commit']}, {study['date']}; wall time {study['wall_seconds'] / 60:.1f} min "
              f"(runs reused from earlier sessions count as their reporting time only)"]
     if where:
-        lines.append(f"- device: {where['device']}; {where['threads']} threads; torch {where['torch']}, "
+        pinned = " (pinned)" if where.get("pinned_threads") else ""
+        lines.append(f"- device: {where['device']}; {where['threads']} threads{pinned}; torch {where['torch']}, "
                      f"Python {where['python']}")
     lines += [
              f"- seeds per row: {study['seeds']}; metrics in percent, mean ± std over seeds (the mean alone for one seed); p: paired bootstrap "
              f"over users of the seed-averaged HR@10 / NDCG@10 against the reference row ({PAIRED_SAMPLES:,} "
-             f"resamples, seed 0), * where p < 0.05", ""]
+             f"resamples, seed 0), * where p < 0.05; a row \"carried from\" a commit was measured by that earlier "
+             f"run of the plan and left out of this one (`--dataset` / `--experiment`)", ""]
     if study.get("claims"):
         lines += ["## The papers' claims, here", ""] + [claim_line(c) for c in study["claims"]] + [""]
 
@@ -469,13 +604,15 @@ def render(json_path: Path, out: Path | None = None) -> Path:
                   "| cold HR@10 (n) | s/epoch |", "|---" * 13 + "|"]
         for row in exp["rows"]:
             if row.get("status") != "ok":
-                lines.append(f"| {row['label']} | failed: {' '.join(row.get('log_tail', [])[-1:])} |" + " |" * 11)
+                lines.append(f"| {row['label']} | {row.get('status', 'failed')}: {' '.join(row.get('log_tail', [])[-1:])} |"
+                             + " |" * 11)
                 continue
             t, groups = row["test"], (row.get("groups") or {}).get("test") or {}
             p = row.get("paired_p") or {}
             mark = {m: (f"{p[m]:.3f}" + ("*" if p[m] < 0.05 else "")) if m in p else "" for m in ("HR@10", "NDCG@10")}
             n = row["seeds"]
-            lines.append(f"| {row['label']} | {percent(t['HR@10'], n)} | {percent(t['NDCG@10'], n)} | {mark['HR@10']} | "
+            carried = f" (carried from {str(row['carried_from'])[:7]})" if row.get("carried_from") else ""
+            lines.append(f"| {row['label']}{carried} | {percent(t['HR@10'], n)} | {percent(t['NDCG@10'], n)} | {mark['HR@10']} | "
                          f"{mark['NDCG@10']} | {percent(t.get('HR@5'), n)} | {percent(t.get('HR@20'), n)} | "
                          f"{percent(t.get('NDCG@5'), n)} | {percent(t.get('NDCG@20'), n)} | {percent(t.get('MRR'), n)} | "
                          f"{group(groups.get('warm'))} | "
@@ -569,7 +706,8 @@ CHECK_TOLERANCE = 0.003  # 0.3 points of HR@10 and NDCG@10
 
 def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
                 tolerance: float = CHECK_TOLERANCE) -> bool:
-    """Re-run a committed study's plan from scratch (fresh runs under `runs`, nothing reused) and compare every
+    """Re-run a committed study's plan from scratch (fresh runs under `runs`, nothing reused, at the committed
+    study's thread count) and compare every
     row's test HR@10 and NDCG@10 with the committed JSON: identical where the run is deterministic (same CPU
     kind, threads and torch give bit-identical runs), else within `tolerance`. Prints what moved; True when
     every row is within it."""
@@ -577,7 +715,10 @@ def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
     plan_file = Path(committed.get("plan_file") or "")
     plan = load_plan(str(plan_file) if plan_file.is_file() else committed["plan"], seeds=committed["seeds"])
     out = runs / "reports"
-    fresh = json.loads(run_study(plan, out, str(runs), log, command=f"iisan study check {json_path}").read_text())
+    # at the committed study's thread count: CPU runs are bit-identical only at the same count
+    threads = (committed.get("machine") or {}).get("threads")
+    fresh = json.loads(run_study(plan, out, str(runs), log, command=f"iisan study check {json_path}",
+                                 threads=threads).read_text())
     same_machine = {k: v for k, v in (committed.get("machine") or {}).items() if k != "python"} == \
         {k: v for k, v in fresh["machine"].items() if k != "python"}
     before = {(e["name"], r["label"]): r for e in committed["experiments"] for r in e["rows"]}

@@ -308,22 +308,27 @@ def study() -> None:
 
 @study.command("run")
 @click.option("--plan", "plan_name", required=True, help="A plan name (plans/NAME.yaml) or a plan file.")
-@click.option("--dataset", "datasets", multiple=True, help="Only the rows of this dataset (repeatable).")
+@click.option("--dataset", "datasets", multiple=True,
+              help="Run only the rows of this dataset (repeatable); the others keep their previous results.")
+@click.option("--experiment", "experiments", multiple=True,
+              help="Run only the rows of this experiment (repeatable); the others keep their previous results.")
 @click.option("--seeds", type=int, default=None, help="Seeds per row (default: the plan's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads of every run (default: the plan's `threads:`, else the machine's).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
-              help="Where study-<plan>.json goes.")
+              help="Where study-<plan>.json and the study's record study-<plan>/ go.")
 @click.option("--runs", default="runs", show_default=True, help="Runs root of the rows' training runs.")
-def study_run(plan_name: str, datasets: tuple[str, ...], seeds: int | None, out: Path, runs: str) -> None:
+def study_run(plan_name: str, datasets: tuple[str, ...], experiments: tuple[str, ...], seeds: int | None,
+              threads: int | None, out: Path, runs: str) -> None:
     """Run a plan: every row its own `iisan train --reuse` process (finished runs reported again, unfinished
-    ones continued), a progress line per row with an ETA, then reports/study-<plan>.json with paired
-    bootstrap p-values against each experiment's reference row."""
-    from iisan.experiments.study import load_plan, run_study
+    ones continued, rows in the study's record reported from it), a progress line per row with an ETA, then
+    reports/study-<plan>.json with paired bootstrap p-values against each experiment's reference row."""
+    from iisan.experiments.study import load_plan, render, restriction, run_study
 
-    from iisan.experiments.study import render
-
-    plan = load_plan(plan_name, datasets, seeds)
+    plan = load_plan(plan_name, seeds=seeds)
     path = run_study(plan, out, runs, log=lambda message: click.echo(message, err=True),
-                     command="iisan " + " ".join(sys.argv[1:]))
+                     command="iisan " + " ".join(sys.argv[1:]), only=restriction(plan, datasets, experiments),
+                     threads=threads)
     click.echo(render(path))
 
 

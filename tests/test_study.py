@@ -207,3 +207,76 @@ def test_every_shipped_plan_is_installed_with_the_package():
     assert sorted(listed["share/iisan-versa/plans"]) == sorted(f"plans/{p.name}" for p in (root / "plans").glob("*.yaml"))
     for plan in (root / "plans").glob("*.yaml"):
         load_plan(str(plan))  # every shipped plan is valid
+
+
+RECORDED = """name: toy
+seeds: 2
+threads: 1
+experiments:
+  - name: methods
+    reference: iisan
+    rows:
+      - {label: iisan, dataset: toy, method: iisan, pipeline: text-only, epochs: 2}
+      - {label: no inter, dataset: toy, method: iisan, pipeline: text-only, epochs: 2, inter: false}
+  - name: extra
+    rows:
+      - {label: frozen, dataset: toy, method: frozen, pipeline: text-only, epochs: 1, seeds: 1}
+"""
+
+
+def test_the_record_resumes_a_study_on_a_fresh_clone(env, tmp_path, monkeypatch):
+    """The study's record (reports/study-<plan>/) holds each run's small files; a later session with no runs
+    reports finished rows from it without training, continues a partly recorded row from its finished seeds, and
+    `--experiment` runs some rows while the others keep their previous results."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IISAN_CACHE_DIR", str(env / "cache"))
+    (tmp_path / "toy.yaml").write_text(RECORDED)
+
+    def study(runs: str, *extra: str):
+        result = CliRunner().invoke(iisan_cli, ["study", "run", "--plan", "toy.yaml", "--runs", runs, *extra])
+        assert result.exit_code == 0, result.output
+        return result.output, json.loads(Path("reports/study-toy.json").read_text())
+
+    output, first = study("runs-1")
+    assert first["machine"]["threads"] == 1 and first["machine"]["pinned_threads"] is True
+    rows = [r for e in first["experiments"] for r in e["rows"]]
+    assert [r["threads"] for r in rows] == [[1], [1], [1]]  # every run at the plan's pinned count
+    record = Path("reports/study-toy/toy")
+    kept = sorted(str(p.relative_to(record)).split("/", 1)[1] for p in record.rglob("*") if p.is_file())
+    per_seed = ["metrics.jsonl", "ranks.npz", "report.json"]
+    assert kept == sorted(["config.json", "provenance.json", "report.json"] * 3
+                          + [f"seed-{s}/{f}" for s in (12345, 12346) for f in per_seed] * 2
+                          + [f"seed-12345/{f}" for f in per_seed])  # no checkpoints
+    assert all(Path(r["run_dir"]).parent == record for r in rows)
+
+    # a fresh clone: no runs; the record is all there is, and nothing is trained
+    output, second = study("runs-2")
+    assert "3 row(s) reported from the record" in output and not Path("runs-2").exists()
+    for a, b in zip(rows, [r for e in second["experiments"] for r in e["rows"]]):
+        assert a["test"] == b["test"] and a.get("paired_p") == b.get("paired_p") and b["recorded"] is True
+    assert second["claims"] == first["claims"]
+
+    # a record cut short (the second seed of `no inter` unfinished): that row continues from its first seed
+    partial = Path(rows[1]["run_dir"])
+    (partial / "report.json").unlink()
+    shutil.rmtree(partial / "seed-12346")
+    output, third = study("runs-3")
+    assert "2 row(s) reported from the record" in output and "[1/1] methods/no inter" in output
+    resumed = Path("runs-3/toy") / partial.name
+    assert not (resumed / "seed-12345" / "best.safetensors").exists()  # reused from the record, not trained
+    assert (resumed / "seed-12346" / "best.safetensors").is_file()
+    assert third["experiments"][0]["rows"][1]["test"] == rows[1]["test"]  # same threads: bit-identical
+    assert (partial / "report.json").is_file() and (partial / "seed-12346" / "ranks.npz").is_file()  # recorded
+
+    # --experiment: only `extra` runs (fresh: its record is gone); `methods` keeps the previous results
+    shutil.rmtree(record / Path(rows[2]["run_dir"]).name)
+    output, fourth = study("runs-4", "--experiment", "extra")
+    methods, extra = fourth["experiments"]
+    assert all(r["carried_from"] == third["commit"] for r in methods["rows"])
+    assert [r["test"] for r in methods["rows"]] == [r["test"] for r in rows[:2]]
+    assert extra["rows"][0]["test"] == rows[2]["test"] and "carried_from" not in extra["rows"][0]
+    assert "(carried from " in Path("reports/study-toy.md").read_text()
+    bad = CliRunner().invoke(iisan_cli, ["study", "run", "--plan", "toy.yaml", "--experiment", "nope"])
+    assert bad.exit_code == 2 and "no experiment 'nope' (experiments: methods, extra)" in bad.output

@@ -345,7 +345,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
     load_checkpoint_state(model, upgrade_checkpoint_keys(best, cfg) if version < 2 else best)
     valid, test = evaluate(model, split, "valid", cfg), evaluate(model, split, "test", cfg)
     # Each user's rank and group, for intervals and paired comparisons over the users (the summary, studies).
-    np.savez(folder / "ranks.npz", valid=valid.ranks.numpy(), test=test.ranks.numpy(),
+    np.savez_compressed(folder / "ranks.npz", valid=valid.ranks.numpy(), test=test.ranks.numpy(),
              valid_warm=valid.warm.numpy(), test_warm=test.warm.numpy())
     report = {"seed": seed, "best_epoch": state.best_epoch, "epochs": state.epoch,
               # Whether early stopping ended the run or the epoch cap cut it while valid HR@10 could still rise.
@@ -386,19 +386,21 @@ def run_dir_for(cfg: TrainConfig) -> Path:
     raise IisanError(f"{base}: too many runs started in the same second")
 
 
-def matching_run(cfg: TrainConfig) -> Path | None:
-    """The newest run folder under OUT/<dataset>/ trained with exactly this config (progress display aside),
-    finished or not; None if there is none."""
+def matching_run(cfg: TrainConfig, root: Path | None = None, ignore: tuple[str, ...] = ("progress",)
+                 ) -> Path | None:
+    """The newest run folder under ROOT/<dataset>/ (ROOT: the config's OUT) trained with exactly this config
+    (the fields in `ignore` aside: by default the progress display), finished or not; None if there is none."""
     from iisan.train.config import upgrade_config
 
-    wanted = {k: v for k, v in cfg.to_dict().items() if k != "progress"}
-    for folder in sorted((Path(cfg.out) / dataset_name(cfg.dataset)).glob(f"{run_label(cfg)}-*"), reverse=True):
+    wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    root = Path(cfg.out) if root is None else root
+    for folder in sorted((root / dataset_name(cfg.dataset)).glob(f"{run_label(cfg)}-*"), reverse=True):
         try:
             saved = upgrade_config(json.loads((folder / "config.json").read_text()), str(folder))
         except (OSError, ValueError, IisanError):
             continue  # unreadable, or a run of an earlier version that this one cannot continue
         saved = TrainConfig(**saved).to_dict()  # fields added since the run was written take their defaults
-        if {k: v for k, v in saved.items() if k != "progress"} == wanted:
+        if {k: v for k, v in saved.items() if k not in ignore} == wanted:
             return folder
     return None
 
