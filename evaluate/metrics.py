@@ -57,9 +57,11 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[st
 
 def rank_targets(user_vectors: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor,
                  histories: torch.Tensor, mask_target_in_history: bool = True, batch_size: int = 2048,
-                 ks: tuple[int, ...] = KS, ties: str = "pessimistic") -> RankingResult:
+                 ks: tuple[int, ...] = KS, ties: str = "pessimistic", item_tile: int | None = None
+                 ) -> RankingResult:
     """user_vectors [U, d]; item_table [N + 1, d] (row 0 = padding); targets [U] in 1..N; histories [U, H]
-    item indices left-padded with 0. Scores users in batches of `batch_size` (memory [batch, N + 1]).
+    item indices left-padded with 0. Scores users in batches of `batch_size` (memory [batch, N + 1]); with
+    `item_tile` smaller than N + 1, in user × item tiles (memory [batch, item_tile], see `_tiled_counts`).
 
     The history (and column 0) is masked; with `mask_target_in_history` a target in its own history is masked
     too and so ranks after every unmasked item (a guaranteed miss). The rank counts, over the whole score row,
@@ -77,6 +79,11 @@ def rank_targets(user_vectors: torch.Tensor, item_table: torch.Tensor, targets: 
         u = user_vectors[start:stop].to(device)
         t = targets[start:stop].to(device)[:, None]
         h = histories[start:stop].to(device)
+        if item_tile is not None and item_tile < len(item_table):
+            above, equal = _tiled_counts(u, item_table, t, h, mask_target_in_history, item_tile)
+            tied += int((equal > 0).sum())
+            ranks[start:stop] = (1 + above + (equal if ties == "pessimistic" else 0)).cpu()
+            continue
         scores = u @ item_table.T                                         # [b, N + 1]
         masked = torch.zeros_like(scores, dtype=torch.bool)
         masked[:, 0] = True
@@ -90,3 +97,38 @@ def rank_targets(user_vectors: torch.Tensor, item_table: torch.Tensor, targets: 
         tied += int((equal > 0).sum())
         ranks[start:stop] = (1 + above + (equal if ties == "pessimistic" else 0)).cpu()
     return RankingResult(ranks, metrics_from_ranks(ranks, ks), ties, tied)
+
+
+def _tiled_counts(u: torch.Tensor, item_table: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
+                  mask_target_in_history: bool, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts of rank_targets (other unmasked items scoring above / exactly as the target) over item tiles
+    of `tile` columns, never holding more than [batch, tile] scores. Two passes: the first takes each target's
+    score from the tile that holds it (the same product as the second pass's, so ties stay bit-identical), the
+    second counts, tile by tile, against it."""
+    n = len(item_table)
+    target = torch.empty(len(u), device=u.device, dtype=u.dtype)
+    for a in range(0, n, tile):
+        inside = ((t[:, 0] >= a) & (t[:, 0] < a + tile)).nonzero()[:, 0]
+        if len(inside):  # the whole batch's product, as in the second pass: a subset's could round otherwise
+            scores = u @ item_table[a:a + tile].T
+            target[inside] = scores[inside].gather(1, t[inside] - a)[:, 0]
+    in_history = (h == t).any(dim=1) if mask_target_in_history else torch.zeros(len(u), dtype=torch.bool,
+                                                                                   device=u.device)
+    target = target.masked_fill(in_history, float("-inf"))[:, None]
+    above = torch.zeros(len(u), dtype=torch.long, device=u.device)
+    equal = torch.zeros_like(above)
+    for a in range(0, n, tile):
+        scores = u @ item_table[a:a + tile].T                            # [b, tile]
+        width = scores.shape[1]
+        others = torch.ones_like(scores, dtype=torch.bool)
+        if a == 0:
+            others[:, 0] = False                                          # padding
+        local = h - a                                                     # history columns inside this tile
+        hit = (local >= 0) & (local < width) & (h != 0)
+        rows = hit.nonzero()
+        others[rows[:, 0], local[rows[:, 0], rows[:, 1]]] = False
+        own = ((t[:, 0] >= a) & (t[:, 0] < a + width)).nonzero()[:, 0]   # the target is not its own rival
+        others[own, t[own, 0] - a] = False
+        above += ((scores > target) & others).sum(dim=1)
+        equal += ((scores == target) & others).sum(dim=1)
+    return above, equal

@@ -45,6 +45,25 @@ def test_ranks_equal_the_argsort_reference(seed, faithful, ties):
         assert (result.ranks[repeats] > 20).all()
 
 
+@pytest.mark.parametrize("tile", [1, 5, 16, 64])
+@pytest.mark.parametrize("faithful", [True, False])
+def test_user_by_item_tiles_give_the_ranks_of_the_whole_row(tile, faithful):
+    """Scoring in user x item tiles (memory batch x tile) counts every target's exact rank across tiles,
+    ties included: the same ranks as the whole score row and as the argsort reference."""
+    u, e, targets, hist = random_case(7)
+    e[7] = e[3]
+    e[100] = e[3]  # ties that cross tiles
+    whole = rank_targets(u, e, targets, hist, mask_target_in_history=faithful, batch_size=37)
+    tiled = rank_targets(u, e, targets, hist, mask_target_in_history=faithful, batch_size=37, item_tile=tile)
+    expected = argsort_ranks((u @ e.T).numpy(), targets.numpy(), hist.numpy(), faithful, "pessimistic")
+    assert tiled.ranks.tolist() == whole.ranks.tolist() == expected.tolist()
+    assert tiled.tied == whole.tied > 0 and tiled.metrics == whole.metrics
+    optimistic = rank_targets(u, e, targets, hist, mask_target_in_history=faithful, batch_size=37, item_tile=tile,
+                              ties="optimistic")
+    assert optimistic.ranks.tolist() == argsort_ranks((u @ e.T).numpy(), targets.numpy(), hist.numpy(), faithful,
+                                                      "optimistic").tolist()
+
+
 def test_all_equal_scores_rank_last_by_default_and_first_when_optimistic():
     """A model that scores every item the same learns nothing: the default rule ranks its targets after every
     other unmasked item (HR@10 = 0); the optimistic rule would give it HR@10 = 100 %."""

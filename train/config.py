@@ -98,6 +98,9 @@ class TrainConfig:
         "Rank of a target tied with other items: pessimistic (1 + the other unmasked items scoring >= it) or "
         "optimistic (1 + those scoring strictly higher)."))
     eval_batch_size: int = field(default=1024, metadata=_help("Users scored at once in evaluation."))
+    eval_item_tile: int = field(default=262_144, metadata=_help(
+        "Items scored at once in evaluation: with more items, users are scored in user x item tiles (memory "
+        "eval-batch-size x tile, exact ranks across tiles)."))
     progress: bool = field(default=True, metadata=_help("No progress bar.", "--no-progress"))
     # --- end-to-end baselines only (the backbones run on raw items every step)
     lr_backbone_text: float = field(default=5e-5, metadata=_help(

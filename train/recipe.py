@@ -173,7 +173,8 @@ def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig)
                        for i in range(0, len(inputs), cfg.eval_batch_size)])
     targets = torch.from_numpy(split.valid_target if which == "valid" else split.test_target)
     history = torch.from_numpy(split.valid_history if which == "valid" else split.test_history)
-    result = rank_targets(users, table, targets, history, cfg.faithful, cfg.eval_batch_size, ties=cfg.ties)
+    result = rank_targets(users, table, targets, history, cfg.faithful, cfg.eval_batch_size, ties=cfg.ties,
+                          item_tile=cfg.eval_item_tile)
     result.warm = torch.from_numpy(split.warm_targets(which))
     return result
 
