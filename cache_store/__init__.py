@@ -11,8 +11,8 @@ The manifest lives in the store's attributes. Zarr 3 directory stores (`.zarr`, 
 """
 
 from iisan.cache_store.manifest import FORMAT_VERSION, CacheError, Manifest
-from iisan.cache_store.reader import CacheExpectation, LoadedCache, load_cache, open_cache
+from iisan.cache_store.reader import CacheExpectation, LoadedCache, load_cache, mapped_states, open_cache
 from iisan.cache_store.writer import CacheWriter, find_store, store_path
 
-__all__ = ["FORMAT_VERSION", "CacheError", "Manifest", "CacheExpectation", "LoadedCache", "load_cache",
+__all__ = ["FORMAT_VERSION", "CacheError", "Manifest", "CacheExpectation", "LoadedCache", "load_cache", "mapped_states",
            "open_cache", "CacheWriter", "find_store", "store_path"]

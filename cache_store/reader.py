@@ -104,7 +104,7 @@ class CacheStore:
 
     def load(self, layers: Sequence[int] | None = None, item_ids: Sequence[str] | None = None,
              device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             progress: bool = True, final: bool = False) -> LoadedCache:
+             progress: bool = True, final: bool = False, into: Path | None = None) -> LoadedCache:
         """Load `layers` (hidden-state indices; default all kept) into memory once.
 
         With `item_ids` (the caller's items for index 1..N), rows are re-ordered so that index i holds
@@ -112,6 +112,9 @@ class CacheStore:
         With `final`, also the model's final output (`LoadedCache.final` [rows, D], ordered like `states`):
         the `final` array where the manifest says final_state "stored", the last hidden state where it says
         "last_layer"; a store written before final_state existed is refused (see `final_source`).
+        With `into` (a path ending .npy), `states` (and `final`, in `into` with the suffix -final.npy) are
+        written into memory-mapped .npy files there instead of memory, chunk by chunk, and returned mapped: the
+        process's own memory does not grow with the store (see `mapped_states`).
         """
         m = self.manifest
         layers = list(m.layers if layers is None else layers)
@@ -132,8 +135,12 @@ class CacheStore:
             rows = np.asarray([0] + [row_of[item] for item in item_ids], dtype=np.int64)
             out_ids = [""] + list(item_ids)
         target_dtype = dtype or (torch.float16 if m.storage_dtype == "float16" else torch.float32)
-        out = torch.empty((len(rows), len(layers), m.hidden_size), dtype=target_dtype)
-        out_final = torch.empty((len(rows), m.hidden_size), dtype=target_dtype) if final else None
+        if into is None:
+            out = torch.empty((len(rows), len(layers), m.hidden_size), dtype=target_dtype)
+            out_final = torch.empty((len(rows), m.hidden_size), dtype=target_dtype) if final else None
+        else:
+            out = _mapped(into, (len(rows), len(layers), m.hidden_size), target_dtype, "w+")
+            out_final = _mapped(_final_path(into), (len(rows), m.hidden_size), target_dtype, "w+") if final else None
         # Map each store chunk to the output rows it feeds, then read chunks in order.
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
@@ -151,6 +158,11 @@ class CacheStore:
                 block = self.backend.read_final_rows(span.start, span.stop) if source == "final" \
                     else stored[:, source, :]
                 out_final[wanted] = torch.from_numpy(np.ascontiguousarray(block[picked])).to(target_dtype)
+        if into is not None:
+            out[0] = 0
+            if final:
+                out_final[0] = 0
+            return LoadedCache(m, layers, out, torch.from_numpy(missing[rows]), out_ids, out_final)
         return LoadedCache(m, layers, out.to(device), torch.from_numpy(missing[rows]).to(device), out_ids,
                            out_final.to(device) if final else None)
 
@@ -172,7 +184,8 @@ def open_cache(path: str | Path) -> CacheStore:
 def load_cache(path: str | Path, expect: CacheExpectation = CacheExpectation(),
                layers: Sequence[int] | None = None, item_ids: Sequence[str] | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               allow_incomplete: bool = False, progress: bool = True, final: bool = False) -> LoadedCache:
+               allow_incomplete: bool = False, progress: bool = True, final: bool = False,
+               into: Path | None = None) -> LoadedCache:
     """Open, check against `expect`, and load. Refuses an incomplete store unless `allow_incomplete`. With
     `final`, also the model's final output (`LoadedCache.final`; see `CacheStore.load`)."""
     with open_cache(path) as store:
@@ -185,4 +198,58 @@ def load_cache(path: str | Path, expect: CacheExpectation = CacheExpectation(),
                              f"re-run the extraction to complete it: iisan extract --model "
                              f"{store.manifest.model_ref()} --dataset {store.manifest.dataset}")
         return store.load(layers if layers is not None else expect.layers, item_ids, device, dtype, progress,
-                          final)
+                          final, into)
+
+
+def _final_path(path: Path) -> Path:
+    return path.with_name(path.stem + "-final.npy")
+
+
+def _mapped(path: Path, shape: tuple[int, ...], dtype: torch.dtype | None, mode: str) -> torch.Tensor:
+    """A tensor over a memory-mapped .npy file (created with `mode` "w+", opened with "r+")."""
+    if mode == "w+":
+        np_dtype = {torch.float16: np.float16, torch.float32: np.float32}[dtype]
+        return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=shape))
+    return torch.from_numpy(np.lib.format.open_memmap(path, mode="r+"))
+
+
+def mapped_states(path: str | Path, into: Path, key: dict, expect: CacheExpectation = CacheExpectation(),
+                  log=None, **load_args) -> LoadedCache:
+    """`load_cache` into memory-mapped files at `into` (.npy), reused while `key` (what the caller loads: the
+    store's fingerprint, layers, item order, dtype) is the same. Written as `into`.tmp and renamed, then the
+    key is written beside it (`into` with .json): a file without its key, or a .tmp one, is what an interrupted
+    run left, and is rebuilt."""
+    import json
+
+    into = Path(into)
+    meta = into.with_suffix(".json")
+    final = bool(load_args.get("final"))
+    if meta.is_file() and into.is_file() and json.loads(meta.read_text()) == key and \
+            (not final or _final_path(into).is_file()):
+        with open_cache(path) as store:
+            check_expectation(store.manifest, expect, str(store.path))
+            missing = store.backend.read_missing()
+            ids = store.backend.read_item_ids()
+        states = _mapped(into, (), None, "r+")
+        item_ids = load_args.get("item_ids")
+        order = [""] + list(item_ids) if item_ids is not None else list(ids)
+        row_of = {item: r for r, item in enumerate(ids)}
+        return LoadedCache(store.manifest, list(expect.layers or store.manifest.layers), states,
+                           torch.from_numpy(missing[[row_of.get(i, 0) for i in order]]), order,
+                           _mapped(_final_path(into), (), None, "r+") if final else None)
+    leftovers = [p for p in (into, meta, _final_path(into), into.with_name(into.name + ".tmp"),
+                             _final_path(into.with_name(into.name + ".tmp"))) if p.exists()]
+    if leftovers and log is not None:
+        log(f"{into}: rebuilding the memory-mapped copy (" + ("left incomplete by an interrupted run" if not
+            meta.is_file() else "made for another request") + ")")
+    for p in leftovers:
+        p.unlink()
+    into.parent.mkdir(parents=True, exist_ok=True)
+    tmp = into.with_name(into.name + ".tmp")
+    loaded = load_cache(path, expect, into=tmp, **load_args)
+    del loaded  # unmapped: the pages written are the file's
+    tmp.replace(into)
+    if final:
+        _final_path(tmp).replace(_final_path(into))
+    meta.write_text(json.dumps(key, indent=2))
+    return mapped_states(path, into, key, expect, log, **load_args)

@@ -29,6 +29,7 @@ CONFIG_VERSION = 2
 
 Standardize = Literal["auto", "off", "dim", "layer"]
 Ties = Literal["pessimistic", "optimistic"]
+CacheMode = Literal["memory", "mmap"]
 Fusion = Literal["gated", "add"]
 TextClean = Literal["clean", "raw"]
 
@@ -97,6 +98,10 @@ class TrainConfig:
     ties: Ties = field(default="pessimistic", metadata=_help(
         "Rank of a target tied with other items: pessimistic (1 + the other unmasked items scoring >= it) or "
         "optimistic (1 + those scoring strictly higher)."))
+    cache_mode: CacheMode = field(default="memory", metadata=_help(
+        "memory: the needed layers are read into memory once; mmap: laid once into a memory-mapped .npy file "
+        "beside the store (reused while the same) and gathered per batch from it, so the process's own memory "
+        "does not grow with the cache (docs/design.md)."))
     eval_batch_size: int = field(default=1024, metadata=_help("Users scored at once in evaluation."))
     eval_item_tile: int = field(default=262_144, metadata=_help(
         "Items scored at once in evaluation: with more items, users are scored in user x item tiles (memory "

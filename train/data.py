@@ -3,7 +3,8 @@
 Cached states are loaded once, re-ordered into the trainer's item index (row i = item index i, row 0 =
 padding) through the cache's `item_ids`, optionally standardised with statistics of the items that occur in
 training (per layer and dimension, or per layer). Batches are rows of the in-memory train array, shuffled
-each epoch.
+each epoch. With `--cache-mode mmap` the states live in a memory-mapped .npy file beside the store instead
+(`mapped_slot_states`), and batches gather their rows from it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
-from iisan.cache_store import CacheExpectation, find_store, load_cache, open_cache, store_path
+from iisan.cache_store import CacheExpectation, find_store, load_cache, mapped_states, open_cache, store_path
 from iisan.cache_store.manifest import Manifest
 from iisan.data.dataset import Dataset
 from iisan.data.protocol import SplitData
@@ -125,20 +127,93 @@ def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, s
     mode = standardize_mode(cfg.standardize, model, manifest)
     # Held in the cache's storage dtype (an fp16 cache takes half the memory of an fp32 copy); the item encoder
     # casts only the rows it gathers, which is exact. Standardised states are new values, so they are fp32.
-    loaded = load_cache(path, CacheExpectation(dataset=dataset.name, dataset_fingerprint=fingerprint, model=name,
-                                               layers=layers), item_ids=split.item_ids if item_ids is None else item_ids,
-                        dtype=torch.float32 if mode != "off" else None, progress=cfg.progress, final=final)
-    states = loaded.final[:, None, :] if final else loaded.states
-    if mode != "off":
-        if statistics is None:
-            if item_ids is not None:
-                raise ValueError("standardised states for other items need the run's statistics")
-            statistics = standardization(states, torch.from_numpy(split.train_counts > 0), per=mode)
-        states = standardized(states, statistics)
+    expect = CacheExpectation(dataset=dataset.name, dataset_fingerprint=fingerprint, model=name, layers=layers)
+    wanted = split.item_ids if item_ids is None else item_ids
+    if statistics is None and mode != "off" and item_ids is not None:
+        raise ValueError("standardised states for other items need the run's statistics")
+    in_training = torch.from_numpy(split.train_counts > 0) if statistics is None and mode != "off" else None
+    if cfg.cache_mode == "mmap":
+        states, statistics = mapped_slot_states(path, expect, wanted, final, mode, statistics, in_training, cfg.progress)
+    else:
+        loaded = load_cache(path, expect, item_ids=wanted, dtype=torch.float32 if mode != "off" else None,
+                            progress=cfg.progress, final=final)
+        states = loaded.final[:, None, :] if final else loaded.states
+        if mode != "off":
+            if statistics is None:
+                statistics = standardization(states, in_training, per=mode)
+            states = standardized(states, statistics)
     return SlotStates(slot, source, path, manifest, [] if final else layers, states.to(device), mode,
                       # no rule given: the cache's own (a store extracted with remove_first trains as one)
                       init_from_first=not final and (rule or manifest.layer_selection).strip() == "remove_first",
                       statistics=statistics if mode != "off" else None)
+
+
+MMAP_CHUNK = 65_536  # rows per step when a memory-mapped copy is standardised
+
+
+def mapped_slot_states(path: Path, expect: CacheExpectation, item_ids: list[str], final: bool, mode: str,
+                       statistics: tuple[torch.Tensor, torch.Tensor] | None, in_training: torch.Tensor | None,
+                       progress: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`--cache-mode mmap`: the slot's states [N + 1, K, D] over a memory-mapped .npy file in
+    `<store>.mmap/` (the storage dtype; made once per store, layers and item order, and reused), and, when
+    standardised, over a second fp32 one of the standardised values, written chunk by chunk with statistics
+    accumulated chunk by chunk (`streamed_standardization`). Nothing of the size of the cache is held in the
+    process's own memory."""
+    import hashlib
+    import json
+    import sys
+
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    with open_cache(path) as store:
+        manifest = store.manifest
+    key = {"store": path.name, "dataset_fingerprint": expect.dataset_fingerprint, "model": expect.model,
+           "layers": list(expect.layers or []), "final": final, "rows": manifest.rows,
+           "dtype": manifest.storage_dtype, "items": digest(list(item_ids))}
+    folder = path.parent / f"{path.name}.mmap"
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    loaded = mapped_states(path, folder / f"{digest(key)}.npy", key, expect, log=log, item_ids=item_ids,
+                           progress=progress, final=final)
+    states = loaded.final[:, None, :] if final else loaded.states
+    if mode == "off":
+        return states, None
+    if statistics is None:
+        statistics = streamed_standardization(states, in_training, mode)
+    target = folder / f"{digest(key)}-{mode}-{digest([t.numpy().tobytes().hex() for t in statistics])}.npy"
+    if not target.is_file():
+        tmp = target.with_name(target.name + ".tmp")
+        out = torch.from_numpy(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(states.shape)))
+        for a in range(0, len(states), MMAP_CHUNK):
+            out[a:a + MMAP_CHUNK] = (states[a:a + MMAP_CHUNK].float() - statistics[0]) / statistics[1]
+        out[0] = 0
+        del out
+        tmp.replace(target)
+    return torch.from_numpy(np.lib.format.open_memmap(target, mode="r+")), statistics
+
+
+def streamed_standardization(states: torch.Tensor, in_training: torch.Tensor, per: str = "dim"
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`standardization`'s (mean, std) accumulated over chunks of rows in float64 (for states that are not in
+    memory): equal to it up to float rounding (tests/test_scale.py)."""
+    k, d = states.shape[1:]
+    n, total, squares = 0, torch.zeros(k, d, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64)
+    for a in range(0, len(states), MMAP_CHUNK):
+        rows = states[a:a + MMAP_CHUNK][in_training[a:a + MMAP_CHUNK]].double()
+        n += len(rows)
+        total += rows.sum(dim=0)
+        squares += (rows * rows).sum(dim=0)
+    if per == "layer":
+        count = n * d
+        mean = total.sum(dim=1) / count
+        var = (squares.sum(dim=1) - count * mean * mean) / (count - 1)
+        mean, var = mean[:, None].expand(-1, d), var[:, None].expand(-1, d)
+    elif per == "dim":
+        mean = total / n
+        var = (squares - n * mean * mean) / (n - 1)
+    else:
+        raise ValueError(f"standardize per '{per}': dim or layer")
+    return mean.float().contiguous(), var.clamp(min=0).sqrt().float().clamp(min=1e-6).contiguous()
 
 
 def standardize_mode(choice: str, model: str, manifest: Manifest) -> str:

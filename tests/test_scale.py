@@ -1,0 +1,76 @@
+"""Past memory (issue 17): `--cache-mode mmap` gathers batches from a memory-mapped copy of the needed states
+and trains exactly as the in-memory mode; evaluation in item tiles ranks exactly as the whole row."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from iisan.train.config import resolve
+from iisan.train.data import standardization, streamed_standardization
+from iisan.train.recipe import train
+
+from conftest import options
+
+
+@pytest.fixture()
+def cache(env, tmp_path):
+    shutil.copytree(env / "cache" / "toy", tmp_path / "cache" / "toy")
+    return tmp_path / "cache"
+
+
+def run(env, cache, out, **extra):
+    messages = []
+    result = train(resolve({**options(env, out, **extra), "cache": str(cache)}), log=messages.append)
+    return result, messages
+
+
+def test_mmap_mode_trains_exactly_as_memory_mode_and_reuses_its_file(env, cache, tmp_path, capsys):
+    memory, _ = run(env, cache, tmp_path / "memory")
+    mapped, _ = run(env, cache, tmp_path / "mmap", cache_mode="mmap")
+    assert mapped["seeds"][0]["valid"] == memory["seeds"][0]["valid"]
+    assert mapped["seeds"][0]["test"] == memory["seeds"][0]["test"]
+    for store in ("tiny-bert.zarr", "tiny-dino.zarr"):
+        folder = cache / "toy" / f"{store}.mmap"
+        files = sorted(p.suffix for p in folder.iterdir())
+        assert files == [".json", ".npy"]  # one mapped copy and its key, no leftovers
+    npy = next((cache / "toy" / "tiny-bert.zarr.mmap").glob("*.npy"))
+    before = npy.stat().st_mtime_ns
+    again, _ = run(env, cache, tmp_path / "again", cache_mode="mmap")
+    assert npy.stat().st_mtime_ns == before and again["seeds"][0]["test"] == memory["seeds"][0]["test"]
+    # a copy an interrupted run left (its key not yet written) is detected and rebuilt
+    npy.with_suffix(".json").unlink()
+    capsys.readouterr()
+    rebuilt, _ = run(env, cache, tmp_path / "rebuilt", cache_mode="mmap")
+    assert "rebuilding the memory-mapped copy (left incomplete by an interrupted run)" in capsys.readouterr().err
+    assert npy.with_suffix(".json").is_file() and rebuilt["seeds"][0]["test"] == memory["seeds"][0]["test"]
+
+
+def test_mmap_mode_standardises_like_memory_mode(env, cache, tmp_path):
+    memory, _ = run(env, cache, tmp_path / "memory", standardize="dim", pipeline="text-only")
+    mapped, _ = run(env, cache, tmp_path / "mmap", standardize="dim", pipeline="text-only", cache_mode="mmap")
+    for split in ("valid", "test"):
+        for metric, value in memory["seeds"][0][split].items():
+            assert mapped["seeds"][0][split][metric] == pytest.approx(value, abs=0.02), (split, metric)
+    assert len(list((cache / "toy" / "tiny-bert.zarr.mmap").glob("*-dim-*.npy"))) == 1
+
+
+@pytest.mark.parametrize("per", ["dim", "layer"])
+def test_streamed_statistics_equal_the_in_memory_ones(per):
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(1000, 3, 8, generator=g) * 5 + 2
+    in_training = torch.rand(1000, generator=g) < 0.7
+    mean, std = standardization(states, in_training, per)
+    streamed = streamed_standardization(states, in_training, per)
+    torch.testing.assert_close(streamed[0], mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(streamed[1], std, rtol=1e-5, atol=1e-5)
+
+
+def test_item_tiles_give_the_metrics_of_the_whole_row(env, cache, tmp_path):
+    whole, _ = run(env, cache, tmp_path / "whole")
+    tiled, _ = run(env, cache, tmp_path / "tiled", eval_item_tile=7)
+    assert tiled["seeds"][0]["test"] == whole["seeds"][0]["test"]
+    assert tiled["seeds"][0]["ties"]["test_tied"] == whole["seeds"][0]["ties"]["test_tied"]
