@@ -173,6 +173,28 @@ def data_import(fmt, src, out, name, strict, force, user_col, item_col, time_col
         click.echo(line)
 
 
+@data.command("synth")
+@click.option("--users", type=int, required=True, help="Users (each a sequence of 5-20 interactions).")
+@click.option("--items", type=int, required=True, help="Items (in clusters of 20).")
+@click.option("--dim", type=int, default=384, show_default=True, help="D of each cached state.")
+@click.option("--layers", type=int, default=7, show_default=True, help="Cached hidden states per item.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The dataset folder to write.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Cache root for the store <root>/<name>/synth.zarr [default: ./cache or $IISAN_CACHE_DIR].")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def data_synth(users: int, items: int, dim: int, layers: int, seed: int, out: Path, cache: Path | None,
+               force: bool) -> None:
+    """A synthetic dataset and its matching cache (states with a planted structure that training learns), for
+    scale tests and benchmarks."""
+    from iisan.extract.synth import SynthConfig, synth
+
+    result = synth(SynthConfig(users=users, items=items, out=out, dim=dim, layers=layers, seed=seed, cache=cache,
+                               force=force), log=lambda message: click.echo(message, err=True))
+    for line in result.summary():
+        click.echo(line)
+
+
 @data.command("images")
 @click.argument("folder", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--download", is_flag=True, help="Download the missing images (else only count them).")
