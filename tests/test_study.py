@@ -131,6 +131,8 @@ def test_paired_test():
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy\n", "toy.yaml:5: not valid YAML"),
     ("experiments:\n  - name: x\n    plot: pie\n    rows:\n      - {dataset: toy}\n", "plot 'pie': one of bars"),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, seeds: 0}\n", "seeds: 0, expected a positive"),
+    ("threads: 0\nexperiments:\n  - name: x\n    rows:\n      - {dataset: toy}\n", "threads: 0, expected a positive"),
+    ("thread: 2\nexperiments:\n  - name: x\n    rows:\n      - {dataset: toy}\n", "unknown key(s) thread (known: "),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy}\nclaims:\n  - {claim: c, experiment: y, rows: "
      "[a, b], relation: above}\n", "claim 1 (c): no experiment 'y'"),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy}\nclaims:\n  - {claim: c, experiment: x, rows: "
