@@ -8,7 +8,7 @@ EXTRAS ?= dev,gptq,bnb,parquet,tune,faiss,serve
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 
-.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache study check-ui bench-serve clean
+.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache bench-scale study check-ui bench-serve clean
 
 setup: $(VENV)/.installed
 
@@ -74,6 +74,11 @@ bench-serve: setup
 	$(PY) -m iisan.deploy.bench_serve $(RUN)
 
 # Extraction items/s next to the bare forward pass, for a text and an image encoder.
+# Cost against size on synthetic data, memory and mmap cache modes (reports/bench-scale.md); the full ladder
+# goes to 1M items x 200k users and needs about 12 GB of disk: make bench-scale [SIZES=items:users,...]
+bench-scale: setup
+	$(PY) -m iisan.experiments.scale $(if $(SIZES),--sizes $(SIZES))
+
 bench-extract: setup
 	$(VENV)/bin/iisan data fetch ml-100k
 	$(PY) -m iisan.extract.bench --model minilm-l6 --dataset scientific --limit 4096

@@ -112,3 +112,15 @@ def test_synthetic_data_trains_above_chance_and_is_deterministic(tmp_path):
     assert report["test"]["HR@10"]["mean"] > 5 * 10 / 400  # chance is 2.5 %
     bad = CliRunner().invoke(iisan_cli, ["data", "synth", "--users", "5", "--items", "30", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "fewer than two clusters of 20" in bad.output
+
+
+def test_the_scale_bench_fits_exponents_and_samples_anonymous_memory():
+    import sys
+
+    from iisan.experiments.scale import growth, measure
+
+    assert growth([1e3, 1e4, 1e5], [2.0, 20.0, 200.0]) == pytest.approx(1.0)
+    assert growth([1e3, 1e4], [1.0, 100.0]) == pytest.approx(2.0) and growth([5.0], [1.0]) is None
+    # a child that holds 300 MiB of its own memory for a moment: the sampler sees it in RssAnon
+    result, peaks = measure([sys.executable, "-c", "import time; b = bytearray(300 * 2**20); time.sleep(1.0)"])
+    assert result.returncode == 0 and peaks["RssAnon"] >= 290 and peaks["VmRSS"] >= peaks["RssAnon"]
