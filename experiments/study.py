@@ -474,10 +474,13 @@ def _same_row(old: dict[str, Any], row: Row, seeds: int) -> bool:
 
 
 def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = print, command: str = "",
-              only: Callable[[Experiment, Row], bool] | None = None, threads: int | None = None) -> Path:
+              only: Callable[[Experiment, Row], bool] | None = None, threads: int | None = None,
+              finished_only: bool = False) -> Path:
     """Extract what is missing, run every row (its own process) that the record does not hold already, then
     write reports/study-<plan>.json. `only`: the rows to run (the others are carried from the previous JSON);
-    `threads`: the torch threads of every run (default: the plan's, else the machine's)."""
+    `threads`: the torch threads of every run (default: the plan's, else the machine's). `finished_only`: train
+    nothing; rows whose run is unfinished are marked not run, their finished seeds kept in the record (how a
+    session hands a long study over to the next)."""
     import os
 
     from iisan.train.recipe import matching_run
@@ -505,6 +508,14 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
             continue
         if record is not None and matching_run(cfg) is None:
             restore_record(record, cfg)
+        if finished_only:
+            found = matching_run(cfg)
+            if found is None or not (found / "report.json").is_file():
+                kept = keep_record(found, root) if found is not None else None
+                seeds = len(list(kept.glob("seed-*/report.json"))) if kept is not None else 0
+                results[key] = {"status": "not run", "log_tail": [
+                    f"unfinished: {seeds} of {row.seeds or plan.seeds} seed(s) done" + (" (in the record)" if seeds else "")]}
+                continue
         todo.append((exp, row, cfg))
     recorded = sum(1 for r in results.values() if r.get("recorded"))
     if recorded:

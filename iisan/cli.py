@@ -340,8 +340,11 @@ def study() -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
               help="Where study-<plan>.json and the study's record study-<plan>/ go.")
 @click.option("--runs", default="runs", show_default=True, help="Runs root of the rows' training runs.")
+@click.option("--finished-only", is_flag=True,
+              help="Train nothing: report the rows whose runs are finished, mark the others not run and keep their "
+                   "finished seeds in the study's record (to hand a long study over to a later session).")
 def study_run(plan_name: str, datasets: tuple[str, ...], experiments: tuple[str, ...], seeds: int | None,
-              threads: int | None, out: Path, runs: str) -> None:
+              threads: int | None, out: Path, runs: str, finished_only: bool) -> None:
     """Run a plan: every row its own `iisan train --reuse` process (finished runs reported again, unfinished
     ones continued, rows in the study's record reported from it), a progress line per row with an ETA, then
     reports/study-<plan>.json with paired bootstrap p-values against each experiment's reference row."""
@@ -350,7 +353,7 @@ def study_run(plan_name: str, datasets: tuple[str, ...], experiments: tuple[str,
     plan = load_plan(plan_name, seeds=seeds)
     path = run_study(plan, out, runs, log=lambda message: click.echo(message, err=True),
                      command="iisan " + " ".join(sys.argv[1:]), only=restriction(plan, datasets, experiments),
-                     threads=threads)
+                     threads=threads, finished_only=finished_only)
     click.echo(render(path))
 
 

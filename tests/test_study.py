@@ -272,6 +272,19 @@ def test_the_record_resumes_a_study_on_a_fresh_clone(env, tmp_path, monkeypatch)
     assert third["experiments"][0]["rows"][1]["test"] == rows[1]["test"]  # same threads: bit-identical
     assert (partial / "report.json").is_file() and (partial / "seed-12346" / "ranks.npz").is_file()  # recorded
 
+    # --finished-only trains nothing: a row whose run is unfinished is marked not run, its finished seeds recorded
+    record_dir = Path(rows[0]["run_dir"])
+    shutil.rmtree(record_dir)
+    shutil.rmtree(Path("runs-1/toy") / record_dir.name / "seed-12346")
+    (Path("runs-1/toy") / record_dir.name / "report.json").unlink()
+    output, handed = study("runs-1", "--finished-only")
+    first_row = handed["experiments"][0]["rows"][0]
+    assert first_row["status"] == "not run" and first_row["log_tail"] == ["unfinished: 1 of 2 seed(s) done (in the record)"]
+    assert sorted(p.name for p in record_dir.iterdir()) == ["config.json", "provenance.json", "seed-12345"]
+    assert handed["experiments"][0]["rows"][1]["test"] == rows[1]["test"]  # finished: reported
+    output, resumed_again = study("runs-5")  # a later session: restored from the record, seed 12346 trained
+    assert resumed_again["experiments"][0]["rows"][0]["test"] == rows[0]["test"]
+
     # --experiment: only `extra` runs (fresh: its record is gone); `methods` keeps the previous results
     shutil.rmtree(record / Path(rows[2]["run_dir"]).name)
     output, fourth = study("runs-4", "--experiment", "extra")
