@@ -12,6 +12,7 @@ Toy world (tests/conftest.py), 2 epochs, seed 7, CPU. History of the numbers:
 - iisan-hybrid pinned when it was added (issue 14), with a Xavier ID table so that the ID part and its
   dropout both act from the first step; moved once when the method's preset ID lr became 1e-3;
 - sasrec-id moved when its preset lr became 1e-3, SASRec's own (docs/method.md §7).
+The runs use 2 torch threads whatever the machine (CPU sums depend on the thread count, not on the cores).
 """
 
 from __future__ import annotations
@@ -53,8 +54,18 @@ def pinned_run(env: Path, out: Path, method: str) -> dict:
     return {"loss": losses, **{split: (report[split]["HR@10"], report[split]["NDCG@10"]) for split in ("valid", "test")}}
 
 
+@pytest.fixture()
+def two_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the count the numbers were pinned at (OMP_NUM_THREADS=1 would move them)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("method", list(RUNS))
-def test_pinned_run(env, tmp_path, method):
+def test_pinned_run(env, tmp_path, method, two_threads):
     got = pinned_run(env, tmp_path, method)
     want = EXPECTED[method]
     assert got["loss"] == pytest.approx(want["loss"], abs=1e-6, rel=0), got
