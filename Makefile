@@ -43,10 +43,13 @@ extract: setup
 	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) --no-python,) \
 	  $(VENV)/bin/iisan extract --model $(MODEL) --dataset $(DATASET) $(ARGS)
 
-# Stage 2: make train DATASET=scientific [PIPELINE=text-only] [ARGS="--seeds 3"]
+# Stage 2: make train DATASET=scientific [PIPELINE=text-only] [ARGS="--seeds 3"] [NPROC=2]
+# NPROC > 1 trains in that many processes (DDP, one per GPU; gloo on CPU) with torchrun; --batch-size stays
+# the global batch and the results are those of one process (docs/design.md, "Distributed training").
 PIPELINE ?=
 train: setup
-	$(VENV)/bin/iisan train --dataset $(DATASET) $(if $(PIPELINE),--pipeline $(PIPELINE),) $(ARGS)
+	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) --no-python,) \
+	  $(VENV)/bin/iisan train --dataset $(DATASET) $(if $(PIPELINE),--pipeline $(PIPELINE),) $(ARGS)
 
 # Training cost of every method (FFT, Adapter, LoRA, BitFit, uncached and cached IISAN) on the same data,
 # encoders, seed and batch size: reports/bench-ml-100k.md (title + poster) and reports/bench-scientific.md

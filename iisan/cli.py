@@ -287,6 +287,7 @@ def _train_config():
                                             "starting a new one: what makes scripts of many runs resumable.")
 def train_cmd(resume, reuse, **options) -> None:
     from iisan.train.config import resolve
+    from iisan.train.distributed import is_main_process
     from iisan.train.recipe import train, train_or_reuse
 
     log = lambda message: click.echo(message, err=True)  # noqa: E731
@@ -296,7 +297,8 @@ def train_cmd(resume, reuse, **options) -> None:
         result = train_or_reuse(resolve(given(options), log=log), log=log)
     else:
         result = train(resolve(given(options), log=log), log=log)
-    click.echo(result["run_dir"])
+    if is_main_process():  # under torchrun every rank trains; rank 0 answers
+        click.echo(result["run_dir"])
 
 
 def _tune_config():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from iisan.train.distributed import BatchShard, current_window, global_uniform, sample_window
 from iisan.train.loss import inbatch_debiased_loss
 from iisan.train.san import SANConfig, SideNetwork, Slot
 from iisan.train.user_encoder import UserEncoder
@@ -135,15 +136,18 @@ class HybridItems(IISANItems):
         """Content + ID; an item with index 0 (never trained on) gets its content alone."""
         return self.side(states) + self.id_part(index)
 
-    def encode_occurrences(self, unique: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def encode_occurrences(self, unique: torch.Tensor, inverse: torch.Tensor, per_sample: int = 1) -> torch.Tensor:
         """A training batch's embeddings, one per occurrence [occurrences, d]: the content of each unique item
-        computed once, the ID part dropped per occurrence while training."""
+        computed once, the ID part dropped per occurrence while training (`per_sample`: occurrences per user,
+        for drawing the dropout per global sample inside `sample_window`)."""
         content = self.side(self.gather(unique)).index_select(0, inverse)
         self.last_content = content if self.training and self.content_loss else None
         ids = self.id_part(unique).index_select(0, inverse)
         if self.training and self.id_dropout > 0:
-            keep = torch.rand(len(inverse), 1, device=ids.device) >= self.id_dropout
-            ids = ids * keep
+            window = current_window()
+            draw = (torch.rand(len(inverse), 1, device=ids.device) if window is None else
+                    global_uniform(len(inverse), window, per_sample, ids.device))
+            ids = ids * (draw >= self.id_dropout)
         return content + ids
 
 
@@ -162,30 +166,58 @@ class Recommender(nn.Module):
         # adds on CPU, whose order (and so the last bits of the gradient) changes from run to run;
         # index_select's backward (index_add) is deterministic.
         if hasattr(self.items, "encode_occurrences"):  # an encoder with a per-occurrence part (hybrid IDs)
-            return self.items.encode_occurrences(unique, inverse.reshape(-1)).view(*ids.shape, -1)
-        return self.items(unique).index_select(0, inverse.reshape(-1)).view(*ids.shape, -1)
+            out = self.items.encode_occurrences(unique, inverse.reshape(-1), ids.shape[1])
+        else:
+            out = self.items(unique).index_select(0, inverse.reshape(-1))
+        return out.view(*ids.shape, out.shape[-1])  # (a distributed rank's share may be empty)
 
-    def calculate_loss(self, ids: torch.Tensor, log_popularity: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, log_popularity: torch.Tensor, shard: BatchShard | None = None
+                ) -> torch.Tensor:
+        """The training loss (what DistributedDataParallel calls)."""
+        return self.calculate_loss(ids, log_popularity) if shard is None else \
+            self.calculate_loss(ids, log_popularity, shard)
+
+    def calculate_loss(self, ids: torch.Tensor, log_popularity: torch.Tensor, shard: BatchShard | None = None
+                       ) -> torch.Tensor:
+        """The in-batch loss of a batch of train sequences ids [b, L + 1]. With `shard` (distributed training:
+        ids are this rank's rows of a global batch), this rank's part of the global batch's loss: its rows
+        scored against every rank's items (gathered with gradients), divided by the global count of valid
+        rows, randomness drawn per global sample; the parts sum to the loss of the whole batch in one process."""
+        if shard is None:
+            return self._loss(ids, log_popularity, None)
+        with sample_window(shard.offset, shard.total):
+            return self._loss(ids, log_popularity, shard)
+
+    def _loss(self, ids: torch.Tensor, log_popularity: torch.Tensor, shard: BatchShard | None) -> torch.Tensor:
         embeddings = self.encode_slots(ids)
         inputs = ids[:, :-1]
-        user_states = self.user(embeddings[:, :-1], inputs != 0)
         mask = (inputs != 0) & (ids[:, 1:] != 0)
-        loss = inbatch_debiased_loss(user_states, embeddings, ids, mask, log_popularity)
+
+        def loss_of(items: torch.Tensor) -> torch.Tensor:
+            states = self.user(items[:, :-1], inputs != 0)
+            if shard is None:
+                return inbatch_debiased_loss(states, items, ids, mask, log_popularity)
+            return inbatch_debiased_loss(states, shard.gather(items, grad=True), shard.gather(ids), mask,
+                                         log_popularity, row_ids=ids, row_offset=shard.offset,
+                                         count=shard.world.sum(mask.sum()))
+
+        loss = loss_of(embeddings)
         content = getattr(self.items, "last_content", None)
         if content is not None:  # hybrid with content_loss: the same loss with every ID part off
-            content = content.view(*ids.shape, -1)
-            content_states = self.user(content[:, :-1], inputs != 0)
-            loss = loss + self.items.content_loss * inbatch_debiased_loss(content_states, content, ids, mask,
-                                                                          log_popularity)
+            loss = loss + self.items.content_loss * loss_of(content.view(*ids.shape, content.shape[-1]))
         return loss
 
     @torch.no_grad()
-    def item_table(self) -> torch.Tensor:
-        """Embeddings of items 0..N, once per evaluation: [N + 1, d]."""
+    def item_table(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Embeddings of items 0..N, once per evaluation: [N + 1, d] (rows start..stop of it, in the chunks
+        one call on the whole table forms when start is a multiple of the chunk)."""
         device = next(self.parameters()).device
         batch_size = getattr(self.items, "table_batch_size", 4096)
-        index = torch.arange(self.n_items + 1, device=device)
-        return torch.cat([self.items(index[i:i + batch_size]) for i in range(0, len(index), batch_size)])
+        index = torch.arange(start, self.n_items + 1 if stop is None else stop, device=device)
+        parts = [self.items(index[i:i + batch_size]) for i in range(0, len(index), batch_size)]
+        if not parts:  # an empty share (distributed evaluation): no rows, the table's width
+            parts = [self.items(index[:1] * 0)[:0]]
+        return torch.cat(parts)
 
     @torch.no_grad()
     def user_vectors(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

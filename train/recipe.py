@@ -30,12 +30,13 @@ from iisan.data.dataset import Dataset, load_dataset
 from iisan.data.protocol import ProtocolConfig, SplitData
 from iisan.errors import IisanError
 from iisan.evaluate.efficiency import peak_memory_mib
-from iisan.evaluate.metrics import RankingResult, rank_targets
+from iisan.evaluate.metrics import RankingResult, metrics_from_ranks, rank_targets
 from iisan.evaluate.report import report_lines, summarize
 from iisan.registry import dataset_name, load_registry
 from iisan.runtime import git_commit, pick_device
 from iisan.train.config import TrainConfig, load_config, saved_version
 from iisan.train.data import SlotStates, layer_rule, load_slot, slot_sources, train_batches
+from iisan.train.distributed import World, collective_errors, join
 from iisan.train.methods import ItemSource, Method, method as method_entry
 from iisan.train.model import Recommender
 from iisan.train.san import SANConfig, Slot
@@ -52,6 +53,7 @@ class Setup:
     method: Method
     slots: dict[str, SlotStates]       # cached methods
     device: torch.device
+    world: World = World()             # the training processes (train/distributed.py)
 
 
 @dataclass
@@ -91,20 +93,43 @@ def protocol_config(cfg: TrainConfig) -> ProtocolConfig:
     return ProtocolConfig(cfg.max_seq_len, cfg.min_seq_len, cfg.cold_items, cfg.cold_seed)
 
 
-def setup(cfg: TrainConfig) -> Setup:
+def join_world(cfg: TrainConfig) -> World:
+    """The world of processes a launcher (torchrun) started this one in, joined (World() when alone)."""
+    return join(pick_device(cfg.device))[0]
+
+
+def setup(cfg: TrainConfig, world: World = World()) -> Setup:
     device = pick_device(cfg.device)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)  # one GPU per rank
     dataset = load_dataset(cfg.dataset)
     split = dataset.split(protocol_config(cfg))
     method = method_entry(cfg.method)
     slots = {}
     if method.items is ItemSource.CACHED:
-        slots = {slot: load_slot(cfg, dataset, split, slot, source, device, final=method.reads == "final")
-                 for slot, source in slot_sources(cfg).items()}
+        with world.main_first():  # rank 0 lays out an mmap copy first; the others then open it
+            slots = {slot: load_slot(cfg, dataset, split, slot, source, device, final=method.reads == "final")
+                     for slot, source in slot_sources(cfg).items()}
     elif method.items is ItemSource.END_TO_END:
         from iisan.train.end_to_end import check_end_to_end
 
         check_end_to_end(cfg, method, dataset)
-    return Setup(cfg, dataset, split, method, slots, device)
+    if world.distributed:  # refused on every rank before training when a rank's data or caches differ
+        world.same_everywhere("split", (split.n_users, split.n_items, split.n_interactions,
+                                        _digest(split.train.tobytes())))
+        for slot, x in slots.items():
+            m = x.manifest
+            world.same_everywhere(f"{slot} cache ({x.path})", (
+                m.dataset_fingerprint, m.model, m.model_revision, m.model_weights_sha256, m.rows, m.storage_dtype,
+                m.pooling, x.layers, x.standardized, tuple(x.states.shape),
+                _digest(b"".join(t.numpy().tobytes() for t in x.statistics)) if x.statistics else ""))
+    return Setup(cfg, dataset, split, method, slots, device, world)
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def build_model(s: Setup) -> Recommender:
@@ -164,17 +189,38 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig) -> RankingResult:
+def _chunk_spans(n: int, chunk: int, world: World) -> tuple[tuple[int, int], list[int]]:
+    """This rank's rows [start, stop) of n when whole chunks of `chunk` rows are shared out (so that every
+    chunk is computed exactly as one process computes it), and every rank's row count."""
+    chunks = world.counts((n + chunk - 1) // chunk)
+    ends = [min(n, chunk * sum(chunks[:r + 1])) for r in range(world.size)]
+    rows = [end - (ends[r - 1] if r else 0) for r, end in enumerate(ends)]
+    start = ends[world.rank - 1] if world.rank else 0
+    return (start, ends[world.rank]), rows
+
+
+def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig, world: World = World()
+             ) -> RankingResult:
+    """Full-ranking evaluation of one split. Distributed, the item table's chunks and the users' scoring
+    batches are shared out over the ranks (each computed as one process computes it) and the exact ranks
+    gathered, so every rank gets one process's result."""
     model.eval()
     device = next(model.parameters()).device
-    table = model.item_table()
-    inputs = torch.from_numpy(split.valid_inputs if which == "valid" else split.test_inputs).to(device)
-    users = torch.cat([model.user_vectors(inputs[i:i + cfg.eval_batch_size], table)
-                       for i in range(0, len(inputs), cfg.eval_batch_size)])
+    (a, b), rows = _chunk_spans(model.n_items + 1, getattr(model.items, "table_batch_size", 4096), world)
+    table = world.gather_rows(model.item_table(a, b), rows)
+    inputs = torch.from_numpy(split.valid_inputs if which == "valid" else split.test_inputs)
     targets = torch.from_numpy(split.valid_target if which == "valid" else split.test_target)
     history = torch.from_numpy(split.valid_history if which == "valid" else split.test_history)
-    result = rank_targets(users, table, targets, history, cfg.faithful, cfg.eval_batch_size, ties=cfg.ties,
-                          item_tile=cfg.eval_item_tile)
+    (a, b), rows = _chunk_spans(len(inputs), cfg.eval_batch_size, world)
+    mine = inputs[a:b].to(device)
+    users = torch.cat([model.user_vectors(mine[i:i + cfg.eval_batch_size], table)
+                       for i in range(0, len(mine), cfg.eval_batch_size)] or [table[:0]])
+    result = rank_targets(users, table, targets[a:b], history[a:b], cfg.faithful, cfg.eval_batch_size,
+                          ties=cfg.ties, item_tile=cfg.eval_item_tile)
+    if world.distributed:
+        ranks = world.gather_rows(result.ranks, rows)
+        tied = int(world.sum(torch.tensor(result.tied)))
+        result = RankingResult(ranks, metrics_from_ranks(ranks), result.ties, tied)
     result.warm = torch.from_numpy(split.warm_targets(which))
     return result
 
@@ -280,27 +326,28 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
     `version`: the config version the run folder was written with (older checkpoints' keys are upgraded).
     `on_epoch(epoch, valid HR@10)` is called after each epoch's checkpoint is saved (a tuner's pruner may
     raise from it to stop the run there; the run folder then resumes like any interrupted one)."""
-    cfg, split, device = s.cfg, s.split, s.device
+    cfg, split, device, world = s.cfg, s.split, s.device, s.world
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "report.json").exists():
         return json.loads((folder / "report.json").read_text())
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the same on every rank: the same model, and masks drawn per global sample
     generator = torch.Generator().manual_seed(seed)
     model = build_model(s)
     optimizer = optimizer_for(model, cfg)
-    step = TrainStep.create(model, optimizer, split, device)
     state = LoopState()
-    if (folder / "last.pt").exists():
+    if (folder / "last.pt").exists():  # written by a run at any process count: nothing in it is per rank
         checkpoint = torch.load(folder / "last.pt", map_location=device, weights_only=False)
         saved = checkpoint["model"]
         load_checkpoint_state(model, upgrade_checkpoint_keys(saved, cfg) if version < 2 else saved)
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = LoopState(**checkpoint["state"])
-        _truncate_metrics(folder / "metrics.jsonl", state.epoch)
+        if world.main:
+            _truncate_metrics(folder / "metrics.jsonl", state.epoch)
         torch.set_rng_state(checkpoint["rng"])
         generator.set_state(checkpoint["generator"])
         log(f"seed {seed}: resumed after epoch {state.epoch} (best valid HR@10 {100 * state.best_hr:.2f} "
             f"at epoch {state.best_epoch})")
+    step = TrainStep.create(distributed_model(model, world, device), optimizer, split, device, world)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
@@ -309,7 +356,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
         start, total, steps = time.perf_counter(), 0.0, 0
         batches = list(train_batches(split, cfg.batch_size, generator))
         for ids in tqdm(batches, desc=f"seed {seed} epoch {epoch}", unit="step", leave=False,
-                        disable=not cfg.progress, file=sys.stderr):
+                        disable=not (cfg.progress and world.main), file=sys.stderr):
             try:
                 total += step(ids)
             except NonFiniteLoss as e:
@@ -318,7 +365,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
             steps += 1
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        valid = evaluate(model, split, "valid", cfg)
+        valid = evaluate(model, split, "valid", cfg, world)
         eval_seconds = time.perf_counter() - start
         hr = valid.metrics["HR@10"]
         improved = hr > state.best_hr
@@ -327,27 +374,32 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
         state.eval_seconds.append(eval_seconds)
         if improved:
             state.best_hr, state.best_epoch, state.bad_epochs = hr, epoch, 0
-            save_file({k: v.contiguous() for k, v in checkpoint_state(model).items()}, folder / "best.safetensors")
         else:
             state.bad_epochs += 1
-        with open(folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"epoch": epoch, "loss": total / max(steps, 1), "train_seconds": train_seconds,
-                                "eval_seconds": eval_seconds, "valid": valid.metrics, "best": improved}) + "\n")
-        torch.save({"model": checkpoint_state(model), "optimizer": optimizer.state_dict(),
-                    "state": dataclasses.asdict(state), "rng": torch.get_rng_state(),
-                    "generator": generator.get_state()}, folder / "last.pt.tmp")
-        (folder / "last.pt.tmp").replace(folder / "last.pt")
+        if world.main:  # rank 0 writes; the ranks' models, optimizers and generators are the same
+            if improved:
+                save_file({k: v.contiguous() for k, v in checkpoint_state(model).items()},
+                          folder / "best.safetensors")
+            with open(folder / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": epoch, "loss": total / max(steps, 1), "train_seconds": train_seconds,
+                                    "eval_seconds": eval_seconds, "valid": valid.metrics, "best": improved}) + "\n")
+            torch.save({"model": checkpoint_state(model), "optimizer": optimizer.state_dict(),
+                        "state": dataclasses.asdict(state), "rng": torch.get_rng_state(),
+                        "generator": generator.get_state()}, folder / "last.pt.tmp")
+            (folder / "last.pt.tmp").replace(folder / "last.pt")
         log(f"seed {seed} epoch {epoch}: loss {total / max(steps, 1):.4f}, valid HR@10 {100 * hr:.2f} "
             f"NDCG@10 {100 * valid.metrics['NDCG@10']:.2f} ({train_seconds:.1f} s train, {eval_seconds:.1f} s eval)"
             + (" *" if improved else ""))
         if on_epoch is not None:
             on_epoch(epoch, hr)
+    world.barrier()  # rank 0's best.safetensors is written
     best = load_file(folder / "best.safetensors", device=str(device))
     load_checkpoint_state(model, upgrade_checkpoint_keys(best, cfg) if version < 2 else best)
-    valid, test = evaluate(model, split, "valid", cfg), evaluate(model, split, "test", cfg)
+    valid, test = evaluate(model, split, "valid", cfg, world), evaluate(model, split, "test", cfg, world)
     # Each user's rank and group, for intervals and paired comparisons over the users (the summary, studies).
-    np.savez_compressed(folder / "ranks.npz", valid=valid.ranks.numpy(), test=test.ranks.numpy(),
-             valid_warm=valid.warm.numpy(), test_warm=test.warm.numpy())
+    if world.main:
+        np.savez_compressed(folder / "ranks.npz", valid=valid.ranks.numpy(), test=test.ranks.numpy(),
+                            valid_warm=valid.warm.numpy(), test_warm=test.warm.numpy())
     report = {"seed": seed, "best_epoch": state.best_epoch, "epochs": state.epoch,
               # Whether early stopping ended the run or the epoch cap cut it while valid HR@10 could still rise.
               "stopped_by": "patience" if state.bad_epochs >= cfg.patience else "epoch cap",
@@ -356,11 +408,28 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
               "peak_memory_mib": peak_memory_mib(device), "trainable_parameters": trainable_parameters(model),
               # CPU results depend on the thread count (float sums): that of the process that finished the seed
               "threads": torch.get_num_threads(),
+              "processes": world.size,
               "valid": valid.metrics, "test": test.metrics,
               "groups": {"valid": valid.groups(), "test": test.groups()},
               "ties": {"rule": cfg.ties, "valid_tied": valid.tied, "test_tied": test.tied}}
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    if world.main:
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
+    world.barrier()
     return report
+
+
+def distributed_model(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """The model a step trains through: itself alone, else a DistributedDataParallel of it that neither
+    broadcasts nor reduces the buffers (the cached states: the same on every rank, and possibly gigabytes)
+    or the frozen backbone weights."""
+    if not world.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    fixed = [name for name, _ in model.named_buffers()] + \
+        [name for name, p in model.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, fixed)
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def run_label(cfg: TrainConfig) -> str:
@@ -410,7 +479,7 @@ def train_or_reuse(cfg: TrainConfig, log=print, on_epoch: Callable[[int, float],
                    ) -> dict[str, Any]:
     """Train, unless a run with the same config exists: then its finished seeds are reused and an unfinished
     one resumes from its last checkpoint (what makes `iisan bench --full` and `iisan tune` resumable)."""
-    found = matching_run(cfg)
+    found = join_world(cfg).decide(lambda: matching_run(cfg))
     if found is None:
         return train(cfg, log=log, on_epoch=on_epoch)
     return train(resume=found, log=log, on_epoch=on_epoch)
@@ -418,27 +487,46 @@ def train_or_reuse(cfg: TrainConfig, log=print, on_epoch: Callable[[int, float],
 
 def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print,
           on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train every seed of a run (a new one for `cfg`, or `resume` a run folder) and report. Under torchrun
+    every rank calls this: rank 0 picks the folder and writes the files and the log, all ranks train
+    (train/distributed.py); a run may be resumed at another process count."""
     if resume is not None:
         if not (resume / "config.json").is_file():
             raise IisanError(f"{resume}: not a run folder (no config.json)")
         cfg = load_config(resume / "config.json")
+    assert cfg is not None
+    world = join_world(cfg)
+    if not world.main:
+        log = lambda message: None  # noqa: E731 - rank 0 logs
+    if resume is not None:
         version = saved_version(resume / "config.json")
         run_dir = resume
-        log(f"resuming {run_dir}")
+        log(f"resuming {run_dir}" + (f" on {world.size} processes" if world.distributed else ""))
     else:
-        assert cfg is not None
         version = cfg.version
-        run_dir = run_dir_for(cfg)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    s = setup(cfg)
-    (run_dir / "provenance.json").write_text(json.dumps(provenance(s), indent=2, default=str))
-    save_standardization(s, run_dir)
-    reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log, version, on_epoch)
-               for i in range(cfg.seeds)]
+
+        def new_run() -> Path:
+            folder = run_dir_for(cfg)
+            (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            return folder
+
+        run_dir = world.decide(new_run)
+        if world.distributed:
+            log(f"training on {world.size} processes ({'NCCL' if pick_device(cfg.device).type == 'cuda' else 'gloo'})"
+                f", global batch {cfg.batch_size}")
+    with collective_errors(world):
+        s = setup(cfg, world)
+        if world.main:
+            (run_dir / "provenance.json").write_text(json.dumps({**provenance(s), "processes": world.size},
+                                                                indent=2, default=str))
+            save_standardization(s, run_dir)
+        reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log, version, on_epoch)
+                   for i in range(cfg.seeds)]
     ranks = [run_dir / f"seed-{cfg.seed + i}" / "ranks.npz" for i in range(cfg.seeds)]
     summary = summarize(reports, [dict(np.load(path)) for path in ranks] if all(p.is_file() for p in ranks) else None)
-    (run_dir / "report.json").write_text(json.dumps({"config": cfg.to_dict(), "seeds": reports, **summary},
-                                                    indent=2))
+    if world.main:
+        (run_dir / "report.json").write_text(json.dumps({"config": cfg.to_dict(), "seeds": reports, **summary},
+                                                        indent=2))
     for line in report_lines(reports, summary):
         log(line)
     return {"run_dir": str(run_dir), "seeds": reports, **summary}
