@@ -2,10 +2,13 @@
 synthetic data (`iisan data synth`), in memory and mmap cache modes, written to reports/bench-scale.{md,json}
 with a plot and a fitted growth exponent per figure.
 
-Each (size, mode) is one `iisan train` child (one epoch, then the final evaluation), sampled every 0.1 s for
-its RssAnon (the process's own memory, not counting the page cache of a mapped file) and VmRSS. The report
-fits, per mode, log(figure) against log(interactions) (epoch time) or log(items × users) (evaluation time):
-the slope is the growth exponent. Distributed training (2 processes) is not part of this bench yet.
+Each (size, mode, processes) is one `iisan train` child (one epoch, then the final evaluation; with 2
+processes under torchrun), its process tree sampled every 0.1 s for RssAnon (a process's own memory, not
+counting the page cache of a mapped file) and VmRSS: the peak of the largest process and of their sum. Every
+child runs at --threads torch threads per process (default 1: 2 processes then use the 2 cores). The report
+fits, per mode and process count, log(figure) against log(interactions) (epoch time) or log(items × users)
+(evaluation time): the slope is the growth exponent; and it compares each 2-process run's metrics with the
+1-process run's. Finished rows are kept in WORK/rows.json, so an interrupted bench continues where it stopped.
 """
 
 from __future__ import annotations
@@ -30,6 +33,20 @@ FULL = ((125_000, 25_000), (250_000, 50_000), (500_000, 100_000), (1_000_000, 20
 MODES = ("memory", "mmap")
 
 
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (torchrun's workers)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
 def _status(pid: int) -> dict[str, float]:
     out = {}
     try:
@@ -43,16 +60,23 @@ def _status(pid: int) -> dict[str, float]:
     return out
 
 
-def measure(cmd: list[str], interval: float = 0.1) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
-    """Run `cmd`, sampling its memory; returns the result and the peaks (MiB) of RssAnon and VmRSS."""
-    peaks = {"RssAnon": 0.0, "VmRSS": 0.0}
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def measure(cmd: list[str], interval: float = 0.1, env: dict[str, str] | None = None
+            ) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
+    """Run `cmd`, sampling the memory of its process tree; returns the result and the peaks (MiB) of RssAnon
+    and VmRSS of the largest process, and of the tree's sum (`RssAnon total`, `VmRSS total`)."""
+    peaks = {"RssAnon": 0.0, "VmRSS": 0.0, "RssAnon total": 0.0, "VmRSS total": 0.0}
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            for key, value in _status(child.pid).items():
-                peaks[key] = max(peaks[key], value)
+            totals = {"RssAnon": 0.0, "VmRSS": 0.0}
+            for pid in _tree(child.pid):
+                for key, value in _status(pid).items():
+                    peaks[key] = max(peaks[key], value)
+                    totals[key] += value
+            for key, value in totals.items():
+                peaks[f"{key} total"] = max(peaks[f"{key} total"], value)
             time.sleep(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -70,15 +94,28 @@ def growth(x: list[float], y: list[float]) -> float | None:
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: Path = Path("runs/bench-scale"),
-                out: Path = Path("reports"), log=print) -> Path:
+                out: Path = Path("reports"), log=print, procs: tuple[int, ...] = (1, 2), threads: int = 1) -> Path:
+    import os
+
     need = sum(i * layers * dim * 2 for i, _ in sizes[-1:]) * (2 if "mmap" in modes else 1) * 1.2 / 2**30
     work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free / 2**30
     log(f"the largest size needs about {need:.1f} GiB of disk (its store and mmap copy); {free:.1f} GiB free")
     if free < need:
         raise IisanError(f"{work}: {free:.1f} GiB free, the bench needs about {need:.1f} GiB (fewer --sizes?)")
+    kept = work / "rows.json"
+    done = json.loads(kept.read_text()) if kept.is_file() else []
     rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     for items, users in sizes:
         name = f"synth-{items}-{users}"
         folder, cache = work / "data" / name, work / "cache"
@@ -88,28 +125,98 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
                             str(items), "--dim", str(dim), "--layers", str(layers), "--out", str(folder), "--cache",
                             str(cache), "--force"], check=True, capture_output=True)
         for mode in modes:
-            runs = work / "runs" / mode
-            shutil.rmtree(runs / name, ignore_errors=True)
-            cmd = [sys.executable, "-m", "iisan.cli", "train", "--dataset", str(folder), "--text", "synth",
-                   "--cache", str(cache), "--out", str(runs), "--epochs", "1", "--no-progress", "--cache-mode", mode]
-            began = time.perf_counter()
-            result, peaks = measure(cmd)
-            if result.returncode != 0:
-                raise IisanError(f"{name} ({mode}) failed: {result.stderr.strip().splitlines()[-3:]}")
-            report = json.loads((Path(result.stdout.strip().splitlines()[-1]) / "report.json").read_text())
-            seed = report["seeds"][0]
-            interactions = sum(len(line.split("\t", 1)[1].split()) for line in
-                               (folder / "users.tsv").read_text().splitlines())
-            row = {"items": items, "users": users, "interactions": interactions, "mode": mode,
-                   "epoch_seconds": seed["seconds_per_epoch"], "eval_seconds": seed["seconds_per_evaluation"],
-                   "peak_rss_anon_mib": peaks["RssAnon"], "peak_rss_mib": peaks["VmRSS"],
-                   "wall_seconds": time.perf_counter() - began, "test_HR@10": report["test"]["HR@10"]["mean"],
-                   "state_gib": (items + 1) * layers * dim * 2 / 2**30}
-            rows.append(row)
-            log(f"{name} {mode}: epoch {row['epoch_seconds']:.1f} s, evaluation {row['eval_seconds']:.1f} s, peak "
-                f"RssAnon {row['peak_rss_anon_mib']:.0f} MiB (VmRSS {row['peak_rss_mib']:.0f}), test HR@10 "
-                f"{100 * row['test_HR@10']:.2f}")
+            for n in procs:
+                previous = [r for r in done if (r["items"], r["users"], r["mode"], r.get("processes", 1),
+                                                r.get("threads", threads)) == (items, users, mode, n, threads)]
+                if previous:
+                    rows.append(previous[0])
+                    log(f"{name} {mode} x{n}: measured before ({kept})")
+                    continue
+                rows.append(_measure_row(folder, cache, work / "runs" / f"{mode}-{n}", name, items, users, mode, n,
+                                         threads, env, dim, layers, log))
+                kept.write_text(json.dumps(rows + [r for r in done if r not in rows], indent=2))
     return write_report(rows, out, dim, layers)
+
+
+def _measure_row(folder: Path, cache: Path, runs: Path, name: str, items: int, users: int, mode: str, n: int,
+                 threads: int, env: dict[str, str], dim: int, layers: int, log) -> dict:
+    shutil.rmtree(runs / name, ignore_errors=True)
+    train = ["train", "--dataset", str(folder), "--text", "synth", "--cache", str(cache), "--out", str(runs),
+             "--epochs", "1", "--no-progress", "--cache-mode", mode, "--device", "cpu"]
+    launcher = [sys.executable] if n == 1 else [
+        str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc-per-node", str(n),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    cmd = [*launcher, "-m", "iisan.cli", *train]
+    began = time.perf_counter()
+    result, peaks = measure(cmd, env=env)
+    if result.returncode != 0:
+        raise IisanError(f"{name} ({mode}, {n} processes) failed: {result.stderr.strip().splitlines()[-3:]}")
+    run = Path(result.stdout.strip().splitlines()[-1])
+    report = json.loads((run / "report.json").read_text())
+    seed = report["seeds"][0]
+    epoch = json.loads((run / f"seed-{seed['seed']}" / "metrics.jsonl").read_text().splitlines()[0])
+    interactions = sum(len(line.split("\t", 1)[1].split()) for line in
+                       (folder / "users.tsv").read_text().splitlines())
+    row = {"items": items, "users": users, "interactions": interactions, "mode": mode, "processes": n,
+           "threads": threads, "epoch_seconds": seed["seconds_per_epoch"],
+           "eval_seconds": seed["seconds_per_evaluation"], "peak_rss_anon_mib": peaks["RssAnon"],
+           "peak_rss_mib": peaks["VmRSS"], "total_rss_anon_mib": peaks["RssAnon total"],
+           "wall_seconds": time.perf_counter() - began, "test_HR@10": report["test"]["HR@10"]["mean"],
+           "test": {k: v["mean"] for k, v in report["test"].items()}, "loss": epoch["loss"],
+           "state_gib": (items + 1) * layers * dim * 2 / 2**30}
+    log(f"{name} {mode} x{n}: epoch {row['epoch_seconds']:.1f} s, evaluation {row['eval_seconds']:.1f} s, peak "
+        f"RssAnon {row['peak_rss_anon_mib']:.0f} MiB per process (VmRSS {row['peak_rss_mib']:.0f}), test HR@10 "
+        f"{100 * row['test_HR@10']:.2f}")
+    return row
+
+
+
+def _group(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(f"{r['mode']} x{r.get('processes', 1)}", []).append(r)
+    return out
+
+
+def _same_as_one(row: dict, rows: list[dict]) -> str:
+    """For a multi-process row: whether its test metrics equal the 1-process run's of the same size and mode."""
+    if row.get("processes", 1) == 1:
+        return ""
+    one = [r for r in rows if (r["items"], r["users"], r["mode"], r.get("processes", 1)) ==
+           (row["items"], row["users"], row["mode"], 1)]
+    if not one:
+        return "no 1-process run"
+    if one[0].get("test") == row.get("test"):
+        return "equal"
+    moved = max(abs(one[0]["test"][k] - row["test"][k]) for k in row["test"])
+    return f"differs (max {100 * moved:.3f} points)"
+
+
+def targets(rows: list[dict], fits: dict) -> list[str]:
+    """The issue's targets on 2 CPU cores, each as held / missed with its figure."""
+    out = []
+    for group, fit in sorted(fits.items()):
+        e = fit["epoch_seconds"]
+        if e is not None:
+            out.append(f"- epoch time linear in interactions ({group}): exponent {e:.2f} "
+                       f"{'≤' if e <= 1.1 else '>'} 1.1 — {'holds' if e <= 1.1 else 'missed'}")
+    largest = max((r["items"] for r in rows), default=0)
+    big = {(r["mode"], r.get("processes", 1)): r for r in rows if r["items"] == largest}
+    if ("mmap", 1) in big:
+        m = big[("mmap", 1)]
+        ok = m["peak_rss_anon_mib"] <= 2048
+        out.append(f"- mmap peak RssAnon at {largest:,} items: {m['peak_rss_anon_mib']:,.0f} MiB "
+                   f"{'≤' if ok else '>'} 2,048 — {'holds' if ok else 'missed'}")
+        if ("memory", 1) in big:
+            ratio = m["epoch_seconds"] / big[("memory", 1)]["epoch_seconds"]
+            out.append(f"- mmap epoch time at {largest:,} items: {ratio:.2f} × memory mode's "
+                       f"{'≤' if ratio <= 1.5 else '>'} 1.5 — {'holds' if ratio <= 1.5 else 'missed'}")
+    multi = [r for r in rows if r.get("processes", 1) > 1]
+    if multi:
+        same = [_same_as_one(r, rows) == "equal" for r in multi]
+        out.append(f"- 2 processes give the metrics of 1: {sum(same)} of {len(same)} runs equal — "
+                   f"{'holds' if all(same) else 'missed'}")
+    return out
 
 
 def write_report(rows: list[dict], out: Path, dim: int, layers: int) -> Path:
@@ -118,30 +225,32 @@ def write_report(rows: list[dict], out: Path, dim: int, layers: int) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import torch
-
     from iisan.evaluate.efficiency import device_name
     from iisan.runtime import pick_device
 
+    groups = _group(rows)
     fits = {}
-    for mode in {r["mode"] for r in rows}:
-        mine = [r for r in rows if r["mode"] == mode]
-        fits[mode] = {"epoch_seconds": growth([r["interactions"] for r in mine], [r["epoch_seconds"] for r in mine]),
-                      "eval_seconds": growth([r["items"] * r["users"] for r in mine], [r["eval_seconds"] for r in mine]),
-                      "peak_rss_anon_mib": growth([r["items"] for r in mine], [r["peak_rss_anon_mib"] for r in mine])}
+    for group, mine in groups.items():
+        fits[group] = {"epoch_seconds": growth([r["interactions"] for r in mine], [r["epoch_seconds"] for r in mine]),
+                       "eval_seconds": growth([r["items"] * r["users"] for r in mine],
+                                              [r["eval_seconds"] for r in mine]),
+                       "peak_rss_anon_mib": growth([r["items"] for r in mine], [r["peak_rss_anon_mib"] for r in mine])}
     out.mkdir(parents=True, exist_ok=True)
+    threads = sorted({r.get("threads", 0) for r in rows})
     meta = {"commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name(pick_device()), "threads": torch.get_num_threads(), "dim": dim, "layers": layers,
-            "command": "python -m iisan.experiments.scale " + " ".join(sys.argv[1:]), "rows": rows, "growth": fits}
+            "device": device_name(pick_device()), "threads_per_process": threads, "dim": dim, "layers": layers,
+            "command": "python -m iisan.experiments.scale " + " ".join(sys.argv[1:]), "rows": rows, "growth": fits,
+            "targets": targets(rows, fits)}
     (out / "bench-scale.json").write_text(json.dumps(meta, indent=2))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for mode, marker in zip(sorted(fits), "os"):
-        mine = [r for r in rows if r["mode"] == mode]
-        axes[0].loglog([r["interactions"] for r in mine], [r["epoch_seconds"] for r in mine], marker + "-", label=mode)
-        axes[1].loglog([r["items"] * r["users"] for r in mine], [r["eval_seconds"] for r in mine], marker + "-", label=mode)
-        axes[2].loglog([r["items"] for r in mine], [r["peak_rss_anon_mib"] for r in mine], marker + "-", label=mode)
+    for (group, mine), marker in zip(sorted(groups.items()), "os^v"):
+        axes[0].loglog([r["interactions"] for r in mine], [r["epoch_seconds"] for r in mine], marker + "-",
+                       label=group)
+        axes[1].loglog([r["items"] * r["users"] for r in mine], [r["eval_seconds"] for r in mine], marker + "-",
+                       label=group)
+        axes[2].loglog([r["items"] for r in mine], [r["peak_rss_anon_mib"] for r in mine], marker + "-", label=group)
     for ax, (x, y) in zip(axes, [("interactions", "s / epoch"), ("items x users", "s / evaluation"),
-                                 ("items", "peak RssAnon (MiB)")]):
+                                 ("items", "peak RssAnon per process (MiB)")]):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.legend(fontsize=8)
@@ -150,18 +259,22 @@ def write_report(rows: list[dict], out: Path, dim: int, layers: int) -> Path:
     plt.close(fig)
     lines = ["# Scale bench: cost against size (synthetic data)", "",
              f"- command: `{meta['command']}`", f"- commit {meta['commit']}, {meta['date']}; {meta['device']}, "
-             f"{meta['threads']} threads; states {layers} x {dim}, fp16; one epoch, then the final evaluation", "",
-             "| items | users | interactions | mode | states (GiB) | s / epoch | s / evaluation | peak RssAnon (MiB) "
-             "| peak VmRSS (MiB) | test HR@10 |", "|---" * 10 + "|"]
-    lines += [f"| {r['items']:,} | {r['users']:,} | {r['interactions']:,} | {r['mode']} | {r['state_gib']:.2f} | "
-              f"{r['epoch_seconds']:.1f} | {r['eval_seconds']:.1f} | {r['peak_rss_anon_mib']:,.0f} | "
-              f"{r['peak_rss_mib']:,.0f} | {100 * r['test_HR@10']:.2f} |" for r in rows]
+             f"{', '.join(map(str, threads))} torch thread(s) per process; states {layers} x {dim}, fp16; one "
+             "epoch, then the final evaluation (s / evaluation: the mean of the epoch's valid pass and the "
+             "final valid and test passes)", "",
+             "| items | users | interactions | mode | processes | states (GiB) | s / epoch | s / evaluation "
+             "| peak RssAnon per process (MiB) | peak RssAnon, all (MiB) | peak VmRSS (MiB) | test HR@10 "
+             "| metrics vs 1 process |", "|---" * 13 + "|"]
+    lines += [f"| {r['items']:,} | {r['users']:,} | {r['interactions']:,} | {r['mode']} | {r.get('processes', 1)} "
+              f"| {r['state_gib']:.2f} | {r['epoch_seconds']:.1f} | {r['eval_seconds']:.1f} "
+              f"| {r['peak_rss_anon_mib']:,.0f} | {r.get('total_rss_anon_mib', r['peak_rss_anon_mib']):,.0f} "
+              f"| {r['peak_rss_mib']:,.0f} | {100 * r['test_HR@10']:.2f} | {_same_as_one(r, rows)} |" for r in rows]
     lines += ["", "Growth exponents (slope of log figure against log size):", ""]
-    for mode, fit in sorted(fits.items()):
+    for group, fit in sorted(fits.items()):
         shown = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in fit.items())
-        lines.append(f"- {mode}: {shown} (epoch time against interactions, evaluation against items x users, "
+        lines.append(f"- {group}: {shown} (epoch time against interactions, evaluation against items x users, "
                      f"RssAnon against items)")
-    lines += ["", "![scale](bench-scale.png)", ""]
+    lines += ["", "Targets (2 CPU cores):", "", *meta["targets"], "", "![scale](bench-scale.png)", ""]
     path = out / "bench-scale.md"
     path.write_text("\n".join(lines))
     return path
@@ -175,10 +288,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=7)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-scale"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--procs", default="1,2", help="process counts (torchrun past 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args()
     sizes = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",") if s) or FULL
     try:
-        print(bench_scale(sizes, tuple(args.modes.split(",")), args.dim, args.layers, args.work, args.out))
+        print(bench_scale(sizes, tuple(args.modes.split(",")), args.dim, args.layers, args.work, args.out,
+                          procs=tuple(int(n) for n in args.procs.split(",")), threads=args.threads))
     except IisanError as e:
         sys.exit(f"error: {e}")
 
