@@ -8,7 +8,7 @@ EXTRAS ?= dev,gptq,bnb,parquet,tune,faiss,serve
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 
-.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache bench-scale study check-ui bench-serve clean
+.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache bench-scale study check-ui bench-serve gpu-pack gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -93,3 +93,24 @@ bench-cache: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The GPU path, checked on a GPU machine in a few minutes (experiments/gpu_check.py). Here: make gpu-pack puts
+# into the ignored .gpu/ what that machine lacks (Scientific's TSVs, minilm-l3, this package and zarr as
+# wheels for its Python, GPU_PY). There, with .gpu/ beside the checkout: make gpu-check (uses its python3).
+GPU_PY ?= 3.12
+GPU_WHEELS ?= zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
+gpu-pack: setup
+	rm -rf .gpu && mkdir -p .gpu/whl .gpu/data .gpu/models
+	cp -r ../shared/data/scientific .gpu/data/ && cp -r ../shared/models/minilm-l3 .gpu/models/
+	chmod -R u+w .gpu
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w .gpu/whl .
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .gpu/whl $(GPU_WHEELS)
+	du -sh .gpu
+
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
+	@# run outside the checkout: its iisan/ folder would shadow the installed package's layout
+	cd /tmp && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 -m iisan.experiments.gpu_check --pack $(CURDIR)/.gpu \
+	  --out $${OUT:-$(CURDIR)/reports}
