@@ -79,28 +79,47 @@ def rank_targets(user_vectors: torch.Tensor, item_table: torch.Tensor, targets: 
         u = user_vectors[start:stop].to(device)
         t = targets[start:stop].to(device)[:, None]
         h = histories[start:stop].to(device)
+        excluded, first = _excluded_columns(h, t)
+        in_history = (h == t).any(dim=1, keepdim=True) if mask_target_in_history else None
         if item_tile is not None and item_tile < len(item_table):
-            above, equal = _tiled_counts(u, item_table, t, h, mask_target_in_history, item_tile)
-            tied += int((equal > 0).sum())
-            ranks[start:stop] = (1 + above + (equal if ties == "pessimistic" else 0)).cpu()
-            continue
-        scores = u @ item_table.T                                         # [b, N + 1]
-        masked = torch.zeros_like(scores, dtype=torch.bool)
-        masked[:, 0] = True
-        masked.scatter_(1, h, True)                                       # history (padding 0 is column 0)
-        if not mask_target_in_history:
-            masked.scatter_(1, t, False)
-        target = scores.gather(1, t).masked_fill(masked.gather(1, t), float("-inf"))
-        others = (~masked).scatter_(1, t, False)
-        above = ((scores > target) & others).sum(dim=1)
-        equal = ((scores == target) & others).sum(dim=1)
+            above, equal = _tiled_counts(u, item_table, t, in_history, excluded, first, item_tile)
+        else:
+            scores = u @ item_table.T                                     # [b, N + 1]
+            target = scores.gather(1, t)
+            if in_history is not None:
+                target = target.masked_fill(in_history, float("-inf"))
+            above, equal = _counts(scores, target, excluded, first)
         tied += int((equal > 0).sum())
         ranks[start:stop] = (1 + above + (equal if ties == "pessimistic" else 0)).cpu()
     return RankingResult(ranks, metrics_from_ranks(ranks, ks), ties, tied)
 
 
-def _tiled_counts(u: torch.Tensor, item_table: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
-                  mask_target_in_history: bool, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _excluded_columns(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's columns that are no rival of the target: padding 0, the history and the target itself,
+    sorted [b, H + 2], with `first` marking each distinct column once."""
+    excluded = torch.cat([torch.zeros_like(t), h, t], dim=1).sort(dim=1).values
+    first = torch.ones_like(excluded, dtype=torch.bool)
+    first[:, 1:] = excluded[:, 1:] != excluded[:, :-1]
+    return excluded, first
+
+
+def _counts(scores: torch.Tensor, target: torch.Tensor, excluded: torch.Tensor, first: torch.Tensor,
+            offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns offset .. offset + width of a score block scoring above / exactly as each target, minus the
+    excluded columns among them: one pass over the block (the excluded columns are few, gathered)."""
+    above = torch.sum(scores > target, dim=1, dtype=torch.int32).long()
+    equal = torch.sum(scores == target, dim=1, dtype=torch.int32).long()
+    width = scores.shape[1]
+    local = excluded - offset
+    inside = (local >= 0) & (local < width) & first
+    values = scores.gather(1, local.clamp(0, width - 1))
+    above -= ((values > target) & inside).sum(dim=1)
+    equal -= ((values == target) & inside).sum(dim=1)
+    return above, equal
+
+
+def _tiled_counts(u: torch.Tensor, item_table: torch.Tensor, t: torch.Tensor, in_history: torch.Tensor | None,
+                  excluded: torch.Tensor, first: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The counts of rank_targets (other unmasked items scoring above / exactly as the target) over item tiles
     of `tile` columns, never holding more than [batch, tile] scores. Two passes: the first takes each target's
     score from the tile that holds it (the same product as the second pass's, so ties stay bit-identical), the
@@ -112,23 +131,13 @@ def _tiled_counts(u: torch.Tensor, item_table: torch.Tensor, t: torch.Tensor, h:
         if len(inside):  # the whole batch's product, as in the second pass: a subset's could round otherwise
             scores = u @ item_table[a:a + tile].T
             target[inside] = scores[inside].gather(1, t[inside] - a)[:, 0]
-    in_history = (h == t).any(dim=1) if mask_target_in_history else torch.zeros(len(u), dtype=torch.bool,
-                                                                                   device=u.device)
-    target = target.masked_fill(in_history, float("-inf"))[:, None]
+    target = target[:, None]
+    if in_history is not None:
+        target = target.masked_fill(in_history, float("-inf"))
     above = torch.zeros(len(u), dtype=torch.long, device=u.device)
     equal = torch.zeros_like(above)
     for a in range(0, n, tile):
-        scores = u @ item_table[a:a + tile].T                            # [b, tile]
-        width = scores.shape[1]
-        others = torch.ones_like(scores, dtype=torch.bool)
-        if a == 0:
-            others[:, 0] = False                                          # padding
-        local = h - a                                                     # history columns inside this tile
-        hit = (local >= 0) & (local < width) & (h != 0)
-        rows = hit.nonzero()
-        others[rows[:, 0], local[rows[:, 0], rows[:, 1]]] = False
-        own = ((t[:, 0] >= a) & (t[:, 0] < a + width)).nonzero()[:, 0]   # the target is not its own rival
-        others[own, t[own, 0] - a] = False
-        above += ((scores > target) & others).sum(dim=1)
-        equal += ((scores == target) & others).sum(dim=1)
+        more, same = _counts(u @ item_table[a:a + tile].T, target, excluded, first, a)   # [b, tile] scores
+        above += more
+        equal += same
     return above, equal
