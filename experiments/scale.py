@@ -8,7 +8,8 @@ counting the page cache of a mapped file) and VmRSS: the peak of the largest pro
 child runs at --threads torch threads per process (default 1: 2 processes then use the 2 cores). The report
 fits, per mode and process count, log(figure) against log(interactions) (epoch time) or log(items × users)
 (evaluation time): the slope is the growth exponent; and it compares each 2-process run's metrics with the
-1-process run's. Finished rows are kept in WORK/rows.json, so an interrupted bench continues where it stopped.
+1-process run's. The report is rewritten after every row and its JSON (reports/bench-scale.json, committed)
+holds the finished rows, so an interrupted bench continues where it stopped, also on a fresh clone.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
     log(f"the largest size needs about {need:.1f} GiB of disk (its store and mmap copy); {free:.1f} GiB free")
     if free < need:
         raise IisanError(f"{work}: {free:.1f} GiB free, the bench needs about {need:.1f} GiB (fewer --sizes?)")
-    kept = work / "rows.json"
-    done = json.loads(kept.read_text()) if kept.is_file() else []
+    kept = out / "bench-scale.json"  # committed: a later session (a fresh clone) continues from its rows
+    done = json.loads(kept.read_text()).get("rows", []) if kept.is_file() else []
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     for items, users in sizes:
@@ -134,8 +135,8 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
                     continue
                 rows.append(_measure_row(folder, cache, work / "runs" / f"{mode}-{n}", name, items, users, mode, n,
                                          threads, env, dim, layers, log))
-                kept.write_text(json.dumps(rows + [r for r in done if r not in rows], indent=2))
-    return write_report(rows, out, dim, layers)
+                write_report(rows + [r for r in done if r not in rows], out, dim, layers)
+    return write_report(rows + [r for r in done if r not in rows], out, dim, layers)
 
 
 def _measure_row(folder: Path, cache: Path, runs: Path, name: str, items: int, users: int, mode: str, n: int,
@@ -157,7 +158,7 @@ def _measure_row(folder: Path, cache: Path, runs: Path, name: str, items: int, u
     epoch = json.loads((run / f"seed-{seed['seed']}" / "metrics.jsonl").read_text().splitlines()[0])
     interactions = sum(len(line.split("\t", 1)[1].split()) for line in
                        (folder / "users.tsv").read_text().splitlines())
-    row = {"items": items, "users": users, "interactions": interactions, "mode": mode, "processes": n,
+    row = {"commit": git_commit(), "items": items, "users": users, "interactions": interactions, "mode": mode, "processes": n,
            "threads": threads, "epoch_seconds": seed["seconds_per_epoch"],
            "eval_seconds": seed["seconds_per_evaluation"], "peak_rss_anon_mib": peaks["RssAnon"],
            "peak_rss_mib": peaks["VmRSS"], "total_rss_anon_mib": peaks["RssAnon total"],
