@@ -218,8 +218,8 @@ def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig,
     result = rank_targets(users, table, targets[a:b], history[a:b], cfg.faithful, cfg.eval_batch_size,
                           ties=cfg.ties, item_tile=cfg.eval_item_tile)
     if world.distributed:
-        ranks = world.gather_rows(result.ranks, rows)
-        tied = int(world.sum(torch.tensor(result.tied)))
+        ranks = world.gather_rows(result.ranks.to(device), rows).cpu()  # (NCCL gathers device tensors)
+        tied = int(world.sum(torch.tensor(result.tied, device=device)))
         result = RankingResult(ranks, metrics_from_ranks(ranks), result.ties, tied)
     result.warm = torch.from_numpy(split.warm_targets(which))
     return result
