@@ -32,6 +32,9 @@ from iisan.runtime import git_commit
 # (items, users): the ladder, up to 1M items x 7 layers x 384 (fp16, 5.4 GB of states) and 200k users
 FULL = ((125_000, 25_000), (250_000, 50_000), (500_000, 100_000), (1_000_000, 200_000))
 MODES = ("memory", "mmap")
+# Options every bench run trains with: evaluation scores 256 users at a time, so that its score block
+# (256 x min(items, eval_item_tile) fp32: at most 256 MiB) stays well inside the mmap mode's 2 GB target.
+TRAIN_OPTIONS = ("--eval-batch-size", "256")
 
 
 def _tree(pid: int) -> list[int]:
@@ -128,7 +131,8 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
         for mode in modes:
             for n in procs:
                 previous = [r for r in done if (r["items"], r["users"], r["mode"], r.get("processes", 1),
-                                                r.get("threads", threads)) == (items, users, mode, n, threads)]
+                                                r.get("threads"), r.get("options")) ==
+                            (items, users, mode, n, threads, list(TRAIN_OPTIONS))]
                 if previous:
                     rows.append(previous[0])
                     log(f"{name} {mode} x{n}: measured before ({kept})")
@@ -143,7 +147,7 @@ def _measure_row(folder: Path, cache: Path, runs: Path, name: str, items: int, u
                  threads: int, env: dict[str, str], dim: int, layers: int, log) -> dict:
     shutil.rmtree(runs / name, ignore_errors=True)
     train = ["train", "--dataset", str(folder), "--text", "synth", "--cache", str(cache), "--out", str(runs),
-             "--epochs", "1", "--no-progress", "--cache-mode", mode, "--device", "cpu"]
+             "--epochs", "1", "--no-progress", "--cache-mode", mode, "--device", "cpu", *TRAIN_OPTIONS]
     launcher = [sys.executable] if n == 1 else [
         str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc-per-node", str(n),
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
@@ -159,7 +163,7 @@ def _measure_row(folder: Path, cache: Path, runs: Path, name: str, items: int, u
     interactions = sum(len(line.split("\t", 1)[1].split()) for line in
                        (folder / "users.tsv").read_text().splitlines())
     row = {"commit": git_commit(), "items": items, "users": users, "interactions": interactions, "mode": mode, "processes": n,
-           "threads": threads, "epoch_seconds": seed["seconds_per_epoch"],
+           "threads": threads, "options": list(TRAIN_OPTIONS), "epoch_seconds": seed["seconds_per_epoch"],
            "eval_seconds": seed["seconds_per_evaluation"], "peak_rss_anon_mib": peaks["RssAnon"],
            "peak_rss_mib": peaks["VmRSS"], "total_rss_anon_mib": peaks["RssAnon total"],
            "wall_seconds": time.perf_counter() - began, "test_HR@10": report["test"]["HR@10"]["mean"],
@@ -262,7 +266,7 @@ def write_report(rows: list[dict], out: Path, dim: int, layers: int) -> Path:
              f"- command: `{meta['command']}`", f"- commit {meta['commit']}, {meta['date']}; {meta['device']}, "
              f"{', '.join(map(str, threads))} torch thread(s) per process; states {layers} x {dim}, fp16; one "
              "epoch, then the final evaluation (s / evaluation: the mean of the epoch's valid pass and the "
-             "final valid and test passes)", "",
+             f"final valid and test passes); every run with `{' '.join(TRAIN_OPTIONS)}`", "",
              "| items | users | interactions | mode | processes | states (GiB) | s / epoch | s / evaluation "
              "| peak RssAnon per process (MiB) | peak RssAnon, all (MiB) | peak VmRSS (MiB) | test HR@10 "
              "| metrics vs 1 process |", "|---" * 13 + "|"]
