@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -140,6 +141,9 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
     from iisan.train.config import resolve
     from iisan.train.recipe import train_or_reuse
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise IisanError("iisan tune runs in one process (each rank would ask Optuna for a trial of its own): "
+                         "launch it without torchrun")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = resolve(dict(fixed), log=log)
     space = load_space(base.method, Path(tc.space) if tc.space else None)

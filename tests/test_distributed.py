@@ -5,7 +5,8 @@
   combined batch (fp32, 1e-5);
 - `torchrun --nproc-per-node 2 iisan train` gives the metrics of a one-process run with the same global
   batch, and a run resumes at another process count;
-- a rank whose cache differs is refused on every rank; a rank that dies makes the other stop with a message.
+- a rank whose cache differs, or that cannot load its cache, stops every rank with a message naming it; end-to-end
+  methods are refused; a rank that dies makes the other stop with a message.
 """
 
 from __future__ import annotations
@@ -172,6 +173,29 @@ def test_a_rank_whose_cache_differs_is_refused_on_every_rank(env, tmp_path):
     differing = _spawn(_setup_with_rank_cache, tmp_path, [str(env / "cache"), str(env / "cache32")], env_vars)
     for message in differing:  # the fp32 copy of the same store: another storage dtype
         assert "rank 1's text cache" in message and "differs from rank 0's" in message
+
+
+def test_a_rank_that_cannot_load_stops_every_rank_and_end_to_end_methods_are_refused(env, tmp_path):
+    env_vars = {k: os.environ[k] for k in ("IISAN_PIPELINES", "IISAN_DATA_DIR")}
+    missing = _spawn(_setup_with_rank_cache, tmp_path, [str(env / "cache"), str(tmp_path / "nothing")], env_vars)
+    for message in missing:  # rank 0 loaded, rank 1 did not: both stop, naming rank 1
+        assert message.startswith("rank 1: no cache for tiny-bert on toy")
+    refused = _spawn(_setup_with_method, tmp_path, str(env / "cache"), env_vars)
+    for message in refused:
+        assert "method 'fft' trains its backbones end to end" in message
+
+
+def _setup_with_method(world: World, out: Path, cache: str, env_vars: dict[str, str]):
+    from iisan.errors import IisanError
+    from iisan.train.config import resolve
+    from iisan.train.recipe import setup
+
+    os.environ.update(env_vars)
+    try:
+        setup(resolve({"dataset": "toy", "method": "fft", "cache": cache, "out": str(out), "progress": False}), world)
+    except IisanError as e:
+        return str(e)
+    return "accepted"
 
 
 def _one_rank_dies(world: World, out: Path):

@@ -70,14 +70,37 @@ class World:
         if self.distributed:
             torch.distributed.barrier()
 
-    @contextmanager
-    def main_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (it may write shared files, e.g. the mmap copy), then the others."""
-        if self.distributed and not self.main:
-            torch.distributed.barrier()
-        yield
-        if self.distributed and self.main:
-            torch.distributed.barrier()
+    def everywhere(self, fn: Callable[[], T], main_first: bool = False) -> T:
+        """`fn()` on every rank (with `main_first`, on rank 0 before the others: it may write shared files,
+        e.g. the mmap copy); an error on any rank is raised on every rank, naming that rank, instead of
+        leaving the others waiting in their next collective."""
+        if not self.distributed:
+            return fn()
+
+        def attempt() -> tuple[Any, str | None]:
+            try:
+                return fn(), None
+            except IisanError as e:
+                return None, str(e)
+            except Exception as e:  # noqa: BLE001 - reported on every rank below
+                return None, f"{type(e).__name__}: {e}"
+
+        result, error = (None, None)
+        if main_first:
+            if self.main:
+                result, error = attempt()
+            box: list[Any] = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            if box[0] is not None:
+                raise IisanError(f"rank 0: {box[0]}")
+        if not (main_first and self.main):
+            result, error = attempt()
+        errors: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(errors, error)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            raise IisanError(f"rank {failed[0][0]}: {failed[0][1]}")
+        return result
 
     def decide(self, choose: Callable[[], T]) -> T:
         """`choose()` on rank 0 (e.g. which run folder to use), its answer given to every rank; an error raised
@@ -157,12 +180,16 @@ def collective_errors(world: World) -> Iterator[None]:
     try:
         yield
     except (torch.distributed.DistError, RuntimeError) as e:
-        if not world.distributed or isinstance(e, IisanError):
+        # gloo reports a peer that went away as a plain RuntimeError; other RuntimeErrors (out of memory, a
+        # shape) are this rank's own and pass unchanged
+        lost = isinstance(e, torch.distributed.DistError) or any(
+            marker in str(e) for marker in ("gloo", "Gloo", "NCCL", "onnection", "imed out", "imeout"))
+        if not world.distributed or isinstance(e, IisanError) or not lost:
             raise
         timeout = os.environ.get("IISAN_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
         raise IisanError(f"rank {world.rank} of {world.size}: a collective failed: another rank stopped, or did not "
                          f"answer within {timeout} s (IISAN_DIST_TIMEOUT); "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def is_main_process() -> bool:

@@ -215,8 +215,8 @@ class Recommender(nn.Module):
         batch_size = getattr(self.items, "table_batch_size", 4096)
         index = torch.arange(start, self.n_items + 1 if stop is None else stop, device=device)
         parts = [self.items(index[i:i + batch_size]) for i in range(0, len(index), batch_size)]
-        if not parts:  # an empty share (distributed evaluation): no rows, the table's width
-            parts = [self.items(index[:1] * 0)[:0]]
+        if not parts:  # an empty share (distributed evaluation): the encoder on no items, [0, d]
+            parts = [self.items(index)]
         return torch.cat(parts)
 
     @torch.no_grad()

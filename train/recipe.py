@@ -36,7 +36,7 @@ from iisan.registry import dataset_name, load_registry
 from iisan.runtime import git_commit, pick_device
 from iisan.train.config import TrainConfig, load_config, saved_version
 from iisan.train.data import SlotStates, layer_rule, load_slot, slot_sources, train_batches
-from iisan.train.distributed import World, collective_errors, join
+from iisan.train.distributed import World, collective_errors, join, leave
 from iisan.train.methods import ItemSource, Method, method as method_entry
 from iisan.train.model import Recommender
 from iisan.train.san import SANConfig, Slot
@@ -106,10 +106,21 @@ def setup(cfg: TrainConfig, world: World = World()) -> Setup:
     split = dataset.split(protocol_config(cfg))
     method = method_entry(cfg.method)
     slots = {}
+    if world.distributed and method.items is ItemSource.END_TO_END:
+        raise IisanError(f"method '{cfg.method}' trains its backbones end to end, which distributed training does not "
+                         f"cover (their own dropout and unused weights would make the result depend on the process "
+                         f"count); run it in one process, or train a cached method (iisan, iisan-hybrid, frozen) or "
+                         f"sasrec-id on {world.size} processes")
+    if world.distributed:
+        # (where each rank keeps its caches and runs may differ: their contents are compared below)
+        world.same_everywhere("config", {k: v for k, v in cfg.to_dict().items()
+                                         if k not in ("progress", "cache", "out")})
     if method.items is ItemSource.CACHED:
-        with world.main_first():  # rank 0 lays out an mmap copy first; the others then open it
-            slots = {slot: load_slot(cfg, dataset, split, slot, source, device, final=method.reads == "final")
-                     for slot, source in slot_sources(cfg).items()}
+        # rank 0 lays out an mmap copy first, the others then open it; a rank that cannot load stops them all
+        slots = world.everywhere(lambda: {slot: load_slot(cfg, dataset, split, slot, source, device,
+                                                          final=method.reads == "final")
+                                          for slot, source in slot_sources(cfg).items()},
+                                 main_first=cfg.cache_mode == "mmap")
     elif method.items is ItemSource.END_TO_END:
         from iisan.train.end_to_end import check_end_to_end
 
@@ -511,17 +522,27 @@ def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print,
             return folder
 
         run_dir = world.decide(new_run)
+        # rank 0 wrote config.json there: every rank must see it (run folders on storage all ranks share)
+        world.same_everywhere("view of the run folder (config.json present)", (run_dir / "config.json").is_file())
         if world.distributed:
             log(f"training on {world.size} processes ({'NCCL' if pick_device(cfg.device).type == 'cuda' else 'gloo'})"
                 f", global batch {cfg.batch_size}")
-    with collective_errors(world):
-        s = setup(cfg, world)
-        if world.main:
-            (run_dir / "provenance.json").write_text(json.dumps({**provenance(s), "processes": world.size},
-                                                                indent=2, default=str))
-            save_standardization(s, run_dir)
-        reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log, version, on_epoch)
-                   for i in range(cfg.seeds)]
+    try:
+        with collective_errors(world):
+            return _train_seeds(cfg, world, run_dir, version, log, on_epoch)
+    finally:
+        leave(world)
+
+
+def _train_seeds(cfg: TrainConfig, world: World, run_dir: Path, version: int, log,
+                 on_epoch: Callable[[int, float], None] | None) -> dict[str, Any]:
+    s = setup(cfg, world)
+    if world.main:
+        (run_dir / "provenance.json").write_text(json.dumps({**provenance(s), "processes": world.size}, indent=2,
+                                                            default=str))
+        save_standardization(s, run_dir)
+    reports = [train_seed(s, cfg.seed + i, run_dir / f"seed-{cfg.seed + i}", log, version, on_epoch)
+               for i in range(cfg.seeds)]
     ranks = [run_dir / f"seed-{cfg.seed + i}" / "ranks.npz" for i in range(cfg.seeds)]
     summary = summarize(reports, [dict(np.load(path)) for path in ranks] if all(p.is_file() for p in ranks) else None)
     if world.main:
