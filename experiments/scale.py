@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from iisan.errors import IisanError
-from iisan.runtime import git_commit
+from iisan.runtime import free_port, git_commit
 
 # (items, users): the ladder, up to 1M items x 7 layers x 384 (fp16, 5.4 GB of states) and 200k users
 FULL = ((125_000, 25_000), (250_000, 50_000), (500_000, 100_000), (1_000_000, 200_000))
@@ -98,14 +98,6 @@ def growth(x: list[float], y: list[float]) -> float | None:
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: Path = Path("runs/bench-scale"),
                 out: Path = Path("reports"), log=print, procs: tuple[int, ...] = (1, 2), threads: int = 1) -> Path:
     import os
@@ -150,7 +142,7 @@ def _measure_row(folder: Path, cache: Path, runs: Path, name: str, items: int, u
              "--epochs", "1", "--no-progress", "--cache-mode", mode, "--device", "cpu", *TRAIN_OPTIONS]
     launcher = [sys.executable] if n == 1 else [
         str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc-per-node", str(n),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     cmd = [*launcher, "-m", "iisan.cli", *train]
     began = time.perf_counter()
     result, peaks = measure(cmd, env=env)

@@ -29,3 +29,12 @@ def git_commit(short: bool = False) -> str:
         return subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         return ""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a torchrun rendezvous in tests and benches)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -15,7 +15,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from iisan.runtime import free_port
 from iisan.train.distributed import BatchShard, World, sample_window
 from iisan.train.model import HybridItems, Recommender
 from iisan.train.san import SANConfig
@@ -35,16 +35,10 @@ from conftest import options
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, out: Path, *args, size: int = 2, env: dict[str, str] | None = None) -> list:
     """Run fn(rank, size, out, *args) in `size` fresh processes joined by gloo on 127.0.0.1; each returns what
     it pickled to out/<rank>.pkl."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), **(env or {})})
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **(env or {})})
     mp.spawn(_entry, args=(size, fn, out, args), nprocs=size, join=True)
     return [pickle.loads((out / f"{rank}.pkl").read_bytes()) for rank in range(size)]
 
@@ -214,7 +208,7 @@ def _one_rank_dies(world: World, out: Path):
 
 
 def test_a_rank_that_dies_makes_the_other_stop_with_a_message(tmp_path):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "IISAN_DIST_TIMEOUT": "20"})
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "IISAN_DIST_TIMEOUT": "20"})
     context = mp.start_processes(_entry, args=(2, _one_rank_dies, tmp_path, ()), nprocs=2, join=False,
                                  start_method="spawn")
     for process in context.processes:
@@ -232,7 +226,7 @@ def _train_cli(env: Path, out: Path, procs: int, *extra: str) -> subprocess.Comp
            "--no-progress", "--epochs", "2", "--batch-size", "32", "--device", "cpu", *extra]
     if procs > 1:
         cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc-per-node", str(procs), "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), "--no-python", *cmd]
+               "127.0.0.1", "--master-port", str(free_port()), "--no-python", *cmd]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

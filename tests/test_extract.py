@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from iisan.cache_store import open_cache
+from iisan.runtime import free_port
 from iisan.cache_store.backends import backend_for
 from iisan.cache_store.inspect import verify_store
 from iisan.cli import main as iisan_cli
@@ -261,17 +261,11 @@ def test_resume_after_sigkill_forwards_only_unflagged_chunks(toy):
     assert verify_store(resumed.path) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_extract(out: Path) -> subprocess.CompletedProcess:
     """`iisan extract` of tiny-bert on toy in 2 CPU processes (one thread each) on a free port."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "--no-python", str(BIN / "iisan"), "extract", "--model",
+           "--master-port", str(free_port()), "--no-python", str(BIN / "iisan"), "extract", "--model",
            "tiny-bert", "--dataset", "toy", "--out", str(out), "--chunk-rows", "32", "--no-progress",
            "--dtype", "float32", "--device", "cpu"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
