@@ -74,6 +74,8 @@ def rank_targets(user_vectors: torch.Tensor, item_table: torch.Tensor, targets: 
     device = item_table.device
     ranks = torch.empty(len(targets), dtype=torch.long)
     tied = 0
+    tiled = item_tile is not None and item_tile < len(item_table)
+    block = None  # one score block, reused by every batch (a fresh one each time costs its page faults)
     for start in range(0, len(targets), batch_size):
         stop = min(start + batch_size, len(targets))
         u = user_vectors[start:stop].to(device)
@@ -81,10 +83,13 @@ def rank_targets(user_vectors: torch.Tensor, item_table: torch.Tensor, targets: 
         h = histories[start:stop].to(device)
         excluded, first = _excluded_columns(h, t)
         in_history = (h == t).any(dim=1, keepdim=True) if mask_target_in_history else None
-        if item_tile is not None and item_tile < len(item_table):
-            above, equal = _tiled_counts(u, item_table, t, in_history, excluded, first, item_tile)
+        width = item_tile if tiled else len(item_table)
+        if block is None or block.shape[0] < len(u) or block.dtype != u.dtype:
+            block = torch.empty(min(batch_size, len(targets)), width, dtype=u.dtype, device=device)
+        if tiled:
+            above, equal = _tiled_counts(u, item_table, t, in_history, excluded, first, item_tile, block)
         else:
-            scores = u @ item_table.T                                     # [b, N + 1]
+            scores = torch.mm(u, item_table.T, out=block[:len(u)])       # [b, N + 1]
             target = scores.gather(1, t)
             if in_history is not None:
                 target = target.masked_fill(in_history, float("-inf"))
@@ -103,12 +108,32 @@ def _excluded_columns(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, t
     return excluded, first
 
 
+# Columns compared per step when counting on CPU: the 0/1 flags of a [batch, COUNT_BLOCK] block stay in cache.
+COUNT_BLOCK = 8192
+
+
+def _above_equal(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the columns of `scores` scoring above / exactly as `target` [b, 1]. The comparisons are written
+    as 0.0 / 1.0 into a float block and summed there (several times faster on CPU than summing a bool
+    tensor); each block's sum is an integer below 2^24, exact in float32, and the blocks add up in float64."""
+    b, width = scores.shape
+    step = width if scores.is_cuda else min(width, COUNT_BLOCK)
+    flags = torch.empty(b, step, dtype=torch.float32, device=scores.device)
+    above = torch.zeros(b, dtype=torch.float64, device=scores.device)
+    equal = torch.zeros_like(above)
+    for c in range(0, width, step):
+        part = scores[:, c:c + step]
+        f = flags[:, :part.shape[1]]
+        above += torch.gt(part, target, out=f).sum(dim=1)
+        equal += torch.eq(part, target, out=f).sum(dim=1)
+    return above.long(), equal.long()
+
+
 def _counts(scores: torch.Tensor, target: torch.Tensor, excluded: torch.Tensor, first: torch.Tensor,
             offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The columns offset .. offset + width of a score block scoring above / exactly as each target, minus the
     excluded columns among them: one pass over the block (the excluded columns are few, gathered)."""
-    above = torch.sum(scores > target, dim=1, dtype=torch.int32).long()
-    equal = torch.sum(scores == target, dim=1, dtype=torch.int32).long()
+    above, equal = _above_equal(scores, target)
     width = scores.shape[1]
     local = excluded - offset
     inside = (local >= 0) & (local < width) & first
@@ -119,17 +144,18 @@ def _counts(scores: torch.Tensor, target: torch.Tensor, excluded: torch.Tensor, 
 
 
 def _tiled_counts(u: torch.Tensor, item_table: torch.Tensor, t: torch.Tensor, in_history: torch.Tensor | None,
-                  excluded: torch.Tensor, first: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  excluded: torch.Tensor, first: torch.Tensor, tile: int, block: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The counts of rank_targets (other unmasked items scoring above / exactly as the target) over item tiles
-    of `tile` columns, never holding more than [batch, tile] scores. Two passes: the first takes each target's
-    score from the tile that holds it (the same product as the second pass's, so ties stay bit-identical), the
-    second counts, tile by tile, against it."""
+    of `tile` columns, never holding more than [batch, tile] scores (in `block`). Two passes: the first takes
+    each target's score from the tile that holds it (the same product as the second pass's, so ties stay
+    bit-identical; only the tiles holding a target are computed), the second counts, tile by tile, against it."""
     n = len(item_table)
     target = torch.empty(len(u), device=u.device, dtype=u.dtype)
     for a in range(0, n, tile):
         inside = ((t[:, 0] >= a) & (t[:, 0] < a + tile)).nonzero()[:, 0]
         if len(inside):  # the whole batch's product, as in the second pass: a subset's could round otherwise
-            scores = u @ item_table[a:a + tile].T
+            scores = _tile_product(u, item_table, a, tile, block)
             target[inside] = scores[inside].gather(1, t[inside] - a)[:, 0]
     target = target[:, None]
     if in_history is not None:
@@ -137,7 +163,13 @@ def _tiled_counts(u: torch.Tensor, item_table: torch.Tensor, t: torch.Tensor, in
     above = torch.zeros(len(u), dtype=torch.long, device=u.device)
     equal = torch.zeros_like(above)
     for a in range(0, n, tile):
-        more, same = _counts(u @ item_table[a:a + tile].T, target, excluded, first, a)   # [b, tile] scores
+        more, same = _counts(_tile_product(u, item_table, a, tile, block), target, excluded, first, a)
         above += more
         equal += same
     return above, equal
+
+
+def _tile_product(u: torch.Tensor, item_table: torch.Tensor, a: int, tile: int, block: torch.Tensor) -> torch.Tensor:
+    """The scores of the users `u` against items a .. a + tile, written into (a view of) `block`."""
+    part = item_table[a:a + tile]
+    return torch.mm(u, part.T, out=block[:len(u), :len(part)] if len(part) == block.shape[1] else None)

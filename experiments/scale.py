@@ -5,7 +5,8 @@ with a plot and a fitted growth exponent per figure.
 Each (size, mode, processes) is one `iisan train` child (one epoch, then the final evaluation; with 2
 processes under torchrun), its process tree sampled every 0.1 s for RssAnon (a process's own memory, not
 counting the page cache of a mapped file) and VmRSS: the peak of the largest process and of their sum. Every
-child runs at --threads torch threads per process (default 1: 2 processes then use the 2 cores). The report
+child uses the whole machine: --threads torch threads per process, by default the cores divided by the
+process count (on 2 cores: 1 process at 2 threads, 2 processes at 1 each). The report
 fits, per mode and process count, log(figure) against log(interactions) (epoch time) or log(items × users)
 (evaluation time): the slope is the growth exponent; and it compares each 2-process run's metrics with the
 1-process run's. The report is rewritten after every row and its JSON (reports/bench-scale.json, committed)
@@ -99,7 +100,8 @@ def growth(x: list[float], y: list[float]) -> float | None:
 
 
 def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: Path = Path("runs/bench-scale"),
-                out: Path = Path("reports"), log=print, procs: tuple[int, ...] = (1, 2), threads: int = 1) -> Path:
+                out: Path = Path("reports"), log=print, procs: tuple[int, ...] = (1, 2), threads: int | None = None
+                ) -> Path:
     import os
 
     need = sum(i * layers * dim * 2 for i, _ in sizes[-1:]) * (2 if "mmap" in modes else 1) * 1.2 / 2**30
@@ -111,7 +113,6 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
     kept = out / "bench-scale.json"  # committed: a later session (a fresh clone) continues from its rows
     done = json.loads(kept.read_text()).get("rows", []) if kept.is_file() else []
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     for items, users in sizes:
         name = f"synth-{items}-{users}"
         folder, cache = work / "data" / name, work / "cache"
@@ -122,15 +123,17 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
                             str(cache), "--force"], check=True, capture_output=True)
         for mode in modes:
             for n in procs:
+                per = threads or max(1, (os.cpu_count() or 1) // n)
+                env = {**os.environ, "OMP_NUM_THREADS": str(per), "MKL_NUM_THREADS": str(per)}
                 previous = [r for r in done if (r["items"], r["users"], r["mode"], r.get("processes", 1),
                                                 r.get("threads"), r.get("options")) ==
-                            (items, users, mode, n, threads, list(TRAIN_OPTIONS))]
+                            (items, users, mode, n, per, list(TRAIN_OPTIONS))]
                 if previous:
                     rows.append(previous[0])
                     log(f"{name} {mode} x{n}: measured before ({kept})")
                     continue
                 rows.append(_measure_row(folder, cache, work / "runs" / f"{mode}-{n}", name, items, users, mode, n,
-                                         threads, env, dim, layers, log))
+                                         per, env, dim, layers, log))
                 write_report(rows + [r for r in done if r not in rows], out, dim, layers)
     return write_report(rows + [r for r in done if r not in rows], out, dim, layers)
 
@@ -286,7 +289,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-scale"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--procs", default="1,2", help="process counts (torchrun past 1)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: the cores divided by the process count)")
     args = parser.parse_args()
     sizes = tuple(tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",") if s) or FULL
     try:

@@ -361,6 +361,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
     step = TrainStep.create(distributed_model(model, world, device), optimizer, split, device, world)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    latest = None  # (epoch, valid result) of this process's last epoch
     while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
         epoch = state.epoch + 1
         model.train()
@@ -378,6 +379,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
         start = time.perf_counter()
         valid = evaluate(model, split, "valid", cfg, world)
         eval_seconds = time.perf_counter() - start
+        latest = (epoch, valid)
         hr = valid.metrics["HR@10"]
         improved = hr > state.best_hr
         state.epoch = epoch
@@ -406,7 +408,11 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
     world.barrier()  # rank 0's best.safetensors is written
     best = load_file(folder / "best.safetensors", device=str(device))
     load_checkpoint_state(model, upgrade_checkpoint_keys(best, cfg) if version < 2 else best)
-    valid, test = evaluate(model, split, "valid", cfg, world), evaluate(model, split, "test", cfg, world)
+    # The best epoch's valid pass is the one just run when the best is the last epoch: the same weights, the
+    # same result (the evaluation is deterministic), so it is not computed twice.
+    valid = latest[1] if latest is not None and latest[0] == state.best_epoch else evaluate(model, split, "valid",
+                                                                                            cfg, world)
+    test = evaluate(model, split, "test", cfg, world)
     # Each user's rank and group, for intervals and paired comparisons over the users (the summary, studies).
     if world.main:
         np.savez_compressed(folder / "ranks.npz", valid=valid.ranks.numpy(), test=test.ranks.numpy(),
