@@ -100,8 +100,8 @@ def growth(x: list[float], y: list[float]) -> float | None:
 
 
 def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: Path = Path("runs/bench-scale"),
-                out: Path = Path("reports"), log=print, procs: tuple[int, ...] = (1, 2), threads: int | None = None
-                ) -> Path:
+                out: Path = Path("reports"), log=print, procs: tuple[int, ...] = (1, 2), threads: int | None = None,
+                control: bool = True) -> Path:
     import os
 
     need = sum(i * layers * dim * 2 for i, _ in sizes[-1:]) * (2 if "mmap" in modes else 1) * 1.2 / 2**30
@@ -125,7 +125,8 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
             for n in procs:
                 per = threads or max(1, (os.cpu_count() or 1) // n)
                 env = {**os.environ, "OMP_NUM_THREADS": str(per), "MKL_NUM_THREADS": str(per)}
-                previous = [r for r in done if (r["items"], r["users"], r["mode"], r.get("processes", 1),
+                previous = [r for r in done if not r.get("control") and (r["items"], r["users"], r["mode"],
+                                                                         r.get("processes", 1),
                                                 r.get("threads"), r.get("options")) ==
                             (items, users, mode, n, per, list(TRAIN_OPTIONS))]
                 if previous:
@@ -135,6 +136,21 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
                 rows.append(_measure_row(folder, cache, work / "runs" / f"{mode}-{n}", name, items, users, mode, n,
                                          per, env, dim, layers, log))
                 write_report(rows + [r for r in done if r not in rows], out, dim, layers)
+    cores = threads or os.cpu_count() or 1
+    if control and cores > 1 and 1 in procs and "memory" in modes:
+        # The smallest size once more at 1 thread: how far the float summation order alone (2 threads' sums
+        # against 1's) moves the metrics, the yardstick for the 2-process rows' differences.
+        items, users = sizes[0]
+        name = f"synth-{items}-{users}"
+        previous = [r for r in done if r.get("control") and (r["items"], r["users"], r.get("threads"),
+                                                            r.get("options")) == (items, users, 1, list(TRAIN_OPTIONS))]
+        if previous:
+            rows.append(previous[0])
+        else:
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            row = _measure_row(work / "data" / name, work / "cache", work / "runs" / "control", name, items, users,
+                               "memory", 1, 1, env, dim, layers, log)
+            rows.append({**row, "control": True})
     return write_report(rows + [r for r in done if r not in rows], out, dim, layers)
 
 
@@ -174,16 +190,18 @@ def _measure_row(folder: Path, cache: Path, runs: Path, name: str, items: int, u
 def _group(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
-        out.setdefault(f"{r['mode']} x{r.get('processes', 1)}", []).append(r)
+        if not r.get("control"):  # the thread-count control is no point of the ladder
+            out.setdefault(f"{r['mode']} x{r.get('processes', 1)}", []).append(r)
     return out
 
 
 def _same_as_one(row: dict, rows: list[dict]) -> str:
-    """For a multi-process row: whether its test metrics equal the 1-process run's of the same size and mode."""
-    if row.get("processes", 1) == 1:
+    """For a multi-process row (and the 1-thread control): whether its test metrics equal those of the
+    1-process run of the same size and mode."""
+    if row.get("processes", 1) == 1 and not row.get("control"):
         return ""
     one = [r for r in rows if (r["items"], r["users"], r["mode"], r.get("processes", 1)) ==
-           (row["items"], row["users"], row["mode"], 1)]
+           (row["items"], row["users"], row["mode"], 1) and not r.get("control")]
     if not one:
         return "no 1-process run"
     if one[0].get("test") == row.get("test"):
@@ -216,7 +234,17 @@ def targets(rows: list[dict], fits: dict) -> list[str]:
         same = [_same_as_one(r, rows) == "equal" for r in multi]
         out.append(f"- 2 processes give the metrics of 1: {sum(same)} of {len(same)} runs equal — "
                    f"{'holds' if all(same) else 'missed'}")
+    for r in rows:
+        if r.get("control"):
+            out.append(f"- for scale (no target): 1 process at 1 thread instead of {_threads_of_one(r, rows)} at "
+                       f"{r['items']:,} items: {_same_as_one(r, rows)}")
     return out
+
+
+def _threads_of_one(row: dict, rows: list[dict]) -> str:
+    one = [r for r in rows if (r["items"], r["users"], r["mode"], r.get("processes", 1)) ==
+           (row["items"], row["users"], row["mode"], 1) and not r.get("control")]
+    return str(one[0].get("threads")) if one else "?"
 
 
 def write_report(rows: list[dict], out: Path, dim: int, layers: int) -> Path:
@@ -259,14 +287,15 @@ def write_report(rows: list[dict], out: Path, dim: int, layers: int) -> Path:
     plt.close(fig)
     lines = ["# Scale bench: cost against size (synthetic data)", "",
              f"- command: `{meta['command']}`", f"- commit {meta['commit']}, {meta['date']}; {meta['device']}, "
-             f"{', '.join(map(str, threads))} torch thread(s) per process; states {layers} x {dim}, fp16; one "
-             "epoch, then the final evaluation (s / evaluation: the mean of the epoch's valid pass and the "
-             f"final valid and test passes); every run with `{' '.join(TRAIN_OPTIONS)}`", "",
-             "| items | users | interactions | mode | processes | states (GiB) | s / epoch | s / evaluation "
-             "| peak RssAnon per process (MiB) | peak RssAnon, all (MiB) | peak VmRSS (MiB) | test HR@10 "
-             "| metrics vs 1 process |", "|---" * 13 + "|"]
+             f"each row on the whole machine (torch threads per process: cores / processes); states {layers} x "
+             f"{dim}, fp16; one epoch, then the test pass (s / evaluation: the epoch's full-ranking valid pass "
+             f"over every user and item); every run with `{' '.join(TRAIN_OPTIONS)}`; commit / date: the "
+             "report's, each row's own commit is in the JSON", "",
+             "| items | users | interactions | mode | processes | threads each | states (GiB) | s / epoch "
+             "| s / evaluation | peak RssAnon per process (MiB) | peak RssAnon, all (MiB) | peak VmRSS (MiB) "
+             "| test HR@10 | metrics vs 1 process |", "|---" * 14 + "|"]
     lines += [f"| {r['items']:,} | {r['users']:,} | {r['interactions']:,} | {r['mode']} | {r.get('processes', 1)} "
-              f"| {r['state_gib']:.2f} | {r['epoch_seconds']:.1f} | {r['eval_seconds']:.1f} "
+              f"| {r.get('threads', '')}{' (control)' if r.get('control') else ''} | {r['state_gib']:.2f} | {r['epoch_seconds']:.1f} | {r['eval_seconds']:.1f} "
               f"| {r['peak_rss_anon_mib']:,.0f} | {r.get('total_rss_anon_mib', r['peak_rss_anon_mib']):,.0f} "
               f"| {r['peak_rss_mib']:,.0f} | {100 * r['test_HR@10']:.2f} | {_same_as_one(r, rows)} |" for r in rows]
     lines += ["", "Growth exponents (slope of log figure against log size):", ""]

@@ -3,6 +3,7 @@ and trains exactly as the in-memory mode; evaluation in item tiles ranks exactly
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -124,3 +125,25 @@ def test_the_scale_bench_fits_exponents_and_samples_anonymous_memory():
     # a child that holds 300 MiB of its own memory for a moment: the sampler sees it in RssAnon
     result, peaks = measure([sys.executable, "-c", "import time; b = bytearray(300 * 2**20); time.sleep(1.0)"])
     assert result.returncode == 0 and peaks["RssAnon"] >= 290 and peaks["VmRSS"] >= peaks["RssAnon"]
+
+
+def test_the_scale_report_compares_process_counts_and_keeps_the_control_out_of_the_fits(tmp_path):
+    from iisan.experiments.scale import write_report
+
+    def row(items, mode, procs, threads, hr, epoch, **extra):
+        return {"items": items, "users": items // 5, "interactions": items * 2, "mode": mode, "processes": procs,
+                "threads": threads, "epoch_seconds": epoch, "eval_seconds": 1.0, "peak_rss_anon_mib": 900.0,
+                "peak_rss_mib": 1000.0, "test_HR@10": hr, "test": {"HR@10": hr, "NDCG@10": hr / 2},
+                "state_gib": 0.1, **extra}
+
+    rows = [row(1000, "memory", 1, 2, 0.30, 10.0), row(1000, "memory", 2, 1, 0.30, 12.0),
+            row(2000, "memory", 1, 2, 0.40, 20.0), row(2000, "memory", 2, 1, 0.4005, 24.0),
+            row(1000, "memory", 1, 1, 0.3002, 99.0, control=True)]
+    report = json.loads((write_report(rows, tmp_path, 8, 2).with_suffix(".json")).read_text())
+    # the control's 99 s would bend the 1-process fit: it is left out (10 s -> 20 s over 2x interactions)
+    assert report["growth"]["memory x1"]["epoch_seconds"] == pytest.approx(1.0)
+    assert "- 2 processes give the metrics of 1: 1 of 2 runs equal — missed" in report["targets"]
+    assert ("- for scale (no target): 1 process at 1 thread instead of 2 at 1,000 items: differs (max 0.020 "
+            "points)") in report["targets"]
+    text = (tmp_path / "bench-scale.md").read_text()
+    assert "| 2,000 | 400 | 4,000 | memory | 2 | 1 | 0.10 | 24.0 |" in text and "1 (control)" in text
