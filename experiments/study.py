@@ -52,7 +52,7 @@ import numpy as np
 import yaml
 
 from iisan.errors import IisanError
-from iisan.evaluate.report import per_user
+from iisan.evaluate.report import bootstrap_means, per_user
 from iisan.registry import REPO_ROOT, load_registry
 from iisan.runtime import git_commit
 
@@ -267,8 +267,7 @@ def paired_test(ref: np.ndarray, other: np.ndarray, samples: int = PAIRED_SAMPLE
     diff = other - ref
     if not diff.any():
         return 1.0
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    means = bootstrap_means(diff, samples, seed)
     side = (means <= 0).mean() if diff.mean() > 0 else (means >= 0).mean()
     return float(min(1.0, 2 * side))
 

@@ -109,3 +109,17 @@ def test_bootstrap_interval_of_a_mean():
     ranks = np.array([1, 3, 10, 11])
     assert per_user(ranks, "HR@10").tolist() == [1, 1, 1, 0]
     assert np.allclose(per_user(ranks, "NDCG@10"), [1, 0.5, 1 / np.log2(11), 0])
+
+
+@pytest.mark.parametrize("n, block", [(1, 4), (37, 100), (500, 4 * 500 + 3)])
+def test_bootstrap_means_drawn_in_blocks_equal_one_draw(monkeypatch, n, block):
+    """Resampling in blocks (bounded memory) gives the means of one [samples, n] draw, bit for bit."""
+    import numpy as np
+
+    import iisan.evaluate.report as report
+
+    values = np.random.default_rng(3).random(n)
+    rng = np.random.default_rng(7)
+    whole = values[rng.integers(0, n, size=(11, n))].mean(axis=1)
+    monkeypatch.setattr(report, "BOOTSTRAP_BLOCK", block)   # 4, 2 and 4 resamples per block
+    assert np.array_equal(report.bootstrap_means(values, 11, seed=7), whole)
