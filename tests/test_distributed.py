@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -241,10 +242,11 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "seed-12345" / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["iisan", "iisan-hybrid"])
-def test_two_processes_train_as_one(env, tmp_path, method):
-    one = Path(_train_cli(env, tmp_path / "one", 1, "--method", method).stdout.strip())
-    result = _train_cli(env, tmp_path / "two", 2, "--method", method)
+@pytest.mark.parametrize("method, extra", [("iisan", ()), ("iisan-hybrid", ()),
+                                           ("iisan", ("--eval-item-tile", "7"))])  # tiled: users in target order
+def test_two_processes_train_as_one(env, tmp_path, method, extra):
+    one = Path(_train_cli(env, tmp_path / "one", 1, "--method", method, *extra).stdout.strip())
+    result = _train_cli(env, tmp_path / "two", 2, "--method", method, *extra)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1  # rank 0 answers, once
     two = Path(lines[0])
