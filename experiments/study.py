@@ -762,6 +762,7 @@ def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
         passed = False
         log(f"{exp_name}/{label}: in the committed study, not in the plan now")
     log(f"check {'passed' if passed else 'FAILED'}: {sum(len(e['rows']) for e in fresh['experiments'])} rows, "
-        f"{'same' if same_machine else 'another'} machine than the committed run ({fresh['machine']['device']}, "
+        f"{'the same machine as' if same_machine else 'another machine than'} the committed run "
+        f"({fresh['machine']['device']}, "
         f"{fresh['machine']['threads']} threads)")
     return passed
