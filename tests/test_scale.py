@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,8 +77,6 @@ def test_item_tiles_give_the_metrics_of_the_whole_row(env, cache, tmp_path):
     assert tiled["seeds"][0]["test"] == whole["seeds"][0]["test"]
     assert tiled["seeds"][0]["ties"]["test_tied"] == whole["seeds"][0]["ties"]["test_tied"]
     # tiled, the users are scored in target order (evaluate): each user's rank comes back to its own row
-    import numpy as np
-
     ranks = [np.load(next(Path(d).rglob("ranks.npz"))) for d in (tmp_path / "whole", tmp_path / "tiled")]
     for split in ("valid", "test"):
         assert np.array_equal(ranks[0][split], ranks[1][split]) and ranks[0][split].std() > 0

@@ -234,14 +234,14 @@ def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig,
                        for i in range(0, len(mine), cfg.eval_batch_size)] or [table[:0]])
     result = rank_targets(users, table, targets[a:b], history[a:b], cfg.faithful, cfg.eval_batch_size,
                           ties=cfg.ties, item_tile=cfg.eval_item_tile)
+    ranks, tied = result.ranks, result.tied
     if world.distributed:
-        ranks = world.gather_rows(result.ranks.to(device), rows).cpu()  # (NCCL gathers device tensors)
-        tied = int(world.sum(torch.tensor(result.tied, device=device)))
+        ranks = world.gather_rows(ranks.to(device), rows).cpu()  # (NCCL gathers device tensors)
+        tied = int(world.sum(torch.tensor(tied, device=device)))
+    if order is not None:  # back in the split's user order
+        ranks = torch.empty_like(ranks).index_copy_(0, order, ranks)
+    if world.distributed or order is not None:  # the metrics of every user, summed in the split's order
         result = RankingResult(ranks, metrics_from_ranks(ranks), result.ties, tied)
-    if order is not None:  # back in the split's user order (and the metrics summed in it)
-        ranks = torch.empty_like(result.ranks)
-        ranks[order] = result.ranks
-        result = RankingResult(ranks, metrics_from_ranks(ranks), result.ties, result.tied)
     result.warm = torch.from_numpy(split.warm_targets(which))
     return result
 
