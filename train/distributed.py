@@ -197,8 +197,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def leave(world: World) -> None:
+def leave(world: World, finished: bool = False) -> None:
+    """Leave the process group. After a finished run, the ranks first meet, so that none closes its
+    connections while another's gloo threads still use them (a rank that left early could make the last one
+    abort at exit: "terminate called without an active exception"); the autograd graphs that still hold
+    collective work are collected while the interpreter is alive."""
     if world.distributed and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
+        import gc
+
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 

@@ -543,11 +543,14 @@ def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print,
         if world.distributed:
             log(f"training on {world.size} processes ({'NCCL' if pick_device(cfg.device).type == 'cuda' else 'gloo'})"
                 f", global batch {cfg.batch_size}")
+    finished = False
     try:
         with collective_errors(world):
-            return _train_seeds(cfg, world, run_dir, version, log, on_epoch)
+            result = _train_seeds(cfg, world, run_dir, version, log, on_epoch)
+        finished = True
+        return result
     finally:
-        leave(world)
+        leave(world, finished)
 
 
 def _train_seeds(cfg: TrainConfig, world: World, run_dir: Path, version: int, log,
