@@ -206,14 +206,19 @@ def _same_as_one(row: dict, rows: list[dict]) -> str:
     1-process run of the same size and mode."""
     if row.get("processes", 1) == 1 and not row.get("control"):
         return ""
-    one = [r for r in rows if (r["items"], r["users"], r["mode"], r.get("processes", 1)) ==
-           (row["items"], row["users"], row["mode"], 1) and not r.get("control")]
-    if not one:
+    one = _one_process_row(row, rows)
+    if one is None:
         return "no 1-process run"
-    if one[0].get("test") == row.get("test"):
+    if one.get("test") == row.get("test"):
         return "equal"
-    moved = max(abs(one[0]["test"][k] - row["test"][k]) for k in row["test"])
+    moved = max(abs(one["test"][k] - row["test"][k]) for k in row["test"])
     return f"differs (max {100 * moved:.3f} points)"
+
+
+def _one_process_row(row: dict, rows: list[dict]) -> dict | None:
+    """The ladder's 1-process run (not the control) of the row's size and mode."""
+    return next((r for r in rows if (r["items"], r["users"], r["mode"], r.get("processes", 1)) ==
+                 (row["items"], row["users"], row["mode"], 1) and not r.get("control")), None)
 
 
 def targets(rows: list[dict], fits: dict) -> list[str]:
@@ -225,7 +230,7 @@ def targets(rows: list[dict], fits: dict) -> list[str]:
             out.append(f"- epoch time linear in interactions ({group}): exponent {e:.2f} "
                        f"{'≤' if e <= 1.1 else '>'} 1.1 — {'holds' if e <= 1.1 else 'missed'}")
     largest = max((r["items"] for r in rows), default=0)
-    big = {(r["mode"], r.get("processes", 1)): r for r in rows if r["items"] == largest}
+    big = {(r["mode"], r.get("processes", 1)): r for r in rows if r["items"] == largest and not r.get("control")}
     if ("mmap", 1) in big:
         m = big[("mmap", 1)]
         ok = m["peak_rss_anon_mib"] <= 2048
@@ -242,15 +247,10 @@ def targets(rows: list[dict], fits: dict) -> list[str]:
                    f"{'holds' if all(same) else 'missed'}")
     for r in rows:
         if r.get("control"):
-            out.append(f"- for scale (no target): 1 process at 1 thread instead of {_threads_of_one(r, rows)} at "
-                       f"{r['items']:,} items: {_same_as_one(r, rows)}")
+            one = _one_process_row(r, rows)
+            out.append(f"- for scale (no target): 1 process at 1 thread instead of "
+                       f"{one.get('threads') if one else '?'} at {r['items']:,} items: {_same_as_one(r, rows)}")
     return out
-
-
-def _threads_of_one(row: dict, rows: list[dict]) -> str:
-    one = [r for r in rows if (r["items"], r["users"], r["mode"], r.get("processes", 1)) ==
-           (row["items"], row["users"], row["mode"], 1) and not r.get("control")]
-    return str(one[0].get("threads")) if one else "?"
 
 
 def write_report(rows: list[dict], out: Path, dim: int, layers: int) -> Path:
