@@ -160,7 +160,8 @@ def _tiled_counts(u: torch.Tensor, item_table: torch.Tensor, t: torch.Tensor, in
         inside = ((t[:, 0] >= a) & (t[:, 0] < a + tile)).nonzero()[:, 0]
         if len(inside):  # the whole batch's product, as in the second pass: a subset's could round otherwise
             scores = _tile_product(u, item_table, a, tile, block)
-            target[inside] = scores[inside].gather(1, t[inside] - a)[:, 0]
+            # each row's own column (clamped for the rows outside, which are dropped), not a copy of their rows
+            target[inside] = scores.gather(1, (t - a).clamp(0, scores.shape[1] - 1))[inside, 0]
             kept = (a, scores)
     target = target[:, None]
     if in_history is not None:
@@ -180,6 +181,7 @@ def _tiled_counts(u: torch.Tensor, item_table: torch.Tensor, t: torch.Tensor, in
 
 
 def _tile_product(u: torch.Tensor, item_table: torch.Tensor, a: int, tile: int, block: torch.Tensor) -> torch.Tensor:
-    """The scores of the users `u` against items a .. a + tile, written into (a view of) `block`."""
+    """The scores of the users `u` against items a .. a + tile, written into `block`'s memory (a contiguous
+    [users, items] view of it, also for the last, narrower tile: no fresh block per batch)."""
     part = item_table[a:a + tile]
-    return torch.mm(u, part.T, out=block[:len(u), :len(part)] if len(part) == block.shape[1] else None)
+    return torch.mm(u, part.T, out=block.view(-1)[:len(u) * len(part)].view(len(u), len(part)))

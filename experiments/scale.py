@@ -207,11 +207,14 @@ def _same_as_one(row: dict, rows: list[dict]) -> str:
     if row.get("processes", 1) == 1 and not row.get("control"):
         return ""
     one = _one_process_row(row, rows)
-    if one is None:
-        return "no 1-process run"
-    if one.get("test") == row.get("test"):
+    return "no 1-process run" if one is None else _compare(row, one)
+
+
+def _compare(row: dict, other: dict) -> str:
+    """Whether two runs' test metrics are equal, else by how much the furthest one moved."""
+    if other.get("test") == row.get("test"):
         return "equal"
-    moved = max(abs(one["test"][k] - row["test"][k]) for k in row["test"])
+    moved = max(abs(other["test"][k] - row["test"][k]) for k in row["test"])
     return f"differs (max {100 * moved:.3f} points)"
 
 
@@ -250,6 +253,12 @@ def targets(rows: list[dict], fits: dict) -> list[str]:
             one = _one_process_row(r, rows)
             out.append(f"- for scale (no target): 1 process at 1 thread instead of "
                        f"{one.get('threads') if one else '?'} at {r['items']:,} items: {_same_as_one(r, rows)}")
+            # The same threads per process on both sides: what the process count alone moves.
+            two = next((m for m in multi if (m["items"], m["users"], m["mode"], m.get("threads")) ==
+                        (r["items"], r["users"], r["mode"], r.get("threads"))), None)
+            if two is not None:
+                out.append(f"- for scale (no target): {two.get('processes')} processes against 1 process, both at "
+                           f"{r.get('threads')} thread(s) each, at {r['items']:,} items: {_compare(two, r)}")
     return out
 
 

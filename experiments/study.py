@@ -277,14 +277,26 @@ def _seed_ranks(run_dir: Path) -> list[np.ndarray] | None:
     return [np.load(f)["test"] for f in files] if files else None
 
 
+def run_seconds(experiments: list[dict[str, Any]]) -> float:
+    """The training time of a study's finished rows, each run once (a run two experiments share counts once),
+    summed over the sessions that ran them: the plan's cost, where a session's wall time holds only its own."""
+    runs = {r["run_dir"]: r.get("run_seconds", 0.0) for e in experiments for r in e["rows"]
+            if r.get("status") == "ok" and r.get("run_dir")}
+    return float(sum(runs.values()))
+
+
 def row_result(run_dir: Path) -> dict[str, Any]:
     report = json.loads((run_dir / "report.json").read_text())
     ranks = _seed_ranks(run_dir)
     out: dict[str, Any] = {"run_dir": str(run_dir), "seeds": len(report["seeds"]),
                            "test": report["test"], "valid": report["valid"], "groups": report.get("groups"),
                            "seconds_per_epoch": float(np.mean([s["seconds_per_epoch"] for s in report["seeds"]])),
+                           # its seeds' epochs and valid passes, in whichever session ran them
+                           "run_seconds": float(sum(s["epochs"] * (s["seconds_per_epoch"] + s["seconds_per_evaluation"])
+                                                    for s in report["seeds"])),
                            "trainable_parameters": report["seeds"][0]["trainable_parameters"],
-                           "threads": sorted({s["threads"] for s in report["seeds"] if "threads" in s}) or None}
+                           "threads": sorted({s["threads"] for s in report["seeds"] if "threads" in s}) or None,
+                           "others_cpu_share": others_share(run_dir)}
     if ranks is not None:
         out["test"]["MRR"] = {"mean": float(np.mean([np.mean(1.0 / r) for r in ranks])),
                               "std": float(np.std([np.mean(1.0 / r) for r in ranks], ddof=1)) if len(ranks) > 1 else 0.0}
@@ -397,7 +409,51 @@ def evaluate_claims(plan: Plan, results: dict[tuple[str, str], dict[str, Any]]) 
 
 # Fields that say where a run lived, not what it computed: a record matches a row whatever they are.
 LOCAL_FIELDS = ("out", "cache", "progress")
-RUN_RECORD = ("config.json", "report.json", "provenance.json")
+RUN_RECORD = ("config.json", "report.json", "provenance.json", "study-load.json")
+# A row's timings count as taken under contention when other processes used more than this share of the
+# machine's CPU while it ran (the paper plan may run in the background while a session works on something else).
+CONTENDED = 0.10
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat; None where there is none)."""
+    import os
+
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def note_load(run_dir: Path, seconds: float, busy: float | None, own: float) -> None:
+    """Append one invocation of a row's run to its study-load.json: its wall seconds and the share of the
+    machine's CPU that other processes used meanwhile (`busy`: the machine's busy CPU seconds over it, `own`:
+    the run's)."""
+    import os
+
+    path = run_dir / "study-load.json"
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    share = None if busy is None or seconds <= 0 else max(0.0, busy - own) / (seconds * (os.cpu_count() or 1))
+    entries.append({"seconds": seconds, "others_cpu_share": share})
+    path.write_text(json.dumps(entries, indent=2))
+
+
+def others_share(run_dir: Path) -> float | None:
+    """The time-weighted share of the machine's CPU other processes used while a row's run ran (None: not
+    measured, e.g. a run made before this was recorded)."""
+    path = run_dir / "study-load.json"
+    entries = [e for e in (json.loads(path.read_text()) if path.is_file() else []) if e.get("others_cpu_share") is not None]
+    total = sum(e["seconds"] for e in entries)
+    return sum(e["seconds"] * e["others_cpu_share"] for e in entries) / total if total > 0 else None
 SEED_RECORD = ("report.json", "ranks.npz", "metrics.jsonl")
 
 
@@ -522,12 +578,16 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
     ensure_caches(plan, log, [(exp, row) for exp, row, _ in todo])
     start = time.perf_counter()
     for n, (exp, row, cfg) in enumerate(todo, 1):
-        began = time.perf_counter()
+        began, busy, own = time.perf_counter(), machine_busy_seconds(), children_cpu_seconds()
         args = row.args(plan.seeds, runs)
         try:
             child = subprocess.run([sys.executable, "-m", "iisan.cli", *args], capture_output=True, text=True, env=env)
         finally:  # also when interrupted: the finished seeds go into the record
             found = matching_run(cfg)
+            if found is not None and (found / "config.json").is_file():
+                after = machine_busy_seconds()
+                note_load(found, time.perf_counter() - began, None if busy is None or after is None else after - busy,
+                          children_cpu_seconds() - own)
             kept = keep_record(found, root) if found is not None else None
         took = time.perf_counter() - began
         done = time.perf_counter() - start
@@ -566,10 +626,17 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
                                 "command": command, "commit": git_commit(),
                                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                 "machine": machine(threads), "wall_seconds": time.perf_counter() - start,
+                                "run_seconds": run_seconds(experiments),
                                 "experiments": experiments, "claims": evaluate_claims(plan, results)},
                                indent=2, default=str))
     log(f"wrote {path}")
     return path
+
+
+def contended(row: dict[str, Any]) -> str:
+    """' †' where a row's timings were taken under contention, else ''."""
+    share = row.get("others_cpu_share")
+    return " †" if row.get("status") == "ok" and share is not None and share > CONTENDED else ""
 
 
 def percent(metric: dict[str, Any] | None, seeds: int) -> str:
@@ -589,7 +656,9 @@ def render(json_path: Path, out: Path | None = None) -> Path:
     lines = [f"# Study: {study['plan']}", "",
              f"- command: `{study.get('command') or 'iisan study run --plan ' + study['plan']}`",
              f"- commit {study['commit']}, {study['date']}; wall time {study['wall_seconds'] / 60:.1f} min "
-             f"(runs reused from earlier sessions count as their reporting time only)"]
+             f"(runs reused from earlier sessions count as their reporting time only)"
+             + (f"; its runs' training time, each run once, over every session that ran them: "
+                f"{study['run_seconds'] / 3600:.1f} h" if study.get("run_seconds") else "")]
     if where:
         pinned = " (pinned)" if where.get("pinned_threads") else ""
         lines.append(f"- device: {where['device']}; {where['threads']} threads{pinned}; torch {where['torch']}, "
@@ -598,7 +667,12 @@ def render(json_path: Path, out: Path | None = None) -> Path:
              f"- seeds per row: {study['seeds']}; metrics in percent, mean ± std over seeds (the mean alone for one seed); p: paired bootstrap "
              f"over users of the seed-averaged HR@10 / NDCG@10 against the reference row ({PAIRED_SAMPLES:,} "
              f"resamples, seed 0), * where p < 0.05; a row \"carried from\" a commit was measured by that earlier "
-             f"run of the plan and left out of this one (`--dataset` / `--experiment`)", ""]
+             f"run of the plan and left out of this one (`--dataset` / `--experiment`)"]
+    if any(contended(r) for e in study["experiments"] for r in e["rows"]):
+        lines.append(f"- † s/epoch taken under contention: other processes used more than {CONTENDED:.0%} of the "
+                     "machine's CPU while the row ran (the share is in the JSON, `others_cpu_share`); such "
+                     "timings are high, the metrics are not affected")
+    lines.append("")
     if study.get("claims"):
         lines += ["## The papers' claims, here", ""] + [claim_line(c) for c in study["claims"]] + [""]
 
@@ -626,7 +700,7 @@ def render(json_path: Path, out: Path | None = None) -> Path:
                          f"{mark['NDCG@10']} | {percent(t.get('HR@5'), n)} | {percent(t.get('HR@20'), n)} | "
                          f"{percent(t.get('NDCG@5'), n)} | {percent(t.get('NDCG@20'), n)} | {percent(t.get('MRR'), n)} | "
                          f"{group(groups.get('warm'))} | "
-                         f"{group(groups.get('cold'))} | {row['seconds_per_epoch']:.1f} |")
+                         f"{group(groups.get('cold'))} | {row['seconds_per_epoch']:.1f}{contended(row)} |")
         lines.append("")
     pictures = plots(study, out)
     if pictures:

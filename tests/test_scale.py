@@ -150,5 +150,48 @@ def test_the_scale_report_compares_process_counts_and_keeps_the_control_out_of_t
     assert "- 2 processes give the metrics of 1: 1 of 2 runs equal — missed" in report["targets"]
     assert ("- for scale (no target): 1 process at 1 thread instead of 2 at 1,000 items: differs (max 0.020 "
             "points)") in report["targets"]
+    # 2 processes at 1 thread each against the control, 1 process at 1 thread: 0.30 against 0.3002
+    assert ("- for scale (no target): 2 processes against 1 process, both at 1 thread(s) each, at 1,000 items: "
+            "differs (max 0.020 points)") in report["targets"]
     text = (tmp_path / "bench-scale.md").read_text()
     assert "| 2,000 | 400 | 4,000 | memory | 2 | 1 | 0.10 | 24.0 |" in text and "1 (control)" in text
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="madvise / mincore: Linux")
+def test_read_ahead_brings_a_mapped_files_pages_into_memory_without_touching_them(tmp_path):
+    import ctypes
+    import mmap
+    import os
+    import time
+
+    from iisan.cache_store.reader import READ_AHEAD_STEP, read_ahead
+
+    path = tmp_path / "states.npy"
+    values = np.arange(1100 * 7 * 384, dtype=np.float32).astype(np.float16).reshape(-1, 7, 384)  # 5.6 MiB
+    np.save(path, values)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # its clean pages dropped from the page cache
+    os.close(fd)
+    tensor = torch.from_numpy(np.lib.format.open_memmap(path, mode="r+"))
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def resident() -> float:
+        start = tensor.data_ptr() - tensor.data_ptr() % mmap.PAGESIZE
+        length = tensor.data_ptr() + tensor.numel() * 2 - start
+        vec = (ctypes.c_ubyte * -(-length // mmap.PAGESIZE))()
+        assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) == 0
+        return sum(v & 1 for v in vec) / len(vec)
+
+    if resident() > 0.5:
+        pytest.skip("the page cache kept the file's pages after POSIX_FADV_DONTNEED")
+    assert tensor.numel() * 2 > 8 * READ_AHEAD_STEP
+    assert not read_ahead(tensor, share=1e-12)  # more than that share of the memory available: nothing asked
+    assert resident() < 0.5
+    assert read_ahead(tensor)
+    for _ in range(100):  # asynchronous: the reads finish behind the calls
+        if resident() == 1.0:
+            break
+        time.sleep(0.05)
+    assert resident() == 1.0
+    assert torch.equal(tensor, torch.from_numpy(values))

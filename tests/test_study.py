@@ -4,6 +4,7 @@ before anything runs."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,16 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
     assert claim["values"] == values and claim["holds"] == (values[0] > values[1]) and 0 <= claim["p"] <= 1
     assert study["machine"]["threads"] >= 1 and study["machine"]["torch"]
     assert all(isinstance(r["threads"], list) and r["threads"][0] >= 1 for r in rows)  # per row, as each ran
+    # the plan's cost: each row's seeds' epochs and valid passes, from its report, summed over the rows
+    seconds = [sum(s["epochs"] * (s["seconds_per_epoch"] + s["seconds_per_evaluation"]) for s in
+                   json.loads((Path(r["run_dir"]) / "report.json").read_text())["seeds"]) for r in rows]
+    assert [r["run_seconds"] for r in rows] == pytest.approx(seconds)
+    assert study["run_seconds"] == pytest.approx(sum(seconds)) and study["run_seconds"] > 0
+    # the load of the machine while each row ran is measured and kept with the run (and so in the record)
+    assert all(0 <= r["others_cpu_share"] <= 1.05 for r in rows)
+    assert all(len(json.loads((Path(r["run_dir"]) / "study-load.json").read_text())) == 1 for r in rows)
     table = (tmp_path / "reports" / "study-toy.md").read_text()
+    assert f"every session that ran them: {study['run_seconds'] / 3600:.1f} h" in table
     verdict = "holds" if claim["holds"] else "does not hold"
     assert (f"- **the inter tower helps** (methods): {verdict} — test HR@10 iisan {100 * values[0]:.2f} vs no inter "
             f"{100 * values[1]:.2f} ({100 * (values[0] - values[1]):+.2f}, paired p {claim['p']:.3f}); "
@@ -111,6 +121,19 @@ def test_bad_readme_blocks_are_named(tmp_path, text, message):
     with pytest.raises(ReadmeError, match=message.replace("|", r"\|")):
         update_readme(tmp_path / "README.md")
     assert (tmp_path / "README.md").read_text() == text
+
+
+def test_timings_taken_under_contention_are_marked(tmp_path):
+    from iisan.experiments.study import contended, note_load, others_share
+
+    assert others_share(tmp_path) is None  # a run from before the load was recorded
+    note_load(tmp_path, 100.0, busy=150.0, own=50.0)  # others: 100 of 100 s x the machine's cores
+    note_load(tmp_path, 300.0, busy=None, own=0.0)     # not measured: left out of the mean
+    note_load(tmp_path, 300.0, busy=300.0, own=300.0)  # alone on the machine
+    cores = os.cpu_count() or 1
+    assert others_share(tmp_path) == pytest.approx((100 * (1 / cores) + 300 * 0.0) / 400)
+    assert contended({"status": "ok", "others_cpu_share": 0.25}) == " †"
+    assert contended({"status": "ok", "others_cpu_share": 0.05}) == "" == contended({"status": "ok"})
 
 
 def test_paired_test():
@@ -248,7 +271,7 @@ def test_the_record_resumes_a_study_on_a_fresh_clone(env, tmp_path, monkeypatch)
     record = Path("reports/study-toy/toy")
     kept = sorted(str(p.relative_to(record)).split("/", 1)[1] for p in record.rglob("*") if p.is_file())
     per_seed = ["metrics.jsonl", "ranks.npz", "report.json"]
-    assert kept == sorted(["config.json", "provenance.json", "report.json"] * 3
+    assert kept == sorted(["config.json", "provenance.json", "report.json", "study-load.json"] * 3
                           + [f"seed-{s}/{f}" for s in (12345, 12346) for f in per_seed] * 2
                           + [f"seed-12345/{f}" for f in per_seed])  # no checkpoints
     assert all(Path(r["run_dir"]).parent == record for r in rows)
@@ -271,6 +294,7 @@ def test_the_record_resumes_a_study_on_a_fresh_clone(env, tmp_path, monkeypatch)
     assert (resumed / "seed-12346" / "best.safetensors").is_file()
     assert third["experiments"][0]["rows"][1]["test"] == rows[1]["test"]  # same threads: bit-identical
     assert (partial / "report.json").is_file() and (partial / "seed-12346" / "ranks.npz").is_file()  # recorded
+    assert len(json.loads((partial / "study-load.json").read_text())) == 2  # the machine's load, both sessions
 
     # --finished-only trains nothing: a row whose run is unfinished is marked not run, its finished seeds recorded
     record_dir = Path(rows[0]["run_dir"])
@@ -280,7 +304,7 @@ def test_the_record_resumes_a_study_on_a_fresh_clone(env, tmp_path, monkeypatch)
     output, handed = study("runs-1", "--finished-only")
     first_row = handed["experiments"][0]["rows"][0]
     assert first_row["status"] == "not run" and first_row["log_tail"] == ["unfinished: 1 of 2 seed(s) done (in the record)"]
-    assert sorted(p.name for p in record_dir.iterdir()) == ["config.json", "provenance.json", "seed-12345"]
+    assert sorted(p.name for p in record_dir.iterdir()) == ["config.json", "provenance.json", "seed-12345", "study-load.json"]
     assert handed["experiments"][0]["rows"][1]["test"] == rows[1]["test"]  # finished: reported
     output, resumed_again = study("runs-5")  # a later session: restored from the record, seed 12346 trained
     assert resumed_again["experiments"][0]["rows"][0]["test"] == rows[0]["test"]

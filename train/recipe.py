@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from iisan import __version__
+from iisan.cache_store.reader import read_ahead
 from iisan.data.dataset import Dataset, load_dataset
 from iisan.data.protocol import ProtocolConfig, SplitData
 from iisan.errors import IisanError
@@ -374,6 +375,9 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
     latest = None  # (epoch, valid result) of this process's last epoch
     while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
         epoch = state.epoch + 1
+        if cfg.cache_mode == "mmap":  # the mapped states' pages read ahead, where they fit in memory
+            for x in s.slots.values():
+                read_ahead(x.states)
         model.train()
         start, total, steps = time.perf_counter(), 0.0, 0
         batches = list(train_batches(split, cfg.batch_size, generator))
