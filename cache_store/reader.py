@@ -218,6 +218,8 @@ def read_ahead(tensor: torch.Tensor, share: float = 0.5) -> bool:
     import mmap
 
     size = tensor.numel() * tensor.element_size()
+    if tensor.device.type != "cpu":  # (states moved to a GPU: nothing mapped to advise)
+        return False
     try:
         available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                          if line.startswith("MemAvailable:"))

@@ -410,6 +410,7 @@ def evaluate_claims(plan: Plan, results: dict[tuple[str, str], dict[str, Any]]) 
 # Fields that say where a run lived, not what it computed: a record matches a row whatever they are.
 LOCAL_FIELDS = ("out", "cache", "progress")
 RUN_RECORD = ("config.json", "report.json", "provenance.json", "study-load.json")
+SEED_RECORD = ("report.json", "ranks.npz", "metrics.jsonl")
 # A row's timings count as taken under contention when other processes used more than this share of the
 # machine's CPU while it ran (the paper plan may run in the background while a session works on something else).
 CONTENDED = 0.10
@@ -454,7 +455,6 @@ def others_share(run_dir: Path) -> float | None:
     entries = [e for e in (json.loads(path.read_text()) if path.is_file() else []) if e.get("others_cpu_share") is not None]
     total = sum(e["seconds"] for e in entries)
     return sum(e["seconds"] * e["others_cpu_share"] for e in entries) / total if total > 0 else None
-SEED_RECORD = ("report.json", "ranks.npz", "metrics.jsonl")
 
 
 def record_root(out: Path, plan: Plan) -> Path:

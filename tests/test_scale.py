@@ -187,6 +187,7 @@ def test_read_ahead_brings_a_mapped_files_pages_into_memory_without_touching_the
         pytest.skip("the page cache kept the file's pages after POSIX_FADV_DONTNEED")
     assert tensor.numel() * 2 > 8 * READ_AHEAD_STEP
     assert not read_ahead(tensor, share=1e-12)  # more than that share of the memory available: nothing asked
+    assert not read_ahead(tensor.to("meta"))        # not in host memory: nothing mapped to advise
     assert resident() < 0.5
     assert read_ahead(tensor)
     for _ in range(100):  # asynchronous: the reads finish behind the calls

@@ -375,11 +375,11 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
     latest = None  # (epoch, valid result) of this process's last epoch
     while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
         epoch = state.epoch + 1
-        if cfg.cache_mode == "mmap":  # the mapped states' pages read ahead, where they fit in memory
-            for x in s.slots.values():
-                read_ahead(x.states)
         model.train()
         start, total, steps = time.perf_counter(), 0.0, 0
+        if cfg.cache_mode == "mmap":  # the mapped states' pages read ahead, where they fit (timed with the epoch)
+            for x in s.slots.values():
+                read_ahead(x.states)
         batches = list(train_batches(split, cfg.batch_size, generator))
         for ids in tqdm(batches, desc=f"seed {seed} epoch {epoch}", unit="step", leave=False,
                         disable=not (cfg.progress and world.main), file=sys.stderr):
