@@ -54,7 +54,7 @@ import yaml
 from iisan.errors import IisanError
 from iisan.evaluate.report import bootstrap_means, per_user
 from iisan.registry import REPO_ROOT, load_registry
-from iisan.runtime import git_commit
+from iisan.runtime import CONTENDED, git_commit, load_mark, load_since
 
 # Shipped plans: the repository's plans/ (source checkout, editable install), else the copy a wheel installs.
 PLANS_DIR = (REPO_ROOT / "plans" if (REPO_ROOT / "plans").is_dir()
@@ -413,37 +413,11 @@ RUN_RECORD = ("config.json", "report.json", "provenance.json", "study-load.json"
 SEED_RECORD = ("report.json", "ranks.npz", "metrics.jsonl")
 # A row's timings count as taken under contention when other processes used more than this share of the
 # machine's CPU while it ran (the paper plan may run in the background while a session works on something else).
-CONTENDED = 0.10
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy since boot (/proc/stat; None where there is none)."""
-    import os
-
-    try:
-        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def note_load(run_dir: Path, seconds: float, busy: float | None, own: float) -> None:
+def note_load(run_dir: Path, seconds: float, share: float | None) -> None:
     """Append one invocation of a row's run to its study-load.json: its wall seconds and the share of the
-    machine's CPU that other processes used meanwhile (`busy`: the machine's busy CPU seconds over it, `own`:
-    the run's)."""
-    import os
-
+    machine's CPU that other processes used meanwhile (`iisan.runtime.load_since`)."""
     path = run_dir / "study-load.json"
     entries = json.loads(path.read_text()) if path.is_file() else []
-    share = None if busy is None or seconds <= 0 else max(0.0, busy - own) / (seconds * (os.cpu_count() or 1))
     entries.append({"seconds": seconds, "others_cpu_share": share})
     path.write_text(json.dumps(entries, indent=2))
 
@@ -578,16 +552,14 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
     ensure_caches(plan, log, [(exp, row) for exp, row, _ in todo])
     start = time.perf_counter()
     for n, (exp, row, cfg) in enumerate(todo, 1):
-        began, busy, own = time.perf_counter(), machine_busy_seconds(), children_cpu_seconds()
+        began, mark = time.perf_counter(), load_mark()
         args = row.args(plan.seeds, runs)
         try:
             child = subprocess.run([sys.executable, "-m", "iisan.cli", *args], capture_output=True, text=True, env=env)
         finally:  # also when interrupted: the finished seeds go into the record
             found = matching_run(cfg)
             if found is not None and (found / "config.json").is_file():
-                after = machine_busy_seconds()
-                note_load(found, time.perf_counter() - began, None if busy is None or after is None else after - busy,
-                          children_cpu_seconds() - own)
+                note_load(found, *load_since(mark))
             kept = keep_record(found, root) if found is not None else None
         took = time.perf_counter() - began
         done = time.perf_counter() - start

@@ -1,9 +1,13 @@
-"""Small facts about where the code runs, shared by every stage: the torch device to use and the git commit
-of the checkout (for reports and provenance)."""
+"""Small facts about where the code runs, shared by every stage: the torch device to use, the git commit of
+the checkout (for reports and provenance), and how busy the machine was meanwhile (to mark timings taken under
+contention)."""
 
 from __future__ import annotations
 
+import os
+import resource
 import subprocess
+import time
 from pathlib import Path
 
 from iisan.errors import IisanError
@@ -38,3 +42,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CONTENDED = 0.10  # others' share of the machine's CPU past which a timing is marked as taken under contention
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat; None where there is none)."""
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children waited for (a torchrun's ranks included)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def others_cpu_share(seconds: float, busy: float | None, own: float) -> float | None:
+    """The share of the machine's CPU (all cores) that other processes used over `seconds` of wall time, in
+    which the machine was `busy` CPU seconds and this process tree `own` (None: not measurable)."""
+    if busy is None or seconds <= 0:
+        return None
+    return max(0.0, busy - own) / (seconds * (os.cpu_count() or 1))
+
+
+def load_mark() -> tuple[float, float | None, float]:
+    """Now, for `load_since`: wall clock, the machine's busy CPU seconds, this process tree's."""
+    return time.perf_counter(), machine_busy_seconds(), own_cpu_seconds()
+
+
+def load_since(mark: tuple[float, float | None, float]) -> tuple[float, float | None]:
+    """Wall seconds since `mark` and the share of the CPU other processes used meanwhile (`others_cpu_share`)."""
+    began, busy, own = mark
+    seconds, after = time.perf_counter() - began, machine_busy_seconds()
+    return seconds, others_cpu_share(seconds, None if busy is None or after is None else after - busy,
+                                 own_cpu_seconds() - own)

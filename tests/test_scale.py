@@ -130,6 +130,7 @@ def test_the_scale_bench_fits_exponents_and_samples_anonymous_memory():
     # a child that holds 300 MiB of its own memory for a moment: the sampler sees it in RssAnon
     result, peaks = measure([sys.executable, "-c", "import time; b = bytearray(300 * 2**20); time.sleep(1.0)"])
     assert result.returncode == 0 and peaks["RssAnon"] >= 290 and peaks["VmRSS"] >= peaks["RssAnon"]
+    assert 0.0 <= peaks["others_cpu_share"] <= 1.0  # the machine's CPU other processes used meanwhile
 
 
 def test_the_scale_report_compares_process_counts_and_keeps_the_control_out_of_the_fits(tmp_path):
@@ -142,7 +143,7 @@ def test_the_scale_report_compares_process_counts_and_keeps_the_control_out_of_t
                 "state_gib": 0.1, **extra}
 
     rows = [row(1000, "memory", 1, 2, 0.30, 10.0), row(1000, "memory", 2, 1, 0.30, 12.0),
-            row(2000, "memory", 1, 2, 0.40, 20.0), row(2000, "memory", 2, 1, 0.4005, 24.0),
+            row(2000, "memory", 1, 2, 0.40, 20.0), row(2000, "memory", 2, 1, 0.4005, 24.0, others_cpu_share=0.4),
             row(1000, "memory", 1, 1, 0.3002, 99.0, control=True)]
     report = json.loads((write_report(rows, tmp_path, 8, 2).with_suffix(".json")).read_text())
     # the control's 99 s would bend the 1-process fit: it is left out (10 s -> 20 s over 2x interactions)
@@ -154,7 +155,11 @@ def test_the_scale_report_compares_process_counts_and_keeps_the_control_out_of_t
     assert ("- for scale (no target): 2 processes against 1 process, both at 1 thread(s) each, at 1,000 items: "
             "differs (max 0.020 points)") in report["targets"]
     text = (tmp_path / "bench-scale.md").read_text()
-    assert "| 2,000 | 400 | 4,000 | memory | 2 | 1 | 0.10 | 24.0 |" in text and "1 (control)" in text
+    # taken while others used 40 % of the CPU: its times and the fit through them are marked
+    assert "| 2,000 | 400 | 4,000 | memory | 2 | 1 | 0.10 | 24.0 † | 1.0 † |" in text and "1 (control)" in text
+    fit2 = next(t for t in report["targets"] if "(memory x2)" in t)
+    fit1 = next(t for t in report["targets"] if "(memory x1)" in t)
+    assert "not conclusive" in fit2 and "not conclusive" not in fit1 and "† taken under contention" in text
 
 
 @pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="madvise / mincore: Linux")

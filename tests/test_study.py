@@ -125,11 +125,12 @@ def test_bad_readme_blocks_are_named(tmp_path, text, message):
 
 def test_timings_taken_under_contention_are_marked(tmp_path):
     from iisan.experiments.study import contended, note_load, others_share
+    from iisan.runtime import others_cpu_share
 
     assert others_share(tmp_path) is None  # a run from before the load was recorded
-    note_load(tmp_path, 100.0, busy=150.0, own=50.0)  # others: 100 of 100 s x the machine's cores
-    note_load(tmp_path, 300.0, busy=None, own=0.0)     # not measured: left out of the mean
-    note_load(tmp_path, 300.0, busy=300.0, own=300.0)  # alone on the machine
+    note_load(tmp_path, 100.0, others_cpu_share(100.0, busy=150.0, own=50.0))  # others: 100 of 100 s x the cores
+    note_load(tmp_path, 300.0, others_cpu_share(300.0, busy=None, own=0.0))     # not measured: left out of the mean
+    note_load(tmp_path, 300.0, others_cpu_share(300.0, busy=300.0, own=300.0))  # alone on the machine
     cores = os.cpu_count() or 1
     assert others_share(tmp_path) == pytest.approx((100 * (1 / cores) + 300 * 0.0) / 400)
     assert contended({"status": "ok", "others_cpu_share": 0.25}) == " †"
