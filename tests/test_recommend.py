@@ -47,6 +47,18 @@ def reference_top(run, k: int) -> list[list[str]]:
     return [[split.item_ids[j - 1] for j in row] for row in order.tolist()]
 
 
+def test_user_vectors_hold_only_what_they_keep(env, runs):
+    # the last position copied out: a view of it would keep the encoder's whole [U, L, d] output alive (at 200k
+    # users, 10x the memory of the [U, d] kept; the scale bench's mmap peak)
+    from iisan.deploy.run import load_run
+
+    run = load_run(runs["iisan"])
+    windows = torch.from_numpy(run.split.test_inputs)
+    users = run.model.user_vectors(windows, run.model.item_table())
+    assert users.shape == (len(windows), run.model.item_table().shape[1])
+    assert users.untyped_storage().nbytes() == users.numel() * users.element_size()
+
+
 @pytest.mark.parametrize("name", ["iisan", "hybrid", "ids"])
 def test_the_test_split_reproduces_the_evaluations_score_rows(env, runs, name):
     from iisan.deploy.run import load_run

@@ -225,5 +225,6 @@ class Recommender(nn.Module):
 
     @torch.no_grad()
     def user_vectors(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """The last position of the user encoder over left-padded windows [U, L] -> [U, d]."""
-        return self.user(table[inputs], inputs != 0)[:, -1]
+        """The last position of the user encoder over left-padded windows [U, L] -> [U, d] (a copy: a view of
+        the last position would keep the whole [U, L, d] output alive, 10x the memory of what is kept)."""
+        return self.user(table[inputs], inputs != 0)[:, -1].clone()

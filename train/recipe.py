@@ -231,8 +231,9 @@ def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig,
         inputs, targets, history = inputs[order], targets[order], history[order]
     (a, b), rows = _chunk_spans(len(inputs), cfg.eval_batch_size, world)
     mine = inputs[a:b].to(device)
-    users = torch.cat([model.user_vectors(mine[i:i + cfg.eval_batch_size], table)
-                       for i in range(0, len(mine), cfg.eval_batch_size)] or [table[:0]])
+    users = table.new_empty((len(mine), table.shape[1]))  # filled batch by batch (no list and its concatenation)
+    for i in range(0, len(mine), cfg.eval_batch_size):
+        users[i:i + cfg.eval_batch_size] = model.user_vectors(mine[i:i + cfg.eval_batch_size], table)
     result = rank_targets(users, table, targets[a:b], history[a:b], cfg.faithful, cfg.eval_batch_size,
                           ties=cfg.ties, item_tile=cfg.eval_item_tile)
     ranks, tied = result.ranks, result.tied
