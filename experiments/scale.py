@@ -321,15 +321,16 @@ def write_report(rows: list[dict], out: Path, dim: int, layers: int) -> Path:
              f"each row on the whole machine (torch threads per process: cores / processes); states {layers} x "
              f"{dim}, fp16; one epoch, then the test pass (s / evaluation: the epoch's full-ranking valid pass "
              f"over every user and item); every run with `{' '.join(TRAIN_OPTIONS)}`; commit / date: the "
-             "report's, each row's own commit is in the JSON", "",
+             "report's; each row's own commit is its last column", "",
              "| items | users | interactions | mode | processes | threads each | states (GiB) | s / epoch "
              "| s / evaluation | peak RssAnon per process (MiB) | peak RssAnon, all (MiB) | peak VmRSS (MiB) "
-             "| test HR@10 | metrics vs 1 process |", "|---" * 14 + "|"]
+             "| test HR@10 | metrics vs 1 process | commit |", "|---" * 15 + "|"]
     lines += [f"| {r['items']:,} | {r['users']:,} | {r['interactions']:,} | {r['mode']} | {r.get('processes', 1)} "
               f"| {r.get('threads', '')}{' (control)' if r.get('control') else ''} | {r['state_gib']:.2f} | {r['epoch_seconds']:.1f}{' †' if _contended(r) else ''} "
               f"| {r['eval_seconds']:.1f}{' †' if _contended(r) else ''} "
               f"| {r['peak_rss_anon_mib']:,.0f} | {r.get('total_rss_anon_mib', r['peak_rss_anon_mib']):,.0f} "
-              f"| {r['peak_rss_mib']:,.0f} | {100 * r['test_HR@10']:.2f} | {_same_as_one(r, rows)} |" for r in rows]
+              f"| {r['peak_rss_mib']:,.0f} | {100 * r['test_HR@10']:.2f} | {_same_as_one(r, rows)} "
+              f"| {r.get('commit', '')[:7]} |" for r in rows]
     if any(_contended(r) for r in rows):
         lines += ["", f"† taken under contention: other processes used more than {CONTENDED:.0%} of the machine's CPU "
                       "while the row ran (`others_cpu_share` in the JSON); its times are high, its metrics and "
