@@ -208,7 +208,7 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
                         raise StudyError(f"{at} ({label}): {key}: {err}") from None
             if datasets and str(row["dataset"]) not in datasets:
                 continue
-            rows.append(Row(label, row, None if seeds else row_seeds))
+            rows.append(Row(label, with_default_layers(row), None if seeds else row_seeds))
         if rows:
             labels = [r.label for r in rows]
             if len(set(labels)) != len(labels):
@@ -303,6 +303,33 @@ def row_result(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def default_rule(model: str, kind: str) -> str:
+    """The layer rule `iisan extract` applies to a model by default (its registered or inferred selection)."""
+    from iisan.extract.models import spec_for
+
+    return spec_for(model, kind=kind if model not in (load_registry().get("models") or {}) else None).layers
+
+
+def with_default_layers(options: dict[str, Any]) -> dict[str, Any]:
+    """A row's options with each cached tower's layer rule spelt out: where neither the row nor its pipeline
+    names one, the encoder's default selection (what `iisan extract` keeps by default). Training without a rule
+    reads every layer its store holds, and a study's store holds the union of its rows' layers (`all` for the
+    no-LayerDrop ablation), so a row left without one would silently train without LayerDrop."""
+    from iisan.train.config import resolve
+    from iisan.train.data import layer_rule, slot_kind, slot_sources
+    from iisan.train.methods import ItemSource, method
+
+    cfg = resolve(dict(options))
+    if method(cfg.method).items is not ItemSource.CACHED or method(cfg.method).reads != "layers":
+        return options
+    out = dict(options)
+    for slot, source in slot_sources(cfg).items():
+        if not layer_rule(cfg, slot).strip():
+            out["layers_text" if slot == "text" else "layers_image"] = default_rule(source.partition("@")[0],
+                                                                                    slot_kind(slot))
+    return out
+
+
 def ensure_caches(plan: Plan, log: Callable[[str], None] = print,
                   rows: list[tuple[Experiment, Row]] | None = None) -> list[Path]:
     """Extract, before any row runs, every cache the plan's cached rows read, once per (dataset, encoder,
@@ -331,7 +358,7 @@ def ensure_caches(plan: Plan, log: Callable[[str], None] = print,
             entry["rules"].add(layer_rule(cfg, slot).strip())
     extracted = []
     for (cache, dataset, source, kind), entry in needs.items():
-        spec = spec_for(entry["model"], kind=kind if not entry["model"] in (load_registry().get("models") or {})
+        spec = spec_for(entry["model"], kind=kind if entry["model"] not in (load_registry().get("models") or {})
                         else None)
         total = describe_backbone(spec).n_hidden_states
         wanted = {i for rule in entry["rules"] for i in select_layers(rule or spec.layers, total)}

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from iisan.cli import main as iisan_cli
 from iisan.experiments.study import StudyError, load_plan, paired_test
+from iisan.extract.layers import select_layers
 
 PLAN = """name: toy
 seeds: 2
@@ -223,6 +224,12 @@ def test_missing_layers_are_extracted_once_with_the_union_of_the_rows(env, tmp_p
         assert store.manifest.layers == [0, 1, 2, 3] and store.manifest.complete  # even ∪ top:2 = [0, 2, 3]
     assert any("hidden states 0,1,2,3 (the union its rows read)" in m for m in messages)
     assert ensure_caches(load_plan(str(plan)), messages.append) == []  # nothing left to extract
+    # the store now holds the union: a row without a rule gets the encoder's default spelt out, so that it still
+    # reads [0, 1, 3] (training without a rule reads every layer the store holds: no LayerDrop)
+    rows = {row.label: row.options for _, row in load_plan(str(plan)).rows()}
+    assert (rows["even"]["layers_text"], rows["top"]["layers_text"]) == ("even", "top:2")
+    assert "layers_text" not in rows["ids"]  # reads no cached states
+    assert select_layers(rows["even"]["layers_text"], 4) == [0, 1, 3]
 
 
 def test_every_shipped_plan_is_installed_with_the_package():
