@@ -303,11 +303,11 @@ def row_result(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def default_rule(model: str, kind: str) -> str:
-    """The layer rule `iisan extract` applies to a model by default (its registered or inferred selection)."""
+def encoder_spec(model: str, kind: str):
+    """The extraction spec of a row's encoder (a registered model's own; else inferred for the slot's kind)."""
     from iisan.extract.models import spec_for
 
-    return spec_for(model, kind=kind if model not in (load_registry().get("models") or {}) else None).layers
+    return spec_for(model, kind=kind if model not in (load_registry().get("models") or {}) else None)
 
 
 def with_default_layers(options: dict[str, Any]) -> dict[str, Any]:
@@ -325,8 +325,8 @@ def with_default_layers(options: dict[str, Any]) -> dict[str, Any]:
     out = dict(options)
     for slot, source in slot_sources(cfg).items():
         if not layer_rule(cfg, slot).strip():
-            out["layers_text" if slot == "text" else "layers_image"] = default_rule(source.partition("@")[0],
-                                                                                    slot_kind(slot))
+            out["layers_text" if slot == "text" else "layers_image"] = encoder_spec(source.partition("@")[0],
+                                                                                    slot_kind(slot)).layers
     return out
 
 
@@ -339,7 +339,7 @@ def ensure_caches(plan: Plan, log: Callable[[str], None] = print,
     Returns the stores it extracted."""
     from iisan.cache_store import open_cache
     from iisan.extract.layers import select_layers
-    from iisan.extract.models import describe_backbone, spec_for
+    from iisan.extract.models import describe_backbone
     from iisan.extract.run import ExtractConfig, run_extraction
     from iisan.registry import dataset_name
     from iisan.train.config import resolve
@@ -358,8 +358,7 @@ def ensure_caches(plan: Plan, log: Callable[[str], None] = print,
             entry["rules"].add(layer_rule(cfg, slot).strip())
     extracted = []
     for (cache, dataset, source, kind), entry in needs.items():
-        spec = spec_for(entry["model"], kind=kind if entry["model"] not in (load_registry().get("models") or {})
-                        else None)
+        spec = encoder_spec(entry["model"], kind)
         total = describe_backbone(spec).n_hidden_states
         wanted = {i for rule in entry["rules"] for i in select_layers(rule or spec.layers, total)}
         path, _ = slot_store(entry["cfg"], dataset_name(dataset), source, kind)
@@ -438,8 +437,6 @@ def evaluate_claims(plan: Plan, results: dict[tuple[str, str], dict[str, Any]]) 
 LOCAL_FIELDS = ("out", "cache", "progress")
 RUN_RECORD = ("config.json", "report.json", "provenance.json", "study-load.json")
 SEED_RECORD = ("report.json", "ranks.npz", "metrics.jsonl")
-# A row's timings count as taken under contention when other processes used more than this share of the
-# machine's CPU while it ran (the paper plan may run in the background while a session works on something else).
 def note_load(run_dir: Path, seconds: float, share: float | None) -> None:
     """Append one invocation of a row's run to its study-load.json: its wall seconds and the share of the
     machine's CPU that other processes used meanwhile (`iisan.runtime.load_since`)."""

@@ -5,7 +5,6 @@ contention)."""
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import time
 from pathlib import Path
@@ -44,7 +43,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-CONTENDED = 0.10  # others' share of the machine's CPU past which a timing is marked as taken under contention
+# A timing counts as taken under contention when other processes used more than this share of the machine's CPU
+# meanwhile (a study may run in the background while a session works on something else).
+CONTENDED = 0.10
 
 
 def machine_busy_seconds() -> float | None:
@@ -59,6 +60,8 @@ def machine_busy_seconds() -> float | None:
 
 def own_cpu_seconds() -> float:
     """CPU seconds of this process and of its children waited for (a torchrun's ranks included)."""
+    import resource  # (POSIX only: imported where used)
+
     return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
