@@ -409,9 +409,21 @@ def _hr(result: dict[str, Any] | None) -> float | None:
     return result["test"]["HR@10"]["mean"] if result and result.get("status") == "ok" else None
 
 
+def _paired_hr(first: dict[str, Any], second: dict[str, Any]) -> float | None:
+    """The paired bootstrap p-value of test HR@10 (seed-averaged per user) between two finished rows, None where
+    either has no per-user ranks or they ranked different users."""
+    a, b = (_seed_ranks(Path(r["run_dir"])) for r in (first, second))
+    if a is None or b is None or len(a[0]) != len(b[0]):
+        return None
+    return paired_test(np.mean([per_user(r, "HR@10") for r in b], axis=0),
+                       np.mean([per_user(r, "HR@10") for r in a], axis=0))
+
+
 def evaluate_claims(plan: Plan, results: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
     """Each claim against its rows' test HR@10 (means over seeds), with the paired bootstrap p-value between the
-    two rows of an `above` / `matches` claim. `holds` is None where a row failed or did not run."""
+    two rows of an `above` / `matches` claim; an `increasing` claim gets each step's p-value (row i against row
+    i + 1) and the rows' valid HR@10, to tell a real reversal from noise. `holds` is None where a row failed or
+    did not run."""
     out = []
     for claim in plan.claims:
         rows = [results.get((claim.experiment, label)) for label in claim.rows]
@@ -420,11 +432,10 @@ def evaluate_claims(plan: Plan, results: dict[tuple[str, str], dict[str, Any]]) 
         if all(v is not None for v in values):
             if claim.relation == "increasing":
                 entry["holds"] = all(a < b for a, b in zip(values, values[1:]))
+                entry["steps_p"] = [_paired_hr(a, b) for a, b in zip(rows, rows[1:])]
+                entry["valid_values"] = [(r.get("valid") or {}).get("HR@10", {}).get("mean") for r in rows]
             else:
-                a, b = (_seed_ranks(Path(r["run_dir"])) for r in rows)
-                if a is not None and b is not None and len(a[0]) == len(b[0]):
-                    entry["p"] = paired_test(np.mean([per_user(r, "HR@10") for r in b], axis=0),
-                                             np.mean([per_user(r, "HR@10") for r in a], axis=0))
+                entry["p"] = _paired_hr(*rows)
                 if claim.relation == "above":
                     entry["holds"] = values[0] > values[1]
                 else:  # matches: at least as good, or no significant difference
@@ -712,7 +723,13 @@ def claim_line(claim: dict[str, Any]) -> str:
              zip(claim["rows"], values)]
     verdict = {True: "holds", False: "does not hold", None: "not measured"}[claim["holds"]]
     if claim["relation"] == "increasing":
+        steps = claim.get("steps_p") or []
+        if steps:  # each step's paired p-value after the row it leads to
+            shown = shown[:1] + [f"{s} (p {p:.3f})" if p is not None else s for s, p in zip(shown[1:], steps)]
         numbers = " < ".join(shown) if claim["holds"] else ", ".join(shown)
+        valid = claim.get("valid_values") or []
+        if valid and None not in valid:
+            numbers += "; valid HR@10 " + ", ".join(f"{100 * v:.2f}" for v in valid)
     else:
         numbers = " vs ".join(shown)
         if None not in values:

@@ -327,3 +327,33 @@ def test_the_record_resumes_a_study_on_a_fresh_clone(env, tmp_path, monkeypatch)
     assert "(carried from " in Path("reports/study-toy.md").read_text()
     bad = CliRunner().invoke(iisan_cli, ["study", "run", "--plan", "toy.yaml", "--experiment", "nope"])
     assert bad.exit_code == 2 and "no experiment 'nope' (experiments: methods, extra)" in bad.output
+
+
+def test_an_increasing_claim_gives_each_steps_paired_p_and_the_valid_values(tmp_path):
+    """A ladder claim names, for each step, the paired p-value of that step (not against the reference), and the
+    rows' valid HR@10: a reversal on test within noise is told apart from a real one."""
+    from iisan.evaluate.report import per_user
+    from iisan.experiments.study import Claim, Plan, claim_line, evaluate_claims
+
+    rng = np.random.default_rng(0)
+    results, ranks = {}, {}
+    for label, (hr, valid) in {"small": (0.10, 0.12), "base": (0.12, 0.13), "large": (0.11, 0.14)}.items():
+        run = tmp_path / label
+        ranks[label] = []
+        for seed in (1, 2):
+            (run / f"seed-{seed}").mkdir(parents=True)
+            r = rng.integers(1, 40, size=300)
+            np.savez(run / f"seed-{seed}" / "ranks.npz", test=r)
+            ranks[label].append(r)
+        results[("ladder", label)] = {"status": "ok", "run_dir": str(run), "test": {"HR@10": {"mean": hr}},
+                                      "valid": {"HR@10": {"mean": valid}}}
+    plan = Plan("t", tmp_path / "t.yaml", 2, claims=[Claim("bigger is better", "ladder", ["small", "base", "large"],
+                                                           "increasing")])
+    [claim] = evaluate_claims(plan, results)
+    mean = lambda label: np.mean([per_user(r, "HR@10") for r in ranks[label]], axis=0)  # noqa: E731
+    assert claim["holds"] is False and claim["p"] is None
+    assert claim["steps_p"] == [paired_test(mean("small"), mean("base")), paired_test(mean("base"), mean("large"))]
+    assert claim["valid_values"] == [0.12, 0.13, 0.14]
+    p1, p2 = claim["steps_p"]
+    assert claim_line(claim) == (f"- **bigger is better** (ladder): does not hold — test HR@10 small 10.00, base 12.00 "
+                                 f"(p {p1:.3f}), large 11.00 (p {p2:.3f}); valid HR@10 12.00, 13.00, 14.00")
