@@ -6,6 +6,12 @@ A README marks each generated table by the JSON it comes from:
     | setting | row | ... |            (written by `iisan study render`)
     <!-- end study-table -->
 
+and the claims of a study, one line each with its verdict and numbers, the same way:
+
+    <!-- study-claims reports/study-paper.json -->
+    - **claim** (experiment): holds — ...  (written by `iisan study render`)
+    <!-- end study-claims -->
+
 `iisan study render reports/study-X.json` rewrites every block that names that JSON (paths are relative to the
 README's folder); `update_readme(readme, check=True)` says which blocks differ from their JSON, which a test
 runs on the committed README and reports.
@@ -19,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from iisan.errors import IisanError
-from iisan.experiments.study import percent
+from iisan.experiments.study import claim_line, percent
 
-BEGIN = "<!-- study-table {path} -->"
-END = "<!-- end study-table -->"
-_BLOCK = re.compile(r"^(?P<begin><!-- study-table (?P<path>\S+) -->\n)(?P<body>.*?)^(?P<end><!-- end study-table -->)$",
-                    re.S | re.M)
-_MARKER = re.compile(r"^<!-- study-table \S+ -->$", re.M)  # a marker is a line of its own
+END = "<!-- end study-{kind} -->"
+_BLOCK = re.compile(r"^(?P<begin><!-- study-(?P<kind>table|claims) (?P<path>\S+) -->\n)(?P<body>.*?)"
+                    r"^(?P<end><!-- end study-(?P=kind) -->)$", re.S | re.M)
+_MARKER = re.compile(r"^<!-- study-(?:table|claims) \S+ -->$", re.M)  # a marker is a line of its own
 
 
 class ReadmeError(IisanError):
@@ -62,14 +67,20 @@ def study_table(study: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_claims(study: dict[str, Any]) -> str:
+    """Each of the study's claims in one line, as `reports/study-<plan>.md` states it."""
+    return "".join(claim_line(c) + "\n" for c in study.get("claims") or [])
+
+
 def _blocks(text: str, readme: Path) -> list[re.Match]:
     blocks = list(_BLOCK.finditer(text))
     markers = list(_MARKER.finditer(text))
     if len(markers) != len(blocks):
         opened = {b.start() for b in blocks}
         line = text[:next(m.start() for m in markers if m.start() not in opened)].count("\n") + 1
-        raise ReadmeError(f"{readme}:{line}: a '<!-- study-table PATH -->' marker without its "
-                          f"'{END}' line")
+        kind = re.match(r"<!-- study-(\w+)", text[next(m.start() for m in markers if m.start() not in opened):])[1]
+        raise ReadmeError(f"{readme}:{line}: a '<!-- study-{kind} PATH -->' marker without its "
+                          f"'{END.format(kind=kind)}' line")
     return blocks
 
 
@@ -87,7 +98,8 @@ def update_readme(readme: Path, only: Path | None = None, check: bool = False) -
                 line = text[:block.start()].count("\n") + 1
                 raise ReadmeError(f"{readme}:{line}: the study table's JSON {block['path']} does not exist "
                                   f"(run the study, or `iisan study run --plan NAME`)")
-            body = study_table(json.loads(source.read_text(encoding="utf-8")))
+            study = json.loads(source.read_text(encoding="utf-8"))
+            body = study_table(study) if block["kind"] == "table" else study_claims(study)
             if body != block["body"]:
                 changed.append(block["path"])
         pieces += [text[last:block.start()], block["begin"], body, block["end"]]

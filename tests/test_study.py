@@ -73,13 +73,16 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
             and f" | {p:.3f}{'*' if p < 0.05 else ''} | " in table)
     # the README's table is generated from the JSON by `study render`, and rendering again changes nothing
     (tmp_path / "README.md").write_text("intro\n\n<!-- study-table reports/study-toy.json -->\nold\n"
-                                        "<!-- end study-table -->\n\noutro\n")
+                                        "<!-- end study-table -->\n\nclaims:\n<!-- study-claims reports/study-toy.json -->\n"
+                                        "<!-- end study-claims -->\n\noutro\n")
     rendered = CliRunner().invoke(iisan_cli, ["study", "render", "reports/study-toy.json"])
     assert rendered.exit_code == 0 and "table from reports/study-toy.json rewritten" in rendered.output
     readme = (tmp_path / "README.md").read_text()
     warm = rows[1]["groups"]["test"]["warm"]
     assert readme.startswith("intro\n\n<!-- study-table reports/study-toy.json -->\n| setting | row |")
-    assert readme.endswith("<!-- end study-table -->\n\noutro\n") and "\nold\n" not in readme
+    assert readme.endswith("<!-- end study-claims -->\n\noutro\n") and "\nold\n" not in readme
+    line = next(x for x in table.splitlines() if x.startswith("- **the inter tower helps**"))
+    assert f"claims:\n<!-- study-claims reports/study-toy.json -->\n{line}\n<!-- end study-claims -->\n" in readme
     assert (f"| methods | no inter | {100 * hr['mean']:.2f} ± {100 * hr['std']:.2f} | " in readme
             and f"| {100 * warm['HR@10']['mean']:.2f} [{100 * warm['HR@10_ci95'][0]:.1f}, "
                 f"{100 * warm['HR@10_ci95'][1]:.1f}] ({warm['users']:,}) |" in readme)
@@ -112,6 +115,8 @@ def test_the_committed_readme_tables_are_those_of_their_json():
 
 @pytest.mark.parametrize("text, message", [
     ("a\n<!-- study-table reports/x.json -->\n| t |\n", "README.md:2: a '<!-- study-table PATH -->' marker without"),
+    ("<!-- study-claims reports/x.json -->\n<!-- end study-table -->\n",
+     "README.md:1: a '<!-- study-claims PATH -->' marker without its '<!-- end study-claims -->' line"),
     ("a\nb\n<!-- study-table reports/none.json -->\n<!-- end study-table -->\n",
      "README.md:3: the study table's JSON reports/none.json does not exist"),
 ])
