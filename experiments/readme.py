@@ -85,8 +85,8 @@ def _blocks(text: str, readme: Path) -> list[re.Match]:
 
 
 def update_readme(readme: Path, only: Path | None = None, check: bool = False) -> list[str]:
-    """Regenerate the README's study tables (those of `only`, a study JSON, or all). Returns the JSON paths
-    whose block changed; with `check` the README is left as it is."""
+    """Regenerate the README's study blocks (those of `only`, a study JSON, or all). Returns the JSON paths
+    whose blocks changed, each once; with `check` the README is left as it is."""
     text = readme.read_text(encoding="utf-8")
     changed: list[str] = []
     pieces, last = [], 0
@@ -100,7 +100,7 @@ def update_readme(readme: Path, only: Path | None = None, check: bool = False) -
                                   f"(run the study, or `iisan study run --plan NAME`)")
             study = json.loads(source.read_text(encoding="utf-8"))
             body = study_table(study) if block["kind"] == "table" else study_claims(study)
-            if body != block["body"]:
+            if body != block["body"] and block["path"] not in changed:
                 changed.append(block["path"])
         pieces += [text[last:block.start()], block["begin"], body, block["end"]]
         last = block.end()

@@ -76,7 +76,8 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
                                         "<!-- end study-table -->\n\nclaims:\n<!-- study-claims reports/study-toy.json -->\n"
                                         "<!-- end study-claims -->\n\noutro\n")
     rendered = CliRunner().invoke(iisan_cli, ["study", "render", "reports/study-toy.json"])
-    assert rendered.exit_code == 0 and "table from reports/study-toy.json rewritten" in rendered.output
+    assert rendered.exit_code == 0, rendered.output
+    assert rendered.output.count("README.md: the study blocks from reports/study-toy.json rewritten") == 1
     readme = (tmp_path / "README.md").read_text()
     warm = rows[1]["groups"]["test"]["warm"]
     assert readme.startswith("intro\n\n<!-- study-table reports/study-toy.json -->\n| setting | row |")
