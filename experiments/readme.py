@@ -30,7 +30,7 @@ from iisan.experiments.study import claim_line, percent
 END = "<!-- end study-{kind} -->"
 _BLOCK = re.compile(r"^(?P<begin><!-- study-(?P<kind>table|claims) (?P<path>\S+) -->\n)(?P<body>.*?)"
                     r"^(?P<end><!-- end study-(?P=kind) -->)$", re.S | re.M)
-_MARKER = re.compile(r"^<!-- study-(?:table|claims) \S+ -->$", re.M)  # a marker is a line of its own
+_MARKER = re.compile(r"^<!-- study-(?P<kind>table|claims) \S+ -->$", re.M)  # a marker is a line of its own
 
 
 class ReadmeError(IisanError):
@@ -77,10 +77,10 @@ def _blocks(text: str, readme: Path) -> list[re.Match]:
     markers = list(_MARKER.finditer(text))
     if len(markers) != len(blocks):
         opened = {b.start() for b in blocks}
-        line = text[:next(m.start() for m in markers if m.start() not in opened)].count("\n") + 1
-        kind = re.match(r"<!-- study-(\w+)", text[next(m.start() for m in markers if m.start() not in opened):])[1]
-        raise ReadmeError(f"{readme}:{line}: a '<!-- study-{kind} PATH -->' marker without its "
-                          f"'{END.format(kind=kind)}' line")
+        unclosed = next(m for m in markers if m.start() not in opened)
+        line = text[:unclosed.start()].count("\n") + 1
+        raise ReadmeError(f"{readme}:{line}: a '<!-- study-{unclosed['kind']} PATH -->' marker without its "
+                          f"'{END.format(kind=unclosed['kind'])}' line")
     return blocks
 
 

@@ -362,10 +362,11 @@ def study_run(plan_name: str, datasets: tuple[str, ...], experiments: tuple[str,
 @study.command("render")
 @click.argument("json_path", type=click.Path(path_type=Path, exists=True))
 @click.option("--readme", type=click.Path(path_type=Path), default=Path("README.md"), show_default=True,
-              help="Also rewrite this README's study blocks (tables, claims) that name JSON_PATH (if the file exists).")
+              help="Also rewrite this README's study blocks (tables, claims) that name JSON_PATH (if the file "
+                   "exists).")
 def study_render(json_path: Path, readme: Path) -> None:
     """Write reports/study-<plan>.md from reports/study-<plan>.json (its tables, nothing re-run), and the
-    README's tables generated from it."""
+    README's study blocks generated from it."""
     from iisan.experiments.readme import update_readme
     from iisan.experiments.study import render
 
