@@ -330,6 +330,27 @@ def with_default_layers(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def ensure_datasets(rows: list[tuple[Experiment, Row]], log: Callable[[str], None] = print) -> list[Path]:
+    """Build, before anything runs, every dataset the rows read that the product fetches itself (a registered
+    name with a built-in fetcher, e.g. ml-100k) and no data root holds yet. Other missing datasets are left to
+    the extraction or the run, whose error says where to put them. Returns the folders it built."""
+    from iisan.data.fetch import FETCHERS, fetch
+    from iisan.errors import DataError
+    from iisan.registry import dataset_entry, load_registry, locate_dataset
+
+    built: list[Path] = []
+    registered = load_registry().get("datasets") or {}
+    for name in dict.fromkeys(str(row.options["dataset"]) for _, row in rows):
+        if name not in registered or dataset_entry(name).fetch not in FETCHERS:
+            continue
+        try:
+            locate_dataset(name)
+        except DataError:
+            log(f"fetching {name}: no data root holds it (`iisan data fetch {dataset_entry(name).fetch}`)")
+            built.append(fetch(dataset_entry(name).fetch)[0])
+    return built
+
+
 def ensure_caches(plan: Plan, log: Callable[[str], None] = print,
                   rows: list[tuple[Experiment, Row]] | None = None) -> list[Path]:
     """Extract, before any row runs, every cache the plan's cached rows read, once per (dataset, encoder,
@@ -584,6 +605,7 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
     recorded = sum(1 for r in results.values() if r.get("recorded"))
     if recorded:
         log(f"{recorded} row(s) reported from the record {root} (nothing trained)")
+    ensure_datasets([(exp, row) for exp, row, _ in todo], log)
     ensure_caches(plan, log, [(exp, row) for exp, row, _ in todo])
     start = time.perf_counter()
     for n, (exp, row, cfg) in enumerate(todo, 1):

@@ -363,3 +363,22 @@ def test_an_increasing_claim_gives_each_steps_paired_p_and_the_valid_values(tmp_
     p1, p2 = claim["steps_p"]
     assert claim_line(claim) == (f"- **bigger is better** (ladder): does not hold — test HR@10 small 10.00, base 12.00 "
                                  f"(p {p1:.3f}), large 11.00 (p {p2:.3f}); valid HR@10 12.00, 13.00, 14.00")
+
+
+def test_a_built_in_dataset_no_data_root_holds_is_fetched_before_anything_runs(tmp_path, monkeypatch, recbole_wheel):
+    import iisan.registry
+    from iisan.experiments.study import ensure_datasets
+
+    monkeypatch.chdir(tmp_path)  # the fetcher's default destination is ./data/NAME
+    monkeypatch.setattr(iisan.registry, "data_roots", lambda: [tmp_path / "data"])
+    monkeypatch.setenv("IISAN_RECBOLE_WHEEL", str(recbole_wheel))
+    plan = tmp_path / "p.yaml"
+    plan.write_text("experiments:\n  - name: e\n    rows:\n"
+                    "      - {label: a, dataset: ml-100k, method: sasrec-id, pipeline: text-only}\n"
+                    "      - {label: b, dataset: ml-100k, pipeline: text-only}\n"
+                    "      - {label: c, dataset: toy, pipeline: text-only}\n")  # toy has no fetcher: left alone
+    rows, messages = list(load_plan(str(plan)).rows()), []
+    assert ensure_datasets(rows, messages.append) == [Path("data") / "ml-100k"]  # once for the two rows
+    assert messages == ["fetching ml-100k: no data root holds it (`iisan data fetch ml-100k`)"]
+    assert len((tmp_path / "data" / "ml-100k" / "users.tsv").read_text().splitlines()) == 943
+    assert ensure_datasets(rows, messages.append) == [] and len(messages) == 1  # found now: nothing fetched
