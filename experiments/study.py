@@ -744,6 +744,8 @@ def claim_line(claim: dict[str, Any]) -> str:
     shown = [f"{label} {100 * v:.2f}" if v is not None else f"{label} not run" for label, v in
              zip(claim["rows"], values)]
     verdict = {True: "holds", False: "does not hold", None: "not measured"}[claim["holds"]]
+    if claim["holds"] and claim["relation"] == "above" and claim.get("p") is not None and claim["p"] >= 0.05:
+        verdict = "holds on the means, not significantly"  # above, but within what the paired test calls noise
     if claim["relation"] == "increasing":
         steps = claim.get("steps_p") or []
         if steps:  # each step's paired p-value after the row it leads to
