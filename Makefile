@@ -111,7 +111,7 @@ gpu-pack: setup
 
 gpu-check:
 	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
-	@# run outside the checkout: its iisan/ folder would shadow the installed package's layout; a --target install
-	@# puts no pipelines.yaml under sys.prefix/share/iisan-versa, where an installed package looks: name the checkout's
-	cd /tmp && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 IISAN_PIPELINES=$(CURDIR)/pipelines.yaml python3 -m iisan.experiments.gpu_check --pack $(CURDIR)/.gpu \
+	@# run outside the checkout: its iisan/ folder would shadow the installed package's layout (the package finds its
+	@# registry and plans under /tmp/site/share/iisan-versa, where a --target install puts them)
+	cd /tmp && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 -m iisan.experiments.gpu_check --pack $(CURDIR)/.gpu \
 	  --out $${OUT:-$(CURDIR)/reports}

@@ -53,12 +53,11 @@ import yaml
 
 from iisan.errors import IisanError
 from iisan.evaluate.report import bootstrap_means, per_user
-from iisan.registry import REPO_ROOT, load_registry
+from iisan.registry import installed_file, load_registry
 from iisan.runtime import CONTENDED, git_commit, load_mark, load_since
 
 # Shipped plans: the repository's plans/ (source checkout, editable install), else the copy a wheel installs.
-PLANS_DIR = (REPO_ROOT / "plans" if (REPO_ROOT / "plans").is_dir()
-             else Path(sys.prefix) / "share" / "iisan-versa" / "plans")
+PLANS_DIR = installed_file("plans")
 PAIRED_SAMPLES = 10_000
 METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 

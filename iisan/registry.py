@@ -1,7 +1,7 @@
 """The registry `pipelines.yaml`: datasets, models and pipelines by name; and datasets given as a folder.
 
 Where the registry is: `$IISAN_PIPELINES` if set, else the `pipelines.yaml` at the repository root (or the
-copy a wheel install puts under `<prefix>/share/iisan-versa/`).
+copy a wheel install puts under `share/iisan-versa/` of its target, prefix or user base).
 Where dataset folders are: `$IISAN_DATA_DIR` (several folders separated by `os.pathsep`), then `./data`,
 then `../shared/data` (both relative to the working directory and to the repository root).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import site
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,14 +29,23 @@ from iisan.errors import DataError, RegistryError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def installed_file(relative: str) -> Path:
+    """A file or folder the package ships beside its code: the repository's own (source checkout, editable
+    install), else the copy a wheel install puts under `share/iisan-versa/` of its scheme's data folder:
+    `<target>/share/...` for `pip install --target`, `<prefix>/share/...` for a venv or system install,
+    `<user base>/share/...` for `--user`. The first that exists; the repository's path if none does (an error
+    then names it)."""
+    in_repo = REPO_ROOT / relative
+    candidates = [in_repo] + [base / "share" / "iisan-versa" / relative
+                              for base in (REPO_ROOT, Path(sys.prefix), Path(site.getuserbase()))]
+    return next((c for c in candidates if c.exists()), in_repo)
+
+
 def registry_path() -> Path:
-    """$IISAN_PIPELINES, else the repository's pipelines.yaml (source checkout or editable install), else
-    the copy a wheel installs under <prefix>/share/iisan-versa."""
+    """$IISAN_PIPELINES, else the shipped pipelines.yaml (`installed_file`)."""
     if os.environ.get("IISAN_PIPELINES"):
         return Path(os.environ["IISAN_PIPELINES"])
-    in_repo = REPO_ROOT / "pipelines.yaml"
-    installed = Path(sys.prefix) / "share" / "iisan-versa" / "pipelines.yaml"
-    return in_repo if in_repo.is_file() or not installed.is_file() else installed
+    return installed_file("pipelines.yaml")
 
 
 @lru_cache(maxsize=8)

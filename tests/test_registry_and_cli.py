@@ -194,3 +194,45 @@ def test_bad_images_become_placeholders_flagged_in_the_cache(tmp_path):
         writer.write_chunk(0, np.zeros((3, 1, 2)), missing)
     with open_cache(path) as store:
         assert store.backend.read_missing().tolist() == [False, False, True, True]
+
+
+def test_shipped_files_are_found_in_each_install_layout(tmp_path, monkeypatch):
+    import iisan.registry as registry
+
+    monkeypatch.delenv("IISAN_PIPELINES", raising=False)
+    monkeypatch.setattr(registry, "REPO_ROOT", tmp_path / "target")
+    monkeypatch.setattr(registry.sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.setattr(registry.site, "getuserbase", lambda: str(tmp_path / "user"))
+    assert registry.registry_path() == tmp_path / "target" / "pipelines.yaml"  # none: the error names this one
+    for base in ("user", "prefix", "target"):  # later in the loop = earlier in the search order
+        (tmp_path / base / "share" / "iisan-versa" / "plans").mkdir(parents=True)
+        (tmp_path / base / "share" / "iisan-versa" / "pipelines.yaml").write_text("datasets: {}\n")
+        assert registry.registry_path() == tmp_path / base / "share" / "iisan-versa" / "pipelines.yaml"
+        assert registry.installed_file("plans") == tmp_path / base / "share" / "iisan-versa" / "plans"
+    (tmp_path / "target" / "pipelines.yaml").write_text("datasets: {}\n")  # a source checkout's own copy wins
+    assert registry.registry_path() == tmp_path / "target" / "pipelines.yaml"
+    monkeypatch.setenv("IISAN_PIPELINES", str(tmp_path / "elsewhere.yaml"))
+    assert registry.registry_path() == tmp_path / "elsewhere.yaml"
+
+
+def test_a_target_install_of_the_wheel_finds_its_registry_and_plans(tmp_path):
+    """`pip install --target DIR` (how `make gpu-check` installs) puts the wheel's data files under
+    DIR/share/iisan-versa, not under sys.prefix: the installed package must find them there."""
+    import os
+    import subprocess
+    import sys
+
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "whl"), str(REPO_ROOT)],
+                   check=True, cwd=REPO_ROOT)
+    wheel = next((tmp_path / "whl").glob("iisan_versa-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True)
+    env = {k: v for k, v in os.environ.items() if k != "IISAN_PIPELINES"} | {"PYTHONPATH": str(tmp_path / "site")}
+    probe = ("import iisan.registry as r, iisan.experiments.study as s; "
+             "print(r.__file__); print(r.registry_path()); print(s.PLANS_DIR); print(s.load_plan('quick').name)")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env=env).stdout.split()
+    share = tmp_path / "site" / "share" / "iisan-versa"
+    assert out == [str(tmp_path / "site" / "iisan" / "registry.py"), str(share / "pipelines.yaml"),
+                   str(share / "plans"), "quick"]
