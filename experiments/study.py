@@ -51,7 +51,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from iisan.errors import IisanError
+from iisan.errors import DatasetNotFound, IisanError
 from iisan.evaluate.report import bootstrap_means, per_user
 from iisan.registry import installed_file, load_registry
 from iisan.runtime import CONTENDED, git_commit, load_mark, load_since
@@ -59,6 +59,7 @@ from iisan.runtime import CONTENDED, git_commit, load_mark, load_since
 # Shipped plans: the repository's plans/ (source checkout, editable install), else the copy a wheel installs.
 PLANS_DIR = installed_file("plans")
 PAIRED_SAMPLES = 10_000
+STALE_MARK = " ‡"  # a row trained by other result code than the study's commit (`mark_made_by`)
 METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 
 
@@ -71,6 +72,7 @@ class Row:
     label: str
     options: dict[str, Any]          # iisan train options: dataset, method, pipeline, ...
     seeds: int | None = None         # the row's own seed count (else the plan's)
+    pending: str = ""                # why its defaults wait for its dataset's folder (resolved when it runs)
 
     def args(self, seeds: int, out: str) -> list[str]:
         """The `iisan train` command line of this row (options as the CLI spells them)."""
@@ -207,7 +209,11 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
                         raise StudyError(f"{at} ({label}): {key}: {err}") from None
             if datasets and str(row["dataset"]) not in datasets:
                 continue
-            rows.append(Row(label, with_default_layers(row), None if seeds else row_seeds))
+            try:
+                options, pending = with_default_layers(row), ""
+            except DatasetNotFound as err:  # its pipeline follows the folder's modalities: settled when it runs
+                options, pending = row, str(err)
+            rows.append(Row(label, options, None if seeds else row_seeds, pending))
         if rows:
             labels = [r.label for r in rows]
             if len(set(labels)) != len(labels):
@@ -350,6 +356,37 @@ def ensure_datasets(rows: list[tuple[Experiment, Row]], log: Callable[[str], Non
     return built
 
 
+def settle_pending(rows: list[tuple[Experiment, Row]], log: Callable[[str], None] = print) -> None:
+    """Spell out the defaults of rows that waited for their dataset's folder, where it is there now (fetched
+    first when the product fetches it); the others stay pending (`require_datasets` names them)."""
+    ensure_datasets(rows, log)
+    for _, row in rows:
+        try:
+            row.options, row.pending = with_default_layers(row.options), ""
+        except DatasetNotFound as err:
+            row.pending = str(err)
+
+
+def require_datasets(rows: list[tuple[Experiment, Row]], log: Callable[[str], None] = print) -> None:
+    """Before anything runs: fetch what the product fetches itself (`ensure_datasets`), settle the rows whose
+    defaults waited for their dataset's folder, and refuse, naming each absent dataset, its rows and how to get
+    it, when a row to run still has no folder. Loading a plan needs no data; running a row does."""
+    from iisan.registry import locate_dataset
+
+    ensure_datasets(rows, log)
+    absent: dict[str, tuple[str, list[str]]] = {}
+    for exp, row in rows:
+        try:
+            if row.pending:
+                row.options, row.pending = with_default_layers(row.options), ""
+            locate_dataset(str(row.options["dataset"]))
+        except DatasetNotFound as err:
+            absent.setdefault(str(row.options["dataset"]), (str(err), []))[1].append(f"{exp.name}/{row.label}")
+    if absent:
+        raise StudyError("; ".join(f"{', '.join(labels)}: {why}" for why, labels in absent.values())
+                         + " (or leave these rows out with --dataset / --experiment)")
+
+
 def ensure_caches(plan: Plan, log: Callable[[str], None] = print,
                   rows: list[tuple[Experiment, Row]] | None = None) -> list[Path]:
     """Extract, before any row runs, every cache the plan's cached rows read, once per (dataset, encoder,
@@ -418,11 +455,12 @@ def machine(threads: int | None = None) -> dict[str, Any]:
     import torch
 
     from iisan.evaluate.efficiency import device_name
-    from iisan.runtime import pick_device
+    from iisan.runtime import numeric_platform, pick_device
 
-    return {"device": device_name(pick_device()), "threads": threads or torch.get_num_threads(),
+    device = pick_device()
+    return {"device": device_name(device), "threads": threads or torch.get_num_threads(),
             "pinned_threads": threads is not None, "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "numerics": numeric_platform(device)}
 
 
 def _hr(result: dict[str, Any] | None) -> float | None:
@@ -554,18 +592,114 @@ def restriction(plan: Plan, datasets: tuple[str, ...] = (), experiments: tuple[s
 
 
 def _same_row(old: dict[str, Any], row: Row, seeds: int) -> bool:
-    return old.get("options") == row.options and old.get("seeds") == (row.seeds or seeds)
+    """A previous entry is this row: same seeds and options; or an entry written before rows had their layer
+    rules spelt out (`with_default_layers`) that spelling them out turns into this row's options, and whose runs
+    read exactly the hidden states those rules select (its provenance says which)."""
+    if old.get("seeds") != (row.seeds or seeds):
+        return False
+    if old.get("options") == row.options:
+        return True
+    try:
+        spelt = with_default_layers(dict(old.get("options") or {}))
+    except IisanError:
+        return False
+    return spelt == row.options and _read_the_layers_of(old.get("run_dir"), spelt)
+
+
+def _read_the_layers_of(run_dir: str | None, options: dict[str, Any]) -> bool:
+    """Whether a run's cached towers read the hidden states that `options`' layer rules select."""
+    from iisan.extract.layers import select_layers
+
+    path = Path(run_dir or "") / "provenance.json"
+    if not run_dir or not path.is_file():
+        return False
+    caches = json.loads(path.read_text()).get("caches") or {}
+    rules = {"text": options.get("layers_text", ""), "image": options.get("layers_image", ""),
+             "text2": options.get("layers_image", "")}
+    try:
+        return bool(caches) and all(
+            not rules[slot] or c["layers_read"] == select_layers(rules[slot], c["manifest"]["total_layers"])
+            for slot, c in caches.items())
+    except (KeyError, IisanError):
+        return False
+
+
+def run_origin(run_dir: str | Path | None) -> dict[str, Any]:
+    """What made a run's numbers, from the files a record keeps: its resolved config (less the fields local to a
+    machine), the commit and result-code hashes it ran at, the numeric platform (CPU kind and vector ISA, or GPU)
+    and the torch threads of its seeds. Missing parts (records written before they were kept) are None."""
+    from iisan.train.config import TrainConfig, upgrade_config
+
+    origin: dict[str, Any] = {"config": None, "commit": "", "code": None, "numerics": None, "threads": None}
+    folder = Path(run_dir) if run_dir else None
+    if folder is None or not folder.is_dir():
+        return origin
+    try:
+        config = TrainConfig(**upgrade_config(json.loads((folder / "config.json").read_text()), str(folder))).to_dict()
+        origin["config"] = {k: v for k, v in config.items() if k not in LOCAL_FIELDS}
+    except (OSError, ValueError, TypeError, IisanError):
+        pass
+    if (folder / "provenance.json").is_file():
+        prov = json.loads((folder / "provenance.json").read_text())
+        origin.update(commit=prov.get("commit") or "", code=prov.get("code"), numerics=prov.get("numerics"))
+    if (folder / "report.json").is_file():
+        seeds = json.loads((folder / "report.json").read_text()).get("seeds") or []
+        origin["threads"] = sorted({s["threads"] for s in seeds if "threads" in s}) or None
+    return origin
+
+
+def code_changes(old: dict[str, Any], now: dict[str, Any] | None = None) -> list[str] | None:
+    """The result-deciding code (train, evaluate, extract, cache, data) that differs between a run's origin and
+    `now` (another run's origin; default: this process's code and checkout): module names where both hashed
+    their code, else source files changed between the commits (git); None where neither can tell."""
+    from iisan.runtime import changed_result_code, code_hashes
+
+    now_code = (now or {}).get("code") if now is not None else code_hashes()
+    now_commit = (now or {}).get("commit") if now is not None else git_commit()
+    if old.get("code") and now_code:
+        return sorted(k for k in set(old["code"]) | set(now_code) if old["code"].get(k) != now_code.get(k))
+    if old.get("commit") and old["commit"] == now_commit:
+        return []
+    return changed_result_code(old["commit"], now_commit or "HEAD") if old.get("commit") else None
+
+
+def why_different(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(stale, elsewhere) between a recorded run's origin and a fresh one's: what says the record was made by other
+    config or code (stale), and what says it was made on another numeric platform or thread count."""
+    stale: list[str] = []
+    if old["config"] is not None and new["config"] is not None:
+        stale += [f"config {k} {old['config'].get(k)!r} -> {new['config'].get(k)!r}"
+                  for k in sorted(set(old["config"]) | set(new["config"])) if old["config"].get(k) != new["config"].get(k)]
+    elif old["config"] is None:
+        stale.append("config not recorded")
+    changed = code_changes(old, new)
+    if changed is None:
+        stale.append(f"code not recorded (made at {old['commit'][:7] or 'an unknown commit'})")
+    elif changed:
+        stale.append(f"code changed since {old['commit'][:7] or 'the record'}: " + ", ".join(changed))
+    elsewhere: list[str] = []
+    if old["numerics"] is None:
+        elsewhere.append("the record's CPU kind was not recorded")
+    elif new["numerics"] is not None:
+        elsewhere += [f"{k} {old['numerics'].get(k)!r} -> {new['numerics'].get(k)!r}"
+                      for k in sorted(set(old["numerics"]) | set(new["numerics"]))
+                      if old["numerics"].get(k) != new["numerics"].get(k)]
+    if old["threads"] and new["threads"] and old["threads"] != new["threads"]:
+        elsewhere.append(f"threads {old['threads']} -> {new['threads']}")
+    return stale, elsewhere
 
 
 def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = print, command: str = "",
               only: Callable[[Experiment, Row], bool] | None = None, threads: int | None = None,
-              finished_only: bool = False) -> Path:
+              finished_only: bool = False, fresh: bool = False) -> Path:
     """Extract what is missing, run every row (its own process) that the record does not hold already, then
     write reports/study-<plan>.json. `only`: the rows to run (the others are carried from the previous JSON);
     `threads`: the torch threads of every run (default: the plan's, else the machine's). `finished_only`: train
     nothing; rows whose run is unfinished are marked not run, their finished seeds kept in the record (how a
-    session hands a long study over to the next)."""
+    session hands a long study over to the next). `fresh`: train the rows again from scratch, their finished runs
+    and their folders in the record replaced (a record made by other code, `code_changed_since`)."""
     import os
+    import shutil
 
     from iisan.train.recipe import matching_run
 
@@ -577,6 +711,8 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
     before = {(e["name"], r["label"]): r for e in previous.get("experiments", []) for r in e["rows"]}
     results: dict[tuple[str, str], dict[str, Any]] = {}
     todo = []
+    # rows whose defaults wait for their dataset's folder: settled now where it can be had
+    settle_pending([(e, r) for e, r in plan.rows() if r.pending and (only is None or only(e, r))], log)
     for exp, row in plan.rows():
         key = (exp.name, row.label)
         if only is not None and not only(exp, row):
@@ -585,7 +721,18 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
             results[key] = ({**old, "carried_from": old.get("carried_from") or previous.get("commit")} if carried
                             else {"status": "not run", "log_tail": ["left out by --dataset / --experiment"]})
             continue
+        if row.pending:  # its dataset is absent: refused below, with the others that are
+            todo.append((exp, row, None))
+            continue
         cfg = row_config(row, plan.seeds, runs)
+        if fresh:
+            if finished_only:
+                raise StudyError("--fresh trains the rows again; --finished-only trains nothing: give one")
+            while (old_record := matching_run(cfg, root, LOCAL_FIELDS)) is not None:
+                log(f"{exp.name}/{row.label}: {old_record} replaced (--fresh)")
+                shutil.rmtree(old_record)
+            todo.append((exp, row, cfg))
+            continue
         record = matching_run(cfg, root, LOCAL_FIELDS)
         if record is not None and (record / "report.json").is_file():
             results[key] = {"status": "ok", "args": row.args(plan.seeds, runs), "recorded": True, **row_result(record)}
@@ -604,12 +751,13 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
     recorded = sum(1 for r in results.values() if r.get("recorded"))
     if recorded:
         log(f"{recorded} row(s) reported from the record {root} (nothing trained)")
-    ensure_datasets([(exp, row) for exp, row, _ in todo], log)
+    require_datasets([(exp, row) for exp, row, _ in todo], log)
+    todo = [(exp, row, cfg or row_config(row, plan.seeds, runs)) for exp, row, cfg in todo]
     ensure_caches(plan, log, [(exp, row) for exp, row, _ in todo])
     start = time.perf_counter()
     for n, (exp, row, cfg) in enumerate(todo, 1):
         began, mark = time.perf_counter(), load_mark()
-        args = row.args(plan.seeds, runs)
+        args = [a for a in row.args(plan.seeds, runs) if not (fresh and a == "--reuse")]
         try:
             child = subprocess.run([sys.executable, "-m", "iisan.cli", *args], capture_output=True, text=True, env=env)
         finally:  # also when interrupted: the finished seeds go into the record
@@ -630,6 +778,12 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
         results[(exp.name, row.label)] = result
         log(f"[{n}/{len(todo)}] {exp.name}/{row.label}: test HR@10 {100 * result['test']['HR@10']['mean']:.2f} "
             f"({took:.0f} s); ETA {eta / 60:.0f} min")
+    from iisan.runtime import code_hashes
+
+    now = {"code": code_hashes(), "commit": git_commit()}
+    for result in results.values():
+        if result.get("status") == "ok":
+            mark_made_by(result, now)
     experiments = []
     for exp in plan.experiments:
         ref = results.get((exp.name, exp.reference)) if exp.reference else None
@@ -659,6 +813,20 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
                                indent=2, default=str))
     log(f"wrote {path}")
     return path
+
+
+def mark_made_by(result: dict[str, Any], now: dict[str, Any]) -> None:
+    """Say in a row's entry which commit trained it (`made_at`) and, where the result-deciding code changed since
+    then (or cannot be told), what changed (`code_changed_since`: names, or None for unknown); the report marks
+    such a row, whose numbers today's code may not give."""
+    origin = run_origin(result.get("run_dir"))
+    if not origin["commit"]:  # a run outside the record (carried): the commit its entry names
+        origin["commit"] = result.get("made_at") or result.get("carried_from") or ""
+    changed = code_changes(origin, now)
+    result["made_at"] = origin["commit"]
+    result.pop("code_changed_since", None)
+    if changed is None or changed:
+        result["code_changed_since"] = changed
 
 
 def contended(row: dict[str, Any]) -> str:
@@ -700,6 +868,10 @@ def render(json_path: Path, out: Path | None = None) -> Path:
         lines.append(f"- † s/epoch taken under contention: other processes used more than {CONTENDED:.0%} of the "
                      "machine's CPU while the row ran (the share is in the JSON, `others_cpu_share`); such "
                      "timings are high, the metrics are not affected")
+    if any("code_changed_since" in r for e in study["experiments"] for r in e["rows"] if r.get("status") == "ok"):
+        lines.append(f"- {STALE_MARK.strip()} trained by other result code than this study's commit (the run's commit is "
+                     "`made_at` in the JSON, what changed since `code_changed_since`): today's code may not give its "
+                     "numbers; `iisan study run --fresh --experiment NAME` trains it again")
     lines.append("")
     if study.get("claims"):
         lines += ["## The papers' claims, here", ""] + [claim_line(c) for c in study["claims"]] + [""]
@@ -724,6 +896,7 @@ def render(json_path: Path, out: Path | None = None) -> Path:
             mark = {m: (f"{p[m]:.3f}" + ("*" if p[m] < 0.05 else "")) if m in p else "" for m in ("HR@10", "NDCG@10")}
             n = row["seeds"]
             carried = f" (carried from {str(row['carried_from'])[:7]})" if row.get("carried_from") else ""
+            carried += STALE_MARK if "code_changed_since" in row else ""
             lines.append(f"| {row['label']}{carried} | {percent(t['HR@10'], n)} | {percent(t['NDCG@10'], n)} | {mark['HR@10']} | "
                          f"{mark['NDCG@10']} | {percent(t.get('HR@5'), n)} | {percent(t.get('HR@20'), n)} | "
                          f"{percent(t.get('NDCG@5'), n)} | {percent(t.get('NDCG@20'), n)} | {percent(t.get('MRR'), n)} | "
@@ -827,10 +1000,12 @@ CHECK_TOLERANCE = 0.003  # 0.3 points of HR@10 and NDCG@10
 def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
                 tolerance: float = CHECK_TOLERANCE) -> bool:
     """Re-run a committed study's plan from scratch (fresh runs under `runs`, nothing reused, at the committed
-    study's thread count) and compare every
-    row's test HR@10 and NDCG@10 with the committed JSON: identical where the run is deterministic (same CPU
-    kind, threads and torch give bit-identical runs), else within `tolerance`. Prints what moved; True when
-    every row is within it."""
+    study's thread count) and compare every row's test HR@10 and NDCG@10 with the committed JSON. Runs are
+    bit-identical only at equal config, result code, numeric platform (CPU kind and vector ISA, or GPU) and
+    threads, so a row that differs is told apart by what its record (config.json, provenance.json) says:
+    STALE — the record was made by another config or other code (regenerate it: `iisan study run --fresh`);
+    on another machine — within `tolerance` it passes, else MOVED; at equal config, code and machine — MOVED
+    (the runs are not deterministic). Prints one line per row and a summary; True when every row passes."""
     committed = json.loads(Path(json_path).read_text())
     plan_file = Path(committed.get("plan_file") or "")
     plan = load_plan(str(plan_file) if plan_file.is_file() else committed["plan"], seeds=committed["seeds"])
@@ -842,37 +1017,57 @@ def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
     same_machine = {k: v for k, v in (committed.get("machine") or {}).items() if k != "python"} == \
         {k: v for k, v in fresh["machine"].items() if k != "python"}
     before = {(e["name"], r["label"]): r for e in committed["experiments"] for r in e["rows"]}
-    passed = True
+    record = Path(json_path).parent / f"study-{committed['plan']}"
+    counts = {"identical": 0, "within": 0, "stale": 0, "elsewhere": 0, "moved": 0, "failed": 0}
     for exp in fresh["experiments"]:
         for row in exp["rows"]:
             key = (exp["name"], row["label"])
             old = before.get(key)
             name = f"{exp['name']}/{row['label']}"
             if old is None or old.get("status") != "ok" or row.get("status") != "ok":
-                passed = False
+                counts["failed"] += 1
                 log(f"{name}: FAILED ({'not in the committed study' if old is None else 'a run failed'})")
                 continue
             diffs = {m: row["test"][m]["mean"] - old["test"][m]["mean"] for m in ("HR@10", "NDCG@10")}
             shown = ", ".join(f"{m} {100 * old['test'][m]['mean']:.2f} -> {100 * row['test'][m]['mean']:.2f}"
                               for m in diffs)
+            stale, elsewhere = why_different(run_origin(_recorded_run(old, record)), run_origin(row["run_dir"]))
             if all(d == 0 for d in diffs.values()):
-                log(f"{name}: identical ({shown})")
+                counts["identical"] += 1
+                log(f"{name}: identical ({shown})" + (f" — though its record differs: {'; '.join(stale)}" if stale else ""))
+            elif stale:
+                counts["stale"] += 1
+                log(f"{name}: STALE ({shown}) — the record was made by another config or other code: {'; '.join(stale)}"
+                    + (f"; and elsewhere: {'; '.join(elsewhere)}" if elsewhere else ""))
+            elif elsewhere:
+                within = all(abs(d) <= tolerance for d in diffs.values())
+                counts["within" if within else "elsewhere"] += 1
+                log(f"{name}: {f'within {100 * tolerance:.1f} points' if within else 'MOVED on another machine'} "
+                    f"({shown}) — same config and code, another machine: {'; '.join(elsewhere)} (float rounding "
+                    f"differs between CPU kinds and thread counts, and training amplifies it)")
             else:
-                # runs are bit-identical only at the same thread count: say where the committed row ran otherwise
-                then, now = old.get("threads"), row.get("threads")
-                why = (f" — committed at {then} thread(s), now {now}" if then and now and then != now else
-                       " — expected identical on the same machine" if same_machine else "")
-                if all(abs(d) <= tolerance for d in diffs.values()):
-                    log(f"{name}: within {100 * tolerance:.1f} points ({shown}){why}")
-                else:
-                    passed = False
-                    log(f"{name}: MOVED ({shown}){why}")
+                counts["moved"] += 1
+                log(f"{name}: MOVED at equal config, code and machine ({shown}) — the runs are not deterministic")
     missing = set(before) - {(e["name"], r["label"]) for e in fresh["experiments"] for r in e["rows"]}
     for exp_name, label in sorted(missing):
-        passed = False
+        counts["failed"] += 1
         log(f"{exp_name}/{label}: in the committed study, not in the plan now")
-    log(f"check {'passed' if passed else 'FAILED'}: {sum(len(e['rows']) for e in fresh['experiments'])} rows, "
+    passed = counts["stale"] + counts["elsewhere"] + counts["moved"] + counts["failed"] == 0
+    told = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    log(f"check {'passed' if passed else 'FAILED'}: {sum(len(e['rows']) for e in fresh['experiments'])} rows ({told}), "
         f"{'the same machine as' if same_machine else 'another machine than'} the committed run "
-        f"({fresh['machine']['device']}, "
-        f"{fresh['machine']['threads']} threads)")
+        f"({fresh['machine']['device']}, {fresh['machine']['threads']} threads)"
+        + (f"; regenerate the stale rows: `iisan study run --plan {committed['plan']} --fresh`" if counts["stale"] else ""))
     return passed
+
+
+def _recorded_run(row: dict[str, Any], record: Path) -> Path | None:
+    """A committed row's run folder: where its JSON says (from the working directory), else in the record
+    beside the JSON."""
+    run_dir = Path(row.get("run_dir") or "")
+    if not row.get("run_dir"):
+        return None
+    if run_dir.is_dir():
+        return run_dir
+    beside = record / run_dir.parent.name / run_dir.name
+    return beside if beside.is_dir() else None

@@ -345,8 +345,11 @@ def study() -> None:
 @click.option("--finished-only", is_flag=True,
               help="Train nothing: report the rows whose runs are finished, mark the others not run and keep their "
                    "finished seeds in the study's record (to hand a long study over to a later session).")
+@click.option("--fresh", is_flag=True,
+              help="Train the selected rows again from scratch: their finished runs are not reused and their folders "
+                   "in the study's record are replaced (a record made by other code; the report marks such rows).")
 def study_run(plan_name: str, datasets: tuple[str, ...], experiments: tuple[str, ...], seeds: int | None,
-              threads: int | None, out: Path, runs: str, finished_only: bool) -> None:
+              threads: int | None, out: Path, runs: str, finished_only: bool, fresh: bool) -> None:
     """Run a plan: every row its own `iisan train --reuse` process (finished runs reported again, unfinished
     ones continued, rows in the study's record reported from it), a progress line per row with an ETA, then
     reports/study-<plan>.json with paired bootstrap p-values against each experiment's reference row."""
@@ -355,7 +358,7 @@ def study_run(plan_name: str, datasets: tuple[str, ...], experiments: tuple[str,
     plan = load_plan(plan_name, seeds=seeds)
     path = run_study(plan, out, runs, log=lambda message: click.echo(message, err=True),
                      command="iisan " + " ".join(sys.argv[1:]), only=restriction(plan, datasets, experiments),
-                     threads=threads, finished_only=finished_only)
+                     threads=threads, finished_only=finished_only, fresh=fresh)
     click.echo(render(path))
 
 

@@ -20,5 +20,13 @@ class DataError(IisanError):
         super().__init__(f"{where}: {problem}")
 
 
+class DatasetNotFound(DataError):
+    """A dataset's folder is in no data root (the message says how to get it)."""
+
+    def __init__(self, name: str, problem: str):
+        self.name = name
+        super().__init__(name, problem)
+
+
 class RegistryError(IisanError):
     """pipelines.yaml is missing, malformed, or does not name what was asked for."""

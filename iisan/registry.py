@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from iisan.errors import DataError, RegistryError
+from iisan.errors import DataError, DatasetNotFound, RegistryError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,7 +268,7 @@ def locate_dataset(ref: str | Path, folder: str | Path | None = None) -> Dataset
             hint = (f"; run `iisan data fetch {entry.fetch}`" if entry.fetch else
                     f"; put a folder '{entry.dir}' holding {entry.items[0]} and {entry.users[0]} (IISAN TSV "
                     f"format) in one of them, or set IISAN_DATA_DIR")
-            raise DataError(entry.dir, "dataset folder not found in any data root ("
+            raise DatasetNotFound(entry.dir, "dataset folder not found in any data root ("
                             + ", ".join(str(r) for r in roots) + f"){hint}")
         folder = found[0]
     folder = Path(folder)

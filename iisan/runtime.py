@@ -85,3 +85,78 @@ def load_since(mark: tuple[float, float | None, float]) -> tuple[float, float | 
     seconds, after = time.perf_counter() - began, machine_busy_seconds()
     return seconds, others_cpu_share(seconds, None if busy is None or after is None else after - busy,
                                  own_cpu_seconds() - own)
+
+
+def numeric_platform(device=None) -> dict[str, str]:
+    """What decides the floating-point results of the same code, config and packages: on a CPU its identity
+    (vendor, family, model, stepping from /proc/cpuinfo: a hypervisor may name every AMD part just "AMD EPYC")
+    and the vector instructions torch's kernels dispatch to (AVX2, AVX512, ...); on a GPU its name and compute
+    capability. Two runs can be bit-identical only where this and the thread count are the same."""
+    import platform
+
+    import torch
+
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"gpu": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}", "torch": torch.__version__}
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("vendor_id", "cpu family", "model", "stepping", "model name") and key not in info:
+                    info[key] = value.strip()
+                if not line.strip() and info:
+                    break  # the first processor's block
+    except OSError:
+        pass
+    cpu = (f"{info.get('vendor_id', platform.processor() or platform.machine())} family {info.get('cpu family', '?')} "
+           f"model {info.get('model', '?')} stepping {info.get('stepping', '?')} ({info.get('model name', '?')})")
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        isa = "unknown"
+    return {"cpu": cpu, "isa": isa, "torch": torch.__version__}
+
+
+# The packages whose code decides a run's numbers (data, cache, extraction, evaluation, training): a record made
+# by other code than today's is told from one that moved at equal code by hashing their modules.
+RESULT_PACKAGES = ("iisan.data", "iisan.cache_store", "iisan.extract", "iisan.evaluate", "iisan.train")
+
+
+def code_hashes(packages: tuple[str, ...] = RESULT_PACKAGES) -> dict[str, str]:
+    """{module: the first 16 hex digits of the sha256 of its source} for every module of `packages`, read from
+    where they are installed (a checkout, an editable or a wheel install alike; no git needed)."""
+    import hashlib
+    import importlib.util
+
+    hashes: dict[str, str] = {}
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            for path in sorted(Path(folder).rglob("*.py")):
+                parts = path.relative_to(folder).with_suffix("").parts
+                name = ".".join((package, *parts)).removesuffix(".__init__")
+                hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return dict(sorted(hashes.items()))
+
+
+def changed_result_code(commit: str, now: str = "HEAD") -> list[str] | None:
+    """The result-deciding source files (RESULT_PACKAGES) that differ between two commits of this checkout, for
+    records written before their code was hashed; None where git cannot tell (no checkout, an unknown commit)."""
+    import importlib.util
+
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True).stdout.strip()
+        folders = []
+        for package in RESULT_PACKAGES:
+            spec = importlib.util.find_spec(package)
+            folders += [str(Path(f).resolve().relative_to(Path(top).resolve()))
+                        for f in (spec.submodule_search_locations or [])] if spec is not None else []
+        out = subprocess.run(["git", "diff", "--name-only", commit, now, "--", *folders], capture_output=True,
+                             text=True, cwd=top, check=True).stdout
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return None
+    return [line for line in out.splitlines() if line.endswith(".py")]

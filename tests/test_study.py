@@ -104,7 +104,27 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
     study["experiments"][0]["rows"][1]["test"]["NDCG@10"]["mean"] += 0.004
     (tmp_path / "reports" / "study-toy.json").write_text(json.dumps(study))
     moved = CliRunner().invoke(iisan_cli, ["study", "check", "reports/study-toy.json", "--runs", "check-2"])
-    assert moved.exit_code == 1 and "methods/no inter: MOVED" in moved.output and "check FAILED" in moved.output
+    assert moved.exit_code == 1 and "check FAILED" in moved.output
+    assert "methods/no inter: MOVED at equal config, code and machine (" in moved.output
+    # what the record says tells why a row differs: made on another CPU kind, a difference within 0.3 points passes
+    # (past it: MOVED on another machine); made by another config, it is STALE and fails, naming the field
+    record = Path(rows[1]["run_dir"])
+    provenance = json.loads((record / "provenance.json").read_text())
+    (record / "provenance.json").write_text(json.dumps({**provenance, "numerics": {**provenance["numerics"],
+                                                                                   "isa": "AVX512"}}))
+    study["experiments"][0]["rows"][1]["test"]["NDCG@10"]["mean"] -= 0.002
+    (tmp_path / "reports" / "study-toy.json").write_text(json.dumps(study))
+    config = json.loads((Path(rows[0]["run_dir"]) / "config.json").read_text())
+    (Path(rows[0]["run_dir"]) / "config.json").write_text(json.dumps({**config, "dropout": 0.3}))
+    study["experiments"][0]["rows"][0]["test"]["HR@10"]["mean"] += 0.01
+    (tmp_path / "reports" / "study-toy.json").write_text(json.dumps(study))
+    told = CliRunner().invoke(iisan_cli, ["study", "check", "reports/study-toy.json", "--runs", "check-3"])
+    assert told.exit_code == 1, told.output
+    assert ("methods/no inter: within 0.3 points (" in told.output
+            and "another machine: isa 'AVX512' -> " in told.output)
+    assert ("methods/iisan: STALE (" in told.output and "config dropout 0.3 -> 0.1" in told.output
+            and "regenerate the stale rows: `iisan study run --plan toy --fresh`" in told.output)
+    assert "check FAILED: 2 rows (1 within, 1 stale)" in told.output
 
 
 def test_the_committed_readme_tables_are_those_of_their_json():
@@ -179,7 +199,21 @@ def test_bad_plans_are_refused_before_anything_runs(env, tmp_path, text, message
         load_plan(str(plan))
 
 
-def test_the_shipped_plans_load():
+@pytest.fixture
+def no_data_root(tmp_path, monkeypatch):
+    """No dataset anywhere: the data roots are one empty folder (as on a fresh clone with no ../shared)."""
+    import iisan.registry
+
+    monkeypatch.setattr(iisan.registry, "data_roots", lambda: [tmp_path / "no-data"])
+
+
+def test_the_shipped_plans_load(no_data_root):
+    """Loading a plan needs no data: a row's pipeline and its encoders' layer rules come from the registry."""
+    for path in sorted(Path(__file__).resolve().parent.parent.glob("plans/*.yaml")):
+        rows = [row for _, row in load_plan(str(path)).rows()]
+        assert rows and not [row.label for row in rows if row.pending], path
+    scientific = [row for _, row in load_plan("methods").rows() if row.options["dataset"] == "scientific"]
+    assert scientific[0].options == {"dataset": "scientific", "method": "iisan", "layers_text": "even"}
     plan = load_plan("quick")
     assert {row.options["dataset"] for _, row in plan.rows()} == {"ml-100k"} and plan.seeds == 1
     paper = load_plan("paper")
@@ -237,6 +271,63 @@ def test_missing_layers_are_extracted_once_with_the_union_of_the_rows(env, tmp_p
     assert (rows["even"]["layers_text"], rows["top"]["layers_text"]) == ("even", "top:2")
     assert "layers_text" not in rows["ids"]  # reads no cached states
     assert select_layers(rows["even"]["layers_text"], 4) == [0, 1, 3]
+
+
+def test_a_row_whose_dataset_is_absent_fails_when_it_runs_naming_it(env, tmp_path, monkeypatch):
+    """A row on a dataset no data root holds loads (its defaults wait for the folder where the registry does not
+    give its pipeline) and fails when it is run, before anything trains, naming the dataset, its rows and how to
+    get it; with the folder back, the same plan resolves and runs."""
+    import iisan.registry
+    from iisan.experiments.study import run_study
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IISAN_CACHE_DIR", str(env / "cache"))
+    (tmp_path / "absent.yaml").write_text("name: absent\nexperiments:\n  - name: one\n    rows:\n"
+                                          "      - {label: a, dataset: toy, epochs: 1}\n"
+                                          "      - {label: b, dataset: plain, method: sasrec-id, epochs: 1}\n")
+    roots = iisan.registry.data_roots()
+    monkeypatch.setattr(iisan.registry, "data_roots", lambda: [tmp_path / "no-data"])
+    plan = load_plan("absent.yaml")
+    a, b = [row for _, row in plan.rows()]
+    assert "toy: dataset folder not found in any data root" in a.pending and "layers_text" not in a.options
+    assert not b.pending  # `plain` names its pipeline in the registry
+    with pytest.raises(StudyError, match=r"one/a: toy: dataset folder not found in any data root .*put a folder 'toy' "
+                                         r"holding items.tsv and users.tsv.*; one/b: plain: dataset folder not found"):
+        run_study(plan, tmp_path / "reports", str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()  # nothing ran
+    monkeypatch.setattr(iisan.registry, "data_roots", lambda: roots)
+    ran = json.loads(run_study(plan, tmp_path / "reports", str(tmp_path / "runs")).read_text())
+    assert [r["status"] for r in ran["experiments"][0]["rows"]] == ["ok", "ok"]
+    assert ran["experiments"][0]["rows"][0]["options"]["layers_text"] == "even"  # settled when it ran
+
+
+def test_a_record_made_by_other_code_is_told_and_marked(tmp_path):
+    """A run's origin (config, commit, result-code hashes, CPU kind, threads) read back from its files; the
+    differences name what makes a record stale (config, code) and what says it ran elsewhere."""
+    from iisan.experiments.study import code_changes, mark_made_by, run_origin, why_different
+    from iisan.runtime import code_hashes, git_commit
+
+    hashes = code_hashes()
+    assert "iisan.train.recipe" in hashes and "iisan.evaluate.metrics" in hashes and len(hashes["iisan.train.loss"]) == 16
+    assert not any(name.startswith(("iisan.experiments", "iisan.deploy")) for name in hashes)
+    now = {"config": {"lr": 1e-3}, "commit": git_commit(), "code": hashes, "threads": [2],
+           "numerics": {"cpu": "AuthenticAMD family 23 model 49", "isa": "AVX2", "torch": "2.13.0+cpu"}}
+    assert why_different(now, now) == ([], [])
+    old = {**now, "config": {"lr": 2e-4}, "code": {**hashes, "iisan.train.loss": "0" * 16}, "threads": [1],
+           "numerics": {**now["numerics"], "isa": "AVX512"}}
+    stale, elsewhere = why_different(old, now)
+    assert stale == ["config lr 0.0002 -> 0.001", f"code changed since {now['commit'][:7]}: iisan.train.loss"]
+    assert elsewhere == ["isa 'AVX512' -> 'AVX2'", "threads [1] -> [2]"]
+    unknown = {**now, "code": None, "numerics": None, "commit": ""}
+    assert why_different(unknown, now) == (["code not recorded (made at an unknown commit)"],
+                                           ["the record's CPU kind was not recorded"])
+    assert code_changes({"commit": now["commit"], "code": None}) == []  # the same commit, no hashes: unchanged
+    assert run_origin(tmp_path / "none") == {"config": None, "commit": "", "code": None, "numerics": None,
+                                             "threads": None}
+    row = {"status": "ok", "run_dir": str(tmp_path / "none"), "carried_from": now["commit"],
+           "code_changed_since": ["stale from an earlier write"]}
+    mark_made_by(row, {"code": hashes, "commit": now["commit"]})
+    assert row["made_at"] == now["commit"] and "code_changed_since" not in row
 
 
 def test_every_shipped_plan_is_installed_with_the_package():

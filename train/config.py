@@ -21,7 +21,7 @@ from iisan.cache_store.inspect import default_cache_root
 from iisan.errors import IisanError, RegistryError
 from iisan.data.dataset import default_pipeline
 from iisan.data.protocol import ProtocolConfig
-from iisan.registry import is_dataset_path, load_registry, locate_dataset, registry_path
+from iisan.registry import dataset_entry, is_dataset_path, load_registry, locate_dataset, registry_path
 
 # 1: before the stage-2 redesign (issue 12); 2: slots named text / image / text2, ties rule, h_0 kept for
 # remove_first, frozen reads the final output, standardize dim | layer.
@@ -138,7 +138,11 @@ def resolve(overrides: dict[str, Any], log: Callable[[str], None] | None = None)
         dataset = given["dataset"] = str(Path(dataset).expanduser().resolve())
     pipeline = given.get("pipeline")
     if not pipeline:
-        pipeline, why = default_pipeline(locate_dataset(dataset))
+        # a registered name whose entry names its pipeline needs no folder (a plan resolves without the data)
+        entry = (dataset_entry(dataset) if not is_dataset_path(dataset)
+                 and dataset in (load_registry().get("datasets") or {}) else None)
+        pipeline, why = ((entry.pipeline, f"set for dataset '{dataset}' in {registry_path()}")
+                         if entry is not None and entry.pipeline else default_pipeline(locate_dataset(dataset)))
         if log is not None:
             log(f"pipeline {pipeline} ({why}; --pipeline chooses another)")
     pipelines = load_registry().get("pipelines") or {}

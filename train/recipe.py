@@ -34,7 +34,7 @@ from iisan.evaluate.efficiency import peak_memory_mib
 from iisan.evaluate.metrics import RankingResult, metrics_from_ranks, rank_targets
 from iisan.evaluate.report import report_lines, summarize
 from iisan.registry import dataset_name, load_registry
-from iisan.runtime import git_commit, pick_device
+from iisan.runtime import code_hashes, git_commit, numeric_platform, pick_device
 from iisan.train.config import TrainConfig, load_config, saved_version
 from iisan.train.data import SlotStates, layer_rule, load_slot, slot_sources, train_batches
 from iisan.train.distributed import World, collective_errors, join, leave
@@ -326,6 +326,8 @@ def provenance(s: Setup) -> dict[str, Any]:
 
     return {"iisan_version": __version__, "commit": git_commit(), "python": sys.version.split()[0],
             "platform": platform.platform(), "device": str(s.device),
+            # what `iisan study check` compares to tell a record made elsewhere or by other code from a moved result
+            "numerics": numeric_platform(s.device), "code": code_hashes(),
             "packages": {p: version(p) for p in ("torch", "transformers", "zarr", "numpy", "safetensors")},
             "caches": {slot: {"path": str(x.path), "manifest": x.manifest.to_dict(), "layers_read": x.layers,
                               "standardized": x.standardized} for slot, x in s.slots.items()},
