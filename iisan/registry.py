@@ -76,14 +76,19 @@ def search_roots(env_var: str, folder: str) -> list[Path]:
     env = os.environ.get(env_var)
     if env:
         roots += [Path(p) for p in env.split(os.pathsep) if p]
-    roots += [Path.cwd() / folder, REPO_ROOT / folder, Path.cwd().parent / "shared" / folder,
-              REPO_ROOT.parent / "shared" / folder]
+    roots += [Path.cwd() / folder, REPO_ROOT / folder, *shared_roots(folder)]
     unique: list[Path] = []
     for root in roots:
         resolved = root.resolve()
         if resolved not in unique:
             unique.append(resolved)
     return unique
+
+
+def shared_roots(folder: str) -> list[Path]:
+    """../shared/<folder> beside the working directory and beside the repository (read-only material a
+    development machine may have; never required)."""
+    return [Path.cwd().parent / "shared" / folder, REPO_ROOT.parent / "shared" / folder]
 
 
 def data_roots() -> list[Path]:

@@ -13,17 +13,32 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SCIENTIFIC = SHARED_DATA / "scientific"
 POSTERS = SHARED_DATA / "ml-100k-posters" / "images"
 
-needs_scientific = pytest.mark.skipif(not (SCIENTIFIC / "items.tsv").is_file(),
-                                      reason=f"needs the shared Scientific data at {SCIENTIFIC}")
-needs_posters = pytest.mark.skipif(not POSTERS.is_dir(), reason=f"needs the shared ML-100K posters at {POSTERS}")
+
+
+def _needs_shared(present: bool, reason: str):
+    """A test that reads ../shared: skipped with `reason` where it is absent (a newcomer's clone), and marked
+    `reads_shared`, the only tests for which the product's search roots include ../shared."""
+    def mark(test):
+        return pytest.mark.reads_shared(pytest.mark.skipif(not present, reason=reason)(test))
+    return mark
+
+
+needs_scientific = _needs_shared((SCIENTIFIC / "items.tsv").is_file(), f"needs the shared Scientific data at {SCIENTIFIC}")
+needs_posters = _needs_shared(POSTERS.is_dir(), f"needs the shared ML-100K posters at {POSTERS}")
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch):
+def _isolated_env(monkeypatch, request):
     # Tests must not depend on the developer's own data or cache locations.
     monkeypatch.delenv("IISAN_DATA_DIR", raising=False)
     monkeypatch.delenv("IISAN_CACHE_DIR", raising=False)
     monkeypatch.delenv("IISAN_PIPELINES", raising=False)
+    # nor on ../shared: a test behaves in the checkout (../shared beside it) as in a newcomer's clone (none),
+    # unless it says it reads it (`needs_scientific`, `needs_posters`, or the `reads_shared` mark)
+    if request.node.get_closest_marker("reads_shared") is None:
+        import iisan.registry
+
+        monkeypatch.setattr(iisan.registry, "shared_roots", lambda folder: [])
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ def test_registered_datasets():
         dataset_entry("nope")
 
 
+@pytest.mark.reads_shared  # where ../shared comes in the order (it need not exist)
 def test_data_roots_order(tmp_path, monkeypatch):
     monkeypatch.setenv("IISAN_DATA_DIR", str(tmp_path / "mine"))
     monkeypatch.chdir(tmp_path)
