@@ -748,7 +748,7 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
                     f"unfinished: {seeds} of {row.seeds or plan.seeds} seed(s) done" + (" (in the record)" if seeds else "")]}
                 continue
         todo.append((exp, row, cfg))
-    recorded = sum(1 for r in results.values() if r.get("recorded"))
+    recorded = sum(1 for r in results.values() if r.get("recorded") and "carried_from" not in r)
     if recorded:
         log(f"{recorded} row(s) reported from the record {root} (nothing trained)")
     require_datasets([(exp, row) for exp, row, _ in todo], log)
