@@ -630,7 +630,8 @@ def run_origin(run_dir: str | Path | None) -> dict[str, Any]:
     and the torch threads of its seeds. Missing parts (records written before they were kept) are None."""
     from iisan.train.config import TrainConfig, upgrade_config
 
-    origin: dict[str, Any] = {"config": None, "commit": "", "code": None, "numerics": None, "threads": None}
+    origin: dict[str, Any] = {"config": None, "commit": "", "code": None, "numerics": None, "threads": None,
+                              "data": None}
     folder = Path(run_dir) if run_dir else None
     if folder is None or not folder.is_dir():
         return origin
@@ -642,6 +643,12 @@ def run_origin(run_dir: str | Path | None) -> dict[str, Any]:
     if (folder / "provenance.json").is_file():
         prov = json.loads((folder / "provenance.json").read_text())
         origin.update(commit=prov.get("commit") or "", code=prov.get("code"), numerics=prov.get("numerics"))
+        # the data its numbers came from: the dataset after the protocol, and per cached slot the dataset's
+        # fingerprint (ids, text, image files), the encoder's weights and the layers read
+        origin["data"] = {"dataset": {k: v for k, v in (prov.get("dataset") or {}).items() if k != "folder"},
+                          **{slot: {k: (c.get("manifest") or {}).get(k) for k in ("dataset_fingerprint",
+                                                                                 "model_weights_sha256")}
+                             | {"layers_read": c.get("layers_read")} for slot, c in (prov.get("caches") or {}).items()}}
     if (folder / "report.json").is_file():
         seeds = json.loads((folder / "report.json").read_text()).get("seeds") or []
         origin["threads"] = sorted({s["threads"] for s in seeds if "threads" in s}) or None
@@ -661,6 +668,17 @@ def code_changes(old: dict[str, Any], now: dict[str, Any] | None = None) -> list
     if old.get("commit") and old["commit"] == now_commit:
         return []
     return changed_result_code(old["commit"], now_commit or "HEAD") if old.get("commit") else None
+
+
+def other_data(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What says two runs read other data: the dataset after the protocol, a cached slot's dataset fingerprint
+    (e.g. posters present for one and absent for the other), encoder weights or layers read."""
+    if not old.get("data") or not new.get("data"):
+        return []
+    return [f"{part} {key} {a.get(key)!r} -> {b.get(key)!r}"
+            for part in sorted(set(old["data"]) | set(new["data"]))
+            for a, b in [(old["data"].get(part) or {}, new["data"].get(part) or {})]
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
 def why_different(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -1004,7 +1022,7 @@ def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
     bit-identical only at equal config, result code, numeric platform (CPU kind and vector ISA, or GPU) and
     threads, so a row that differs is told apart by what its record (config.json, provenance.json) says:
     STALE — the record was made by another config or other code (regenerate it: `iisan study run --fresh`);
-    on another machine — within `tolerance` it passes, else MOVED; at equal config, code and machine — MOVED
+    OTHER DATA — it read another dataset or cache (a fingerprint, encoder weights, layers read); on another machine — within `tolerance` it passes, else MOVED; at equal config, code and machine — MOVED
     (the runs are not deterministic). Prints one line per row and a summary; True when every row passes."""
     committed = json.loads(Path(json_path).read_text())
     plan_file = Path(committed.get("plan_file") or "")
@@ -1018,7 +1036,7 @@ def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
         {k: v for k, v in fresh["machine"].items() if k != "python"}
     before = {(e["name"], r["label"]): r for e in committed["experiments"] for r in e["rows"]}
     record = Path(json_path).parent / f"study-{committed['plan']}"
-    counts = {"identical": 0, "within": 0, "stale": 0, "elsewhere": 0, "moved": 0, "failed": 0}
+    counts = {"identical": 0, "within": 0, "stale": 0, "data": 0, "elsewhere": 0, "moved": 0, "failed": 0}
     for exp in fresh["experiments"]:
         for row in exp["rows"]:
             key = (exp["name"], row["label"])
@@ -1031,7 +1049,9 @@ def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
             diffs = {m: row["test"][m]["mean"] - old["test"][m]["mean"] for m in ("HR@10", "NDCG@10")}
             shown = ", ".join(f"{m} {100 * old['test'][m]['mean']:.2f} -> {100 * row['test'][m]['mean']:.2f}"
                               for m in diffs)
-            stale, elsewhere = why_different(run_origin(_recorded_run(old, record)), run_origin(row["run_dir"]))
+            then, now = run_origin(_recorded_run(old, record)), run_origin(row["run_dir"])
+            stale, elsewhere = why_different(then, now)
+            data = other_data(then, now)
             if all(d == 0 for d in diffs.values()):
                 counts["identical"] += 1
                 log(f"{name}: identical ({shown})" + (f" — though its record differs: {'; '.join(stale)}" if stale else ""))
@@ -1039,6 +1059,10 @@ def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
                 counts["stale"] += 1
                 log(f"{name}: STALE ({shown}) — the record was made by another config or other code: {'; '.join(stale)}"
                     + (f"; and elsewhere: {'; '.join(elsewhere)}" if elsewhere else ""))
+            elif data:
+                counts["data"] += 1
+                log(f"{name}: OTHER DATA ({shown}) — the record read other data than this machine has: "
+                    f"{'; '.join(data)} (e.g. a dataset folder or image folder that differs, as ../shared/data)")
             elif elsewhere:
                 within = all(abs(d) <= tolerance for d in diffs.values())
                 counts["within" if within else "elsewhere"] += 1
@@ -1052,7 +1076,7 @@ def check_study(json_path: Path, runs: Path, log: Callable[[str], None] = print,
     for exp_name, label in sorted(missing):
         counts["failed"] += 1
         log(f"{exp_name}/{label}: in the committed study, not in the plan now")
-    passed = counts["stale"] + counts["elsewhere"] + counts["moved"] + counts["failed"] == 0
+    passed = counts["stale"] + counts["data"] + counts["elsewhere"] + counts["moved"] + counts["failed"] == 0
     told = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
     log(f"check {'passed' if passed else 'FAILED'}: {sum(len(e['rows']) for e in fresh['experiments'])} rows ({told}), "
         f"{'the same machine as' if same_machine else 'another machine than'} the committed run "

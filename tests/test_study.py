@@ -125,6 +125,12 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
     assert ("methods/iisan: STALE (" in told.output and "config dropout 0.3 -> 0.1" in told.output
             and "regenerate the stale rows: `iisan study run --plan toy --fresh`" in told.output)
     assert "check FAILED: 2 rows (1 within, 1 stale)" in told.output
+    # a record that read another dataset (e.g. images there, none here) is named as such
+    provenance["caches"]["text"]["manifest"]["dataset_fingerprint"] = "sha256:" + "f" * 64
+    (record / "provenance.json").write_text(json.dumps(provenance))
+    other = CliRunner().invoke(iisan_cli, ["study", "check", "reports/study-toy.json", "--runs", "check-4"])
+    assert (other.exit_code == 1 and "methods/no inter: OTHER DATA (" in other.output
+            and "text dataset_fingerprint 'sha256:ffff" in other.output), other.output
 
 
 def test_the_committed_readme_tables_are_those_of_their_json():
@@ -304,7 +310,7 @@ def test_a_row_whose_dataset_is_absent_fails_when_it_runs_naming_it(env, tmp_pat
 def test_a_record_made_by_other_code_is_told_and_marked(tmp_path):
     """A run's origin (config, commit, result-code hashes, CPU kind, threads) read back from its files; the
     differences name what makes a record stale (config, code) and what says it ran elsewhere."""
-    from iisan.experiments.study import code_changes, mark_made_by, run_origin, why_different
+    from iisan.experiments.study import code_changes, mark_made_by, other_data, run_origin, why_different
     from iisan.runtime import code_hashes, git_commit
 
     hashes = code_hashes()
@@ -323,7 +329,12 @@ def test_a_record_made_by_other_code_is_told_and_marked(tmp_path):
                                            ["the record's CPU kind was not recorded"])
     assert code_changes({"commit": now["commit"], "code": None}) == []  # the same commit, no hashes: unchanged
     assert run_origin(tmp_path / "none") == {"config": None, "commit": "", "code": None, "numerics": None,
-                                             "threads": None}
+                                             "threads": None, "data": None}
+    seen = {"data": {"dataset": {"users": 943}, "image": {"dataset_fingerprint": "sha256:a", "layers_read": [0, 2]}}}
+    assert other_data(seen, seen) == [] and other_data({"data": None}, seen) == []
+    assert other_data(seen, {"data": {**seen["data"], "image": {"dataset_fingerprint": "sha256:b",
+                                                                "layers_read": [0, 2]}}}) == [
+        "image dataset_fingerprint 'sha256:a' -> 'sha256:b'"]
     row = {"status": "ok", "run_dir": str(tmp_path / "none"), "carried_from": now["commit"],
            "code_changed_since": ["stale from an earlier write"]}
     mark_made_by(row, {"code": hashes, "commit": now["commit"]})
