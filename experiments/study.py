@@ -361,24 +361,23 @@ def settle_pending(rows: list[tuple[Experiment, Row]], log: Callable[[str], None
     first when the product fetches it); the others stay pending (`require_datasets` names them)."""
     ensure_datasets(rows, log)
     for _, row in rows:
-        try:
-            row.options, row.pending = with_default_layers(row.options), ""
-        except DatasetNotFound as err:
-            row.pending = str(err)
+        if row.pending:
+            try:
+                row.options, row.pending = with_default_layers(row.options), ""
+            except DatasetNotFound as err:
+                row.pending = str(err)
 
 
 def require_datasets(rows: list[tuple[Experiment, Row]], log: Callable[[str], None] = print) -> None:
-    """Before anything runs: fetch what the product fetches itself (`ensure_datasets`), settle the rows whose
-    defaults waited for their dataset's folder, and refuse, naming each absent dataset, its rows and how to get
+    """Before anything runs: fetch what the product fetches itself and settle the rows whose defaults waited
+    for their dataset's folder (`settle_pending`), and refuse, naming each absent dataset, its rows and how to get
     it, when a row to run still has no folder. Loading a plan needs no data; running a row does."""
     from iisan.registry import locate_dataset
 
-    ensure_datasets(rows, log)
+    settle_pending(rows, log)
     absent: dict[str, tuple[str, list[str]]] = {}
     for exp, row in rows:
         try:
-            if row.pending:
-                row.options, row.pending = with_default_layers(row.options), ""
             locate_dataset(str(row.options["dataset"]))
         except DatasetNotFound as err:
             absent.setdefault(str(row.options["dataset"]), (str(err), []))[1].append(f"{exp.name}/{row.label}")
@@ -661,8 +660,9 @@ def code_changes(old: dict[str, Any], now: dict[str, Any] | None = None) -> list
     their code, else source files changed between the commits (git); None where neither can tell."""
     from iisan.runtime import changed_result_code, code_hashes
 
-    now_code = (now or {}).get("code") if now is not None else code_hashes()
-    now_commit = (now or {}).get("commit") if now is not None else git_commit()
+    if now is None:
+        now = {"code": code_hashes(), "commit": git_commit()}
+    now_code, now_commit = now.get("code"), now.get("commit")
     if old.get("code") and now_code:
         return sorted(k for k in set(old["code"]) | set(now_code) if old["code"].get(k) != now_code.get(k))
     if old.get("commit") and old["commit"] == now_commit:
