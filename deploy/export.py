@@ -34,10 +34,14 @@ class UserProgram(nn.Module):
         super().__init__()
         self.register_buffer("table", run.table.detach().clone().float())
         self.user = run.model.user
+        self.cosine = run.model.objective.score == "cosine"  # scores are cos / temperature: users scaled so
+        if self.cosine:
+            self.register_buffer("temperature", run.model.temperature().detach().clone().float())
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         index = rows + 1                                   # row r is universe index r + 1; padding -1 -> 0
-        return self.user(self.table[index], index != 0)[:, -1]
+        users = self.user(self.table[index], index != 0)[:, -1]
+        return nn.functional.normalize(users, dim=-1) / self.temperature if self.cosine else users
 
 
 def export_program(run: TrainedRun, path: Path) -> None:

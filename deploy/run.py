@@ -50,6 +50,8 @@ class TrainedRun:
 
     def __post_init__(self) -> None:
         self.index = {item: j + 1 for j, item in enumerate(self.item_ids)}
+        # what user vectors are ranked against (the table itself for dot products; unit rows for cosine)
+        self.ranking = self.model.ranking_table(self.table)
         titles = self.setup.dataset.items.fields.get("title")
         position = self.setup.dataset.items.position
         self.titles = [titles[position[i]] if titles is not None and i in position else "" for i in self.item_ids]
@@ -64,12 +66,13 @@ class TrainedRun:
 
     # --- items -----------------------------------------------------------------------------------------------
     def item_embeddings(self) -> tuple[list[str], torch.Tensor]:
-        """The raw item ids and their embeddings [M, d] (what scores are inner products with)."""
-        return list(self.item_ids), self.table[1:].clone()
+        """The raw item ids and their embeddings [M, d] (what scores are inner products with: for a cosine run,
+        unit rows)."""
+        return list(self.item_ids), self.ranking[1:].clone()
 
     def embed_items(self, item_ids: Sequence[str]) -> torch.Tensor:
         """The embeddings [n, d] of these items (raw ids), as the run's item tower gives them."""
-        return self.table[torch.tensor(self._indices(list(item_ids)), dtype=torch.long, device=self.table.device)]
+        return self.ranking[torch.tensor(self._indices(list(item_ids)), dtype=torch.long, device=self.table.device)]
 
     def item(self, item_id: str) -> dict[str, object]:
         j = self._indices([item_id])[0]
@@ -87,8 +90,10 @@ class TrainedRun:
 
     # --- users -----------------------------------------------------------------------------------------------
     def user_vectors(self, windows: torch.Tensor) -> torch.Tensor:
-        """[U, L] left-padded universe indices -> [U, d]."""
-        out = [self.model.user_vectors(windows[i:i + 4096], self.table) for i in range(0, len(windows), 4096)]
+        """[U, L] left-padded universe indices -> [U, d], as scores take them (for a cosine run: unit length over
+        the temperature, so that a score is cos / temperature)."""
+        out = [self.model.scored(self.model.user_vectors(windows[i:i + 4096], self.table), users=True)
+               for i in range(0, len(windows), 4096)]
         return torch.cat(out) if out else torch.empty(0, self.table.shape[1])
 
     def window(self, indices: Sequence[int]) -> list[int]:
@@ -156,7 +161,7 @@ class TrainedRun:
         out: list[list[Recommendation]] = []
         for start in range(0, len(windows), batch_size):
             users = self.user_vectors(windows[start:start + batch_size])
-            scores = users @ self.table.T
+            scores = users @ self.ranking.T
             scores[:, 0] = float("-inf")
             rows = exclude[start:start + batch_size] if exclude else []
             width = max((len(items) for items in rows), default=0)

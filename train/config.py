@@ -32,6 +32,10 @@ Ties = Literal["pessimistic", "optimistic"]
 CacheMode = Literal["memory", "mmap"]
 Fusion = Literal["gated", "add"]
 TextClean = Literal["clean", "raw"]
+Loss = Literal["in-batch", "sampled", "full"]
+Sampler = Literal["uniform", "popularity", "mix"]
+Score = Literal["dot", "cosine"]
+Schedule = Literal["constant", "cosine"]
 
 
 def _help(text: str, flag: str | None = None) -> dict[str, Any]:
@@ -82,12 +86,36 @@ class TrainConfig:
     content_loss: float = field(default=0.0, metadata=_help(
         "iisan-hybrid: weight of a second loss on the content-only embeddings (every ID part off), so the content "
         "path stays a recommender on its own (0: none)."))
+    # --- the training objective (docs/method.md §3)
+    loss: Loss = field(default="in-batch", metadata=_help(
+        "in-batch: the batch's items as the softmax's columns, each debiased by log p; sampled: those plus "
+        "--negatives catalogue items drawn per batch (--sampler), every column log-Q corrected; full: a softmax "
+        "over every training item (the item tower runs over all of them each step)."))
+    negatives: int = field(default=1024, metadata=_help(
+        "--loss sampled: catalogue items drawn per batch (with replacement, from the training items)."))
+    sampler: Sampler = field(default="uniform", metadata=_help(
+        "--loss sampled: draw the catalogue items uniformly, by training popularity, or half and half (mix)."))
+    score: Score = field(default="dot", metadata=_help(
+        "How a user scores an item: dot product, or cosine / --temperature (the ranking uses the same score)."))
+    temperature: float = field(default=0.1, metadata=_help(
+        "--score cosine: the softmax temperature (the start value with --learn-temperature)."))
+    learn_temperature: bool = field(default=False, metadata=_help(
+        "--score cosine: learn the temperature (kept >= 0.01) with the model, at --lr."))
+    softmax_chunk: int = field(default=4096, metadata=_help(
+        "--loss sampled / full: items the item tower encodes at once for the catalogue columns (several chunks "
+        "are recomputed in the backward pass: memory holds one chunk's activations)."))
     # --- optimisation
     epochs: int = field(default=100, metadata=_help("Maximum epochs."))
     patience: int = field(default=10, metadata=_help("Stop after this many epochs without a strict valid HR@10 gain."))
     batch_size: int = field(default=64, metadata=_help("Users per batch."))
     lr: float = field(default=2e-4, metadata=_help("Adam lr: user encoder, heads, fusion, embeddings."))
     lr_san: float = field(default=1e-4, metadata=_help("Adam lr: SAN blocks, gates, DTLs."))
+    weight_decay: float = field(default=0.0, metadata=_help(
+        "AdamW's decoupled weight decay, on weight matrices and embeddings (not biases, norms, gates); 0: Adam."))
+    warmup_steps: int = field(default=0, metadata=_help("Steps of linear learning-rate warm-up from 0."))
+    schedule: Schedule = field(default="constant", metadata=_help(
+        "Learning rate after the warm-up: constant, or cosine decay to 0 at --epochs (the epoch cap)."))
+    clip: float = field(default=0.0, metadata=_help("Clip the gradients' global norm to this (0: no clipping)."))
     seed: int = field(default=12345, metadata=_help("First seed."))
     seeds: int = field(default=1, metadata=_help("Run N seeds (seed, seed + 1, …) and report mean ± std."))
     device: str = field(default="auto", metadata=_help("auto (cuda if present) | cpu | cuda | cuda:N."))
@@ -121,6 +149,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         ProtocolConfig(self.max_seq_len, self.min_seq_len, self.cold_items, self.cold_seed)  # refuses bad values
+        for name, ok, rule in (("negatives", self.negatives >= 1, ">= 1"),
+                               ("temperature", self.temperature > 0, "> 0"),
+                               ("softmax_chunk", self.softmax_chunk >= 1, ">= 1"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                               ("clip", self.clip >= 0, ">= 0")):
+            if not ok:
+                raise IisanError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {rule}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

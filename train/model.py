@@ -4,11 +4,15 @@ the SASRec user encoder, the loss and full-ranking scoring, RecBole-style (`calc
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from iisan.train.distributed import BatchShard, current_window, global_uniform, sample_window
-from iisan.train.loss import inbatch_debiased_loss
+from iisan.train.loss import full_softmax_loss, inbatch_debiased_loss, sampled_debiased_loss
 from iisan.train.san import SANConfig, SideNetwork, Slot
 from iisan.train.user_encoder import UserEncoder
 
@@ -125,6 +129,10 @@ class HybridItems(IISANItems):
         """IISAN's groups, and the ID table at lr_id (0: the default lr)."""
         return super().lr_groups(cfg) + ([(list(self.ids.parameters()), cfg.lr_id)] if cfg.lr_id else [])
 
+    def content(self, index: torch.Tensor) -> torch.Tensor:
+        """The content part alone (what `content_loss` trains as a recommender of its own)."""
+        return self.side(self.gather(index))
+
     def id_part(self, index: torch.Tensor) -> torch.Tensor:
         return self.ids(index) * self.seen[index].unsqueeze(-1)
 
@@ -151,13 +159,63 @@ class HybridItems(IISANItems):
         return content + ids
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What the training loss scores (docs/method.md §3): `loss` in-batch | sampled (in-batch plus catalogue
+    columns the step draws) | full (every training item); `score` dot, or cosine / temperature (the temperature
+    fixed, or learned from `temperature`, kept >= 0.01); `chunk`: items the item tower encodes at once for the
+    full softmax (each chunk recomputed in the backward pass, so memory holds one chunk's activations)."""
+
+    loss: str = "in-batch"
+    score: str = "dot"
+    temperature: float = 0.1
+    learn_temperature: bool = False
+    chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("in-batch", "sampled", "full"):
+            raise ValueError(f"loss '{self.loss}': in-batch, sampled or full")
+        if self.score not in ("dot", "cosine"):
+            raise ValueError(f"score '{self.score}': dot or cosine")
+        if self.score == "cosine" and not self.temperature > 0:
+            raise ValueError(f"temperature {self.temperature}: > 0")
+        if self.chunk < 1:
+            raise ValueError(f"chunk {self.chunk}: >= 1")
+
+
+MIN_TEMPERATURE = 0.01
+
+
 class Recommender(nn.Module):
     def __init__(self, items: nn.Module, n_items: int, dim: int = 64, heads: int = 2, blocks: int = 2,
-                 max_len: int = 10, dropout: float = 0.1):
+                 max_len: int = 10, dropout: float = 0.1, objective: Objective = Objective()):
         super().__init__()
         self.items = items
         self.n_items = n_items
         self.user = UserEncoder(dim, heads, blocks, max_len, dropout)
+        self.objective = objective
+        if objective.score == "cosine":  # (a dot-product model has no temperature: its checkpoints stay as they were)
+            log_t = torch.tensor(math.log(objective.temperature))
+            if objective.learn_temperature:
+                self.log_temperature = nn.Parameter(log_t)
+            else:
+                self.register_buffer("log_temperature", log_t, persistent=False)
+
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE)
+
+    def scored(self, vectors: torch.Tensor, users: bool = False) -> torch.Tensor:
+        """Vectors as the score compares them: unchanged for dot; for cosine unit length, and users' divided by
+        the temperature (so that a dot product of the two is cos / temperature)."""
+        if self.objective.score == "dot":
+            return vectors
+        unit = nn.functional.normalize(vectors, dim=-1)
+        return unit / self.temperature().to(unit.dtype) if users else unit
+
+    def ranking_table(self, table: torch.Tensor) -> torch.Tensor:
+        """The item table users are ranked against: for cosine, unit rows (a user's own scale does not change
+        their ranking, so user vectors are ranked as they are)."""
+        return table if self.objective.score == "dot" else nn.functional.normalize(table, dim=-1)
 
     def encode_slots(self, ids: torch.Tensor) -> torch.Tensor:
         """Item embeddings of every slot, the unique items of the batch encoded once: [b, L + 1, d]."""
@@ -171,40 +229,64 @@ class Recommender(nn.Module):
             out = self.items(unique).index_select(0, inverse.reshape(-1))
         return out.view(*ids.shape, out.shape[-1])  # (a distributed rank's share may be empty)
 
-    def forward(self, ids: torch.Tensor, log_popularity: torch.Tensor, shard: BatchShard | None = None
-                ) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, log_popularity: torch.Tensor, shard: BatchShard | None = None,
+                columns: torch.Tensor | None = None, log_count: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss (what DistributedDataParallel calls)."""
-        return self.calculate_loss(ids, log_popularity) if shard is None else \
-            self.calculate_loss(ids, log_popularity, shard)
+        return self.calculate_loss(ids, log_popularity, shard, columns, log_count)
 
-    def calculate_loss(self, ids: torch.Tensor, log_popularity: torch.Tensor, shard: BatchShard | None = None
-                       ) -> torch.Tensor:
-        """The in-batch loss of a batch of train sequences ids [b, L + 1]. With `shard` (distributed training:
-        ids are this rank's rows of a global batch), this rank's part of the global batch's loss: its rows
-        scored against every rank's items (gathered with gradients), divided by the global count of valid
-        rows, randomness drawn per global sample; the parts sum to the loss of the whole batch in one process."""
+    def calculate_loss(self, ids: torch.Tensor, log_popularity: torch.Tensor, shard: BatchShard | None = None,
+                       columns: torch.Tensor | None = None, log_count: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of a batch of train sequences ids [b, L + 1] under the objective: `columns` are the
+        catalogue columns the step gives (sampled: M drawn item ids, `log_count` their log(M q); full: every
+        training item). With `shard` (distributed training: ids are this rank's rows of a global batch), this
+        rank's part of the global batch's loss: its rows scored against every rank's items (gathered with
+        gradients) and the same catalogue columns, divided by the global count of valid rows, randomness drawn
+        per global sample; the parts sum to the loss of the whole batch in one process."""
         if shard is None:
-            return self._loss(ids, log_popularity, None)
+            return self._loss(ids, log_popularity, None, columns, log_count)
         with sample_window(shard.offset, shard.total):
-            return self._loss(ids, log_popularity, shard)
+            return self._loss(ids, log_popularity, shard, columns, log_count)
 
-    def _loss(self, ids: torch.Tensor, log_popularity: torch.Tensor, shard: BatchShard | None) -> torch.Tensor:
+    def column_embeddings(self, columns: torch.Tensor, content_only: bool = False) -> torch.Tensor:
+        """The catalogue columns' embeddings with gradients [K, d] (no per-occurrence dropout): in chunks of
+        `objective.chunk` items, each recomputed in the backward pass when there are several."""
+        encode = self.items.content if content_only else self.items
+        chunk = self.objective.chunk
+        if len(columns) <= chunk:
+            return encode(columns)
+        return torch.cat([checkpoint(encode, columns[i:i + chunk], use_reentrant=False)
+                          for i in range(0, len(columns), chunk)])
+
+    def _loss(self, ids: torch.Tensor, log_popularity: torch.Tensor, shard: BatchShard | None,
+              columns: torch.Tensor | None, log_count: torch.Tensor | None) -> torch.Tensor:
+        loss_kind = self.objective.loss
+        if (columns is None) != (loss_kind == "in-batch"):
+            raise ValueError(f"loss {loss_kind}: " + ("the step gives no catalogue columns" if columns is None
+                                                      else "catalogue columns given to the in-batch loss"))
         embeddings = self.encode_slots(ids)
         inputs = ids[:, :-1]
         mask = (inputs != 0) & (ids[:, 1:] != 0)
+        count = None if shard is None else shard.world.sum(mask.sum())
 
-        def loss_of(items: torch.Tensor) -> torch.Tensor:
-            states = self.user(items[:, :-1], inputs != 0)
-            if shard is None:
-                return inbatch_debiased_loss(states, items, ids, mask, log_popularity)
-            return inbatch_debiased_loss(states, shard.gather(items, grad=True), shard.gather(ids), mask,
-                                         log_popularity, row_ids=ids, row_offset=shard.offset,
-                                         count=shard.world.sum(mask.sum()))
+        def loss_of(items: torch.Tensor, content_only: bool = False) -> torch.Tensor:
+            states = self.scored(self.user(items[:, :-1], inputs != 0), users=True)
+            if loss_kind == "full":
+                return full_softmax_loss(states, ids, mask, columns,
+                                         self.scored(self.column_embeddings(columns, content_only)), count)
+            slots = self.scored(items)
+            every = (slots, ids) if shard is None else (shard.gather(slots, grad=True), shard.gather(ids))
+            rows = {} if shard is None else {"row_ids": ids, "row_offset": shard.offset, "count": count}
+            if loss_kind == "sampled":
+                return sampled_debiased_loss(states, *every, mask, log_popularity, columns,
+                                             self.scored(self.column_embeddings(columns, content_only)), log_count,
+                                             **rows)
+            return inbatch_debiased_loss(states, *every, mask, log_popularity, **rows)
 
         loss = loss_of(embeddings)
         content = getattr(self.items, "last_content", None)
         if content is not None:  # hybrid with content_loss: the same loss with every ID part off
-            loss = loss + self.items.content_loss * loss_of(content.view(*ids.shape, content.shape[-1]))
+            loss = loss + self.items.content_loss * loss_of(content.view(*ids.shape, content.shape[-1]),
+                                                            content_only=True)
         return loss
 
     @torch.no_grad()

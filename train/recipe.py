@@ -39,9 +39,9 @@ from iisan.train.config import TrainConfig, load_config, saved_version
 from iisan.train.data import SlotStates, layer_rule, load_slot, slot_sources, train_batches
 from iisan.train.distributed import World, collective_errors, join, leave
 from iisan.train.methods import ItemSource, Method, method as method_entry
-from iisan.train.model import Recommender
+from iisan.train.model import Objective, Recommender
 from iisan.train.san import SANConfig, Slot
-from iisan.train.step import NonFiniteLoss, TrainStep
+from iisan.train.step import CatalogueColumns, NonFiniteLoss, TrainStep, lr_factor
 
 
 @dataclass
@@ -150,22 +150,43 @@ def build_model(s: Setup) -> Recommender:
     cfg = s.cfg
     items = s.method.build(ItemContext(s))
     return Recommender(items, s.split.n_items, cfg.embedding_dim, cfg.heads, cfg.blocks, cfg.max_seq_len,
-                       cfg.dropout).to(s.device)
+                       cfg.dropout, objective_of(cfg)).to(s.device)
 
 
-def optimizer_for(model: Recommender, cfg: TrainConfig) -> torch.optim.Adam:
+def objective_of(cfg: TrainConfig) -> Objective:
+    return Objective(cfg.loss, cfg.score, cfg.temperature, cfg.learn_temperature, cfg.softmax_chunk)
+
+
+def optimizer_for(model: Recommender, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam with the learning rates the item encoder's modules ask for (`lr_groups(cfg)`: SAN blocks, gates and
     DTLs at lr_san; text / image backbones at lr_backbone_text / lr_backbone_image) and lr for the rest (user
-    encoder, heads, fusion, embeddings). Groups are formed by learning rate in parameter order."""
+    encoder, heads, fusion, embeddings). Groups are formed by learning rate in parameter order. With
+    --weight-decay, AdamW (decoupled decay) whose groups are also split by decay: weight matrices and embedding
+    tables decay, vectors and scalars (biases, norms, gates, the temperature) do not."""
     lr_of: dict[int, float] = {}
     for params, lr in getattr(model.items, "lr_groups", lambda cfg: [])(cfg):
         lr_of.update({id(p): lr for p in params})
-    groups: dict[float, list[torch.nn.Parameter]] = {}
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            groups.setdefault(lr_of.get(id(p), cfg.lr), []).append(p)
-    return torch.optim.Adam([{"params": params, "lr": lr} for lr, params in groups.items()],
-                            betas=(0.9, 0.999), weight_decay=0.0)
+            decay = cfg.weight_decay if p.dim() >= 2 else 0.0
+            groups.setdefault((lr_of.get(id(p), cfg.lr), decay), []).append(p)
+    if not cfg.weight_decay:
+        return torch.optim.Adam([{"params": params, "lr": lr} for (lr, _), params in groups.items()],
+                                betas=(0.9, 0.999), weight_decay=0.0)
+    return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": decay}
+                              for (lr, decay), params in groups.items()], betas=(0.9, 0.999))
+
+
+def scheduler_for(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+                  ) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The learning-rate schedule per optimisation step (`lr_factor`: warm-up, then constant or cosine to 0 at
+    the epoch cap); None when constant without warm-up (the optimiser as it is)."""
+    if cfg.schedule == "constant" and not cfg.warmup_steps:
+        return None
+    total = cfg.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total, cfg.schedule))
 
 
 def _frozen_backbone_weights(model: torch.nn.Module) -> set[str]:
@@ -234,8 +255,8 @@ def evaluate(model: Recommender, split: SplitData, which: str, cfg: TrainConfig,
     users = table.new_empty((len(mine), table.shape[1]))  # filled batch by batch (no list and its concatenation)
     for i in range(0, len(mine), cfg.eval_batch_size):
         users[i:i + cfg.eval_batch_size] = model.user_vectors(mine[i:i + cfg.eval_batch_size], table)
-    result = rank_targets(users, table, targets[a:b], history[a:b], cfg.faithful, cfg.eval_batch_size,
-                          ties=cfg.ties, item_tile=cfg.eval_item_tile)
+    result = rank_targets(users, model.ranking_table(table), targets[a:b], history[a:b], cfg.faithful,
+                          cfg.eval_batch_size, ties=cfg.ties, item_tile=cfg.eval_item_tile)
     ranks, tied = result.ranks, result.tied
     if world.distributed:
         ranks = world.gather_rows(ranks.to(device), rows).cpu()  # (NCCL gathers device tensors)
@@ -359,12 +380,15 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
     generator = torch.Generator().manual_seed(seed)
     model = build_model(s)
     optimizer = optimizer_for(model, cfg)
+    scheduler = scheduler_for(optimizer, cfg, -(-len(split.train) // cfg.batch_size))
     state = LoopState()
     if (folder / "last.pt").exists():  # written by a run at any process count: nothing in it is per rank
         checkpoint = torch.load(folder / "last.pt", map_location=device, weights_only=False)
         saved = checkpoint["model"]
         load_checkpoint_state(model, upgrade_checkpoint_keys(saved, cfg) if version < 2 else saved)
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
         state = LoopState(**checkpoint["state"])
         if world.main:
             _truncate_metrics(folder / "metrics.jsonl", state.epoch)
@@ -372,7 +396,8 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
         generator.set_state(checkpoint["generator"])
         log(f"seed {seed}: resumed after epoch {state.epoch} (best valid HR@10 {100 * state.best_hr:.2f} "
             f"at epoch {state.best_epoch})")
-    step = TrainStep.create(distributed_model(model, world, device), optimizer, split, device, world)
+    step = TrainStep.create(distributed_model(model, world, device), optimizer, split, device, world,
+                            CatalogueColumns.of(split, cfg.loss, cfg.negatives, cfg.sampler), cfg.clip, scheduler)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     latest = None  # (epoch, valid result) of this process's last epoch
@@ -384,10 +409,11 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
             for x in s.slots.values():
                 read_ahead(x.states)
         batches = list(train_batches(split, cfg.batch_size, generator))
-        for ids in tqdm(batches, desc=f"seed {seed} epoch {epoch}", unit="step", leave=False,
-                        disable=not (cfg.progress and world.main), file=sys.stderr):
+        drawn = step.draw(len(batches), generator)  # the sampled loss's columns of each batch (else None)
+        for k, ids in enumerate(tqdm(batches, desc=f"seed {seed} epoch {epoch}", unit="step", leave=False,
+                                     disable=not (cfg.progress and world.main), file=sys.stderr)):
             try:
-                total += step(ids)
+                total += step(ids, None if drawn is None else drawn[k])
             except NonFiniteLoss as e:
                 raise IisanError(f"loss is {e.value} at epoch {epoch}, step {steps + 1} (seed {seed}): lower "
                                  f"--lr / --lr-san, or standardise the cached states (--standardize dim)") from None
@@ -414,6 +440,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
                 f.write(json.dumps({"epoch": epoch, "loss": total / max(steps, 1), "train_seconds": train_seconds,
                                     "eval_seconds": eval_seconds, "valid": valid.metrics, "best": improved}) + "\n")
             torch.save({"model": checkpoint_state(model), "optimizer": optimizer.state_dict(),
+                        **({"scheduler": scheduler.state_dict()} if scheduler is not None else {}),
                         "state": dataclasses.asdict(state), "rng": torch.get_rng_state(),
                         "generator": generator.get_state()}, folder / "last.pt.tmp")
             (folder / "last.pt.tmp").replace(folder / "last.pt")
