@@ -149,45 +149,12 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
     space = load_space(base.method, Path(tc.space) if tc.space else None)
     folder = tune_folder(base)
     folder.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{folder / 'study.db'}"
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
-    study = optuna.create_study(study_name="iisan-tune", storage=storage, load_if_exists=True,
-                                direction="maximize", pruner=pruner)
-    # The sampler's seed moves on with the trials already run: a resumed study seeded as at its start would
-    # draw its first trials' parameters again.
-    study.sampler = optuna.samplers.TPESampler(seed=tc.sampler_seed + len(study.trials))
     identity = {"dataset": dataset_name(base.dataset), "method": base.method, "pipeline": base.pipeline,
                 "fixed": {k: v for k, v in base.to_dict().items() if k not in space and k not in ("progress", "out")},
                 "space": {k: p.to_dict() for k, p in space.items()}}
-    known = study.user_attrs.get("identity")
-    if known is None:
-        study.set_user_attr("identity", identity)
-    elif known != identity:
-        differ = sorted(k for k in identity if known.get(k) != identity[k])
-        detail = "; ".join(f"{k}: study has {known.get(k)!r}, this run has {identity[k]!r}"
-                           for k in differ if k != "fixed")
-        if "fixed" in differ:
-            fixed_differ = sorted(k for k in set(known["fixed"]) | set(identity["fixed"])
-                                  if known["fixed"].get(k) != identity["fixed"].get(k))
-            detail = "; ".join(filter(None, [detail, "fixed options " + ", ".join(
-                f"{k} ({known['fixed'].get(k)!r} → {identity['fixed'].get(k)!r})" for k in fixed_differ)]))
-        raise TuneError(f"{folder / 'study.db'} is a study of something else ({detail}); use another --out, or "
-                        f"delete that folder to start over")
+    study, requeued = open_study(folder, identity, tc, log)
     from optuna.trial import TrialState
 
-    # A tuning killed mid-trial leaves it RUNNING (Ctrl-C leaves it FAIL): fail it and run its parameters
-    # again, once; its training run resumes from the last checkpoint.
-    requeued = set(study.user_attrs.get("requeued", []))
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
-        if stale.number in requeued:
-            continue
-        if stale.state == TrialState.RUNNING:
-            study.tell(stale.number, state=TrialState.FAIL)
-        if stale.params:
-            study.enqueue_trial(stale.params)
-            log(f"trial {stale.number} was interrupted: enqueued again (its run resumes from the last checkpoint)")
-        requeued.add(stale.number)
-    study.set_user_attr("requeued", sorted(requeued))
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
     remaining = max(tc.trials - done, 0)
@@ -251,6 +218,266 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
                              f"({len(complete)} complete trials; best valid HR@10 {100 * best.value:.2f})")
         log(f"saved pipeline '{tc.save_preset}' in {path}")
     return summary
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One dataset (and pipeline) a multi-setting tuning scores a config on: `NAME[:PIPELINE]` on the command
+    line (`iisan tune --dataset scientific --dataset ml-100k:text-only --dataset ml-100k:text-image`)."""
+
+    dataset: str
+    pipeline: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "Setting":
+        name, _, pipeline = text.partition(":")
+        if not name or (":" in pipeline):
+            raise TuneError(f"--dataset '{text}': NAME or NAME:PIPELINE")
+        return cls(name, pipeline)
+
+    @property
+    def label(self) -> str:
+        return f"{dataset_name(self.dataset)}:{self.pipeline}" if self.pipeline else dataset_name(self.dataset)
+
+    def options(self, fixed: dict[str, Any]) -> dict[str, Any]:
+        return {**fixed, "dataset": self.dataset, **({"pipeline": self.pipeline} if self.pipeline else {})}
+
+
+def tune(fixed: dict[str, Any], datasets: list[str], tc: TuneConfig, log: Callable[[str], None] = print
+         ) -> dict[str, Any]:
+    """`iisan tune`: one dataset is tuned on its own valid HR@10 (`run_tune`); several (each NAME[:PIPELINE])
+    on the mean, over them, of valid HR@10 relative to the fixed config's own (`run_tune_across`)."""
+    settings = [Setting.parse(d) for d in datasets]
+    if len(settings) == 1:
+        return run_tune(settings[0].options(fixed), tc, log)
+    if len(set(settings)) != len(settings):
+        raise TuneError("--dataset: a setting is given twice")
+    return run_tune_across(fixed, settings, tc, log)
+
+
+def run_tune_across(fixed: dict[str, Any], settings: list[Setting], tc: TuneConfig,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Tune one config for several settings at once (what a default must be). Each setting's fixed config (the
+    defaults with the options given) is trained once first, one seed: its valid HR@10 is that setting's
+    reference. A trial trains its config on every setting (one seed each) and scores the mean of valid HR@10 /
+    the reference; the median pruner sees each setting's epochs in turn (step = setting x (epochs + 1) +
+    epoch). The best config and the fixed one are then trained with `final_seeds` fresh seeds on every
+    setting and reported per setting on valid and test, with the paired test (per user) of the two."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from iisan.train.config import resolve
+    from iisan.train.recipe import train_or_reuse
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise IisanError("iisan tune runs in one process: launch it without torchrun")
+    if tc.save_preset:
+        raise TuneError("--save-preset saves one dataset's pipeline; a config tuned across settings is a set of "
+                        "defaults: give them as options, or tune one --dataset to save a preset")
+    bases = [resolve(st.options(fixed), log=log) for st in settings]
+    methods = {b.method for b in bases}
+    if len(methods) != 1:
+        raise TuneError(f"--dataset: the settings resolve to different methods ({', '.join(sorted(methods))}); "
+                        f"give --method")
+    method = bases[0].method
+    space = load_space(method, Path(tc.space) if tc.space else None)
+    name = "+".join(st.label.replace(":", "-") for st in settings)
+    folder = Path(fixed.get("out") or "runs") / "multi" / f"tune-{method}-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = {"dataset": [st.label for st in settings], "method": method, "pipeline": [b.pipeline for b in bases],
+                "fixed": {f"{st.label} {k}": v for st, b in zip(settings, bases) for k, v in b.to_dict().items()
+                          if k not in space and k not in ("progress", "out")},
+                "space": {k: p.to_dict() for k, p in space.items()}}
+    study, requeued = open_study(folder, identity, tc, log)
+    trials_out = folder / "trials"
+    epochs = max(b.epochs for b in bases) + 1
+
+    def reference(i: int, st: Setting) -> float:
+        cfg = resolve({**st.options(fixed), "seeds": 1, "out": str(trials_out), "progress": False})
+        return train_or_reuse(cfg, log=lambda m: None)["valid"]["HR@10"]["mean"]
+
+    log(f"references: the fixed config on {len(settings)} settings, one seed each")
+    references = [reference(i, st) for i, st in enumerate(settings)]
+    for st, ref in zip(settings, references):
+        log(f"  {st.label}: valid HR@10 {100 * ref:.2f}")
+    if min(references) <= 0:
+        raise TuneError("a setting's fixed config has valid HR@10 0: no relative score is defined")
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    remaining = max(tc.trials - done, 0)
+    log(f"study {folder / 'study.db'}: {done} trial(s) done, {remaining} to run; tuning {', '.join(space)}")
+
+    def objective(trial) -> float:
+        params = {name: p.suggest(trial) for name, p in space.items()}
+        relative = []
+        for i, (st, ref) in enumerate(zip(settings, references)):
+            cfg = resolve({**st.options(fixed), **params, "seeds": 1, "out": str(trials_out), "progress": False})
+
+            def on_epoch(epoch: int, hr: float, i=i, ref=ref) -> None:
+                trial.report(hr / ref, i * epochs + epoch)
+                if trial.should_prune():
+                    trial.set_user_attr("pruned_at", f"{settings[i].label} epoch {epoch}")
+                    raise optuna.TrialPruned()
+
+            try:
+                result = train_or_reuse(cfg, log=lambda m: None, on_epoch=on_epoch)
+            except IisanError as e:
+                if "loss is" not in str(e):
+                    raise
+                trial.set_user_attr("diverged", f"{st.label}: {e}")
+                raise optuna.TrialPruned() from None
+            hr = result["valid"]["HR@10"]["mean"]
+            trial.set_user_attr(f"valid {st.label}", hr)
+            relative.append(hr / ref)
+        return sum(relative) / len(relative)
+
+    def progress(study, trial) -> None:
+        value = (f"relative valid HR@10 {trial.value:.4f} (" + ", ".join(
+            f"{st.label} {100 * trial.user_attrs[f'valid {st.label}']:.2f}" for st in settings) + ")"
+                 if trial.value is not None else trial.state.name.lower())
+        if trial.user_attrs.get("diverged"):
+            value = "diverged (pruned)"
+        log(f"trial {trial.number}: {value}; " + ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items()))
+
+    if remaining:
+        study.optimize(objective, n_trials=remaining, timeout=tc.timeout or None, callbacks=[progress], catch=())
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise TuneError(f"{folder}: no trial completed (all pruned, diverged or interrupted)")
+    best = study.best_trial
+    log(f"best trial {best.number}: relative valid HR@10 {best.value:.4f}; training it and the fixed config with "
+        f"{tc.final_seeds} fresh seed(s) on every setting")
+    final = []
+    for st in settings:
+        common = {"seeds": tc.final_seeds, "seed": bases[0].seed + 1000, "progress": False}
+        tuned = train_or_reuse(resolve({**st.options(fixed), **best.params, **common, "out": str(folder / "best")}),
+                               log=log)
+        fixed_run = train_or_reuse(resolve({**st.options(fixed), **common, "out": str(folder / "fixed")}), log=log)
+        final.append({"setting": st.label, "tuned": _split_means(tuned), "fixed": _split_means(fixed_run),
+                      "tuned_run": tuned["run_dir"], "fixed_run": fixed_run["run_dir"],
+                      "paired": _paired(Path(tuned["run_dir"]), Path(fixed_run["run_dir"]))})
+    summary = {"folder": str(folder), "settings": [st.label for st in settings], "references": references,
+               "best_trial": best.number, "best_params": best.params, "best_relative_valid": best.value,
+               "final": final, "space": identity["space"], "trials": len(study.trials),
+               "trial_seconds": sum(_seconds(t) for t in study.trials if t.number not in requeued),
+               "interrupted_trials": sorted(requeued)}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    report = write_across_report(study, method, settings, space, summary, Path(tc.reports), tc.command)
+    log(f"report: {report}")
+    return summary
+
+
+def _split_means(result: dict[str, Any]) -> dict[str, Any]:
+    return {split: {m: result[split][m] for m in ("HR@10", "NDCG@10")} for split in ("valid", "test")}
+
+
+def _paired(tuned: Path, fixed: Path) -> dict[str, Any]:
+    """Per split, the paired bootstrap p-value (the study's `paired_test`) of HR@10 between the tuned and the
+    fixed config's runs over users, each user's HR@10 averaged over the seeds."""
+    import numpy as np
+
+    from iisan.evaluate.report import per_user
+    from iisan.experiments.study import paired_test
+
+    out = {}
+    for split in ("valid", "test"):
+        tuned_hr, fixed_hr = (np.mean([per_user(np.load(p)[split], "HR@10") for p in sorted(run.glob("seed-*/ranks.npz"))],
+                                      axis=0) for run in (tuned, fixed))
+        out[split] = paired_test(fixed_hr, tuned_hr)
+    return out
+
+
+def write_across_report(study, method: str, settings: list[Setting], space: dict[str, Param],
+                        summary: dict[str, Any], reports: Path, command: str = "") -> Path:
+    """reports/tune-<method>-<settings>.md: the per-setting references, every trial's per-setting valid HR@10
+    and relative score, and the best config against the fixed one on every setting (valid and test, fresh
+    seeds, paired test)."""
+    from optuna.trial import TrialState
+
+    reports.mkdir(parents=True, exist_ok=True)
+    stem = f"tune-{method}-" + "+".join(st.label.replace(":", "-") for st in settings)
+    names = list(space)
+    interrupted = set(summary.get("interrupted_trials") or [])
+    lines = [f"# Tuning {method} across {len(settings)} settings", "",
+             f"- command: `{command or 'iisan tune'}` (score: the mean over the settings of valid HR@10 relative to "
+             f"the fixed config's, one seed per trial; trials selected on valid only)",
+             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
+             f"- trials: {len(study.trials)} ({sum(t.state == TrialState.COMPLETE for t in study.trials)} complete, "
+             f"{sum(t.state == TrialState.PRUNED for t in study.trials)} pruned); time in trials "
+             f"{summary['trial_seconds'] / 60:.1f} min",
+             "- search space: " + "; ".join(f"{k} {p.to_dict()}" for k, p in space.items()),
+             "- references (the fixed config, one seed): " + ", ".join(
+                 f"{st.label} {100 * r:.2f}" for st, r in zip(settings, summary["references"])), "",
+             f"## Best config (trial {summary['best_trial']}, relative valid {summary['best_relative_valid']:.4f}) "
+             f"against the fixed one, {len(summary['final'])} settings, fresh seeds", "",
+             ", ".join(f"{k}={_fmt(v)}" for k, v in summary["best_params"].items()), "",
+             "| setting | valid fixed | valid tuned | p (valid) | test fixed | test tuned | p (test) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(m):
+        return f"{100 * m['HR@10']['mean']:.2f} ± {100 * m['HR@10']['std']:.2f}"
+
+    for row in summary["final"]:
+        lines.append(f"| {row['setting']} | {cell(row['fixed']['valid'])} | {cell(row['tuned']['valid'])} | "
+                     f"{row['paired']['valid']:.3g} | {cell(row['fixed']['test'])} | {cell(row['tuned']['test'])} "
+                     f"| {row['paired']['test']:.3g} |")
+    lines += ["", "## Trials", "", "| trial | state | relative | " + " | ".join(st.label for st in settings) + " | "
+              + " | ".join(names) + " |", "|---" * (3 + len(settings) + len(names)) + "|"]
+    for t in study.trials:
+        state = ("diverged" if t.user_attrs.get("diverged") else "interrupted" if t.number in interrupted
+                 else t.state.name.lower())
+        per = [t.user_attrs.get(f"valid {st.label}") for st in settings]
+        lines.append(f"| {t.number} | {state} | {'' if t.value is None else f'{t.value:.4f}'} | "
+                     + " | ".join("" if v is None else f"{100 * v:.2f}" for v in per) + " | "
+                     + " | ".join(_fmt(t.params.get(k, "")) for k in names) + " |")
+    path = reports / f"{stem}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def open_study(folder: Path, identity: dict[str, Any], tc: TuneConfig, log: Callable[[str], None]):
+    """The Optuna study in folder/study.db (created, or continued when its identity is this one; a study of
+    something else is refused naming what differs), with its interrupted trials failed and enqueued again once;
+    returns (study, the numbers of the trials requeued)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{folder / 'study.db'}"
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
+    study = optuna.create_study(study_name="iisan-tune", storage=storage, load_if_exists=True,
+                                direction="maximize", pruner=pruner)
+    # The sampler's seed moves on with the trials already run: a resumed study seeded as at its start would
+    # draw its first trials' parameters again.
+    study.sampler = optuna.samplers.TPESampler(seed=tc.sampler_seed + len(study.trials))
+    known = study.user_attrs.get("identity")
+    if known is None:
+        study.set_user_attr("identity", identity)
+    elif known != identity:
+        differ = sorted(k for k in identity if known.get(k) != identity[k])
+        detail = "; ".join(f"{k}: study has {known.get(k)!r}, this run has {identity[k]!r}"
+                           for k in differ if k != "fixed")
+        if "fixed" in differ:
+            fixed_differ = sorted(k for k in set(known["fixed"]) | set(identity["fixed"])
+                                  if known["fixed"].get(k) != identity["fixed"].get(k))
+            detail = "; ".join(filter(None, [detail, "fixed options " + ", ".join(
+                f"{k} ({known['fixed'].get(k)!r} → {identity['fixed'].get(k)!r})" for k in fixed_differ)]))
+        raise TuneError(f"{folder / 'study.db'} is a study of something else ({detail}); use another --out, or "
+                        f"delete that folder to start over")
+    from optuna.trial import TrialState
+
+    # A tuning killed mid-trial leaves it RUNNING (Ctrl-C leaves it FAIL): fail it and run its parameters
+    # again, once; its training run resumes from the last checkpoint.
+    requeued = set(study.user_attrs.get("requeued", []))
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        if stale.number in requeued:
+            continue
+        if stale.state == TrialState.RUNNING:
+            study.tell(stale.number, state=TrialState.FAIL)
+        if stale.params:
+            study.enqueue_trial(stale.params)
+            log(f"trial {stale.number} was interrupted: enqueued again (its run resumes from the last checkpoint)")
+        requeued.add(stale.number)
+    study.set_user_attr("requeued", sorted(requeued))
+    return study, requeued
 
 
 def _fmt(value: Any) -> str:

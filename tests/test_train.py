@@ -112,7 +112,7 @@ def test_nan_loss_stops_with_a_message(env, tmp_path, monkeypatch):
 
     from iisan.train.model import Recommender
 
-    monkeypatch.setattr(Recommender, "calculate_loss", lambda self, ids, log_pop: torch.tensor(float("nan")))
+    monkeypatch.setattr(Recommender, "calculate_loss", lambda self, *args: torch.tensor(float("nan")))
     with pytest.raises(IisanError, match=r"loss is nan at epoch 1, step 1 \(seed 12345\): lower --lr"):
         train(resolve(options(env, tmp_path)), log=lambda m: None)
 

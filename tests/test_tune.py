@@ -139,7 +139,7 @@ def test_a_diverging_trial_is_pruned_not_fatal(env, tmp_path, monkeypatch):
     from iisan.experiments.tune import TuneConfig, run_tune
     from iisan.train.model import Recommender
 
-    monkeypatch.setattr(Recommender, "calculate_loss", lambda self, ids, log_pop: torch.tensor(float("nan")))
+    monkeypatch.setattr(Recommender, "calculate_loss", lambda self, *args: torch.tensor(float("nan")))
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     with pytest.raises(Exception, match="no trial completed"):
@@ -148,3 +148,37 @@ def test_a_diverging_trial_is_pruned_not_fatal(env, tmp_path, monkeypatch):
     trials = study_trials(tmp_path / "toy" / "tune-iisan-text-only")
     assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] * 2
     assert all("loss is nan" in t.user_attrs["diverged"] for t in trials)
+
+
+def test_one_config_tuned_across_settings_scores_the_mean_relative_valid_hr(env, tmp_path):
+    """Two settings (toy title only, toy title + image): each trial's score is the mean of its valid HR@10 over
+    the fixed config's, per setting, as its runs report them; the best and the fixed config are then trained on
+    both with a fresh seed and reported side by side."""
+    out = tmp_path / "runs"
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    args = ["tune", "--dataset", "toy:text-only", "--dataset", "toy:text-image", "--cache", str(env / "cache"),
+            "--out", str(out), "--space", str(space), "--trials", "2", "--final-seeds", "1", "--epochs", "1",
+            "--reports", str(tmp_path / "reports")]
+    result = CliRunner().invoke(iisan_cli, args)
+    assert result.exit_code == 0, result.output
+    folder = out / "multi" / "tune-iisan-toy-text-only+toy-text-image"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["settings"] == ["toy:text-only", "toy:text-image"]
+    refs = {}
+    for run in (folder / "trials" / "toy").iterdir():
+        config = json.loads((run / "config.json").read_text())
+        report = json.loads((run / "report.json").read_text())
+        if config["lr"] == 2e-4 and config["bottleneck"] == 64:  # the fixed config (not in the space's draws)
+            refs[config["pipeline"]] = report["valid"]["HR@10"]["mean"]
+    assert summary["references"] == [refs["text-only"], refs["text-image"]]
+    for t in study_trials(folder):
+        per = [t.user_attrs["valid toy:text-only"], t.user_attrs["valid toy:text-image"]]
+        assert t.value == pytest.approx((per[0] / refs["text-only"] + per[1] / refs["text-image"]) / 2, abs=1e-12)
+    assert [r["setting"] for r in summary["final"]] == ["toy:text-only", "toy:text-image"]
+    report = (tmp_path / "reports" / "tune-iisan-toy-text-only+toy-text-image.md").read_text()
+    assert "| toy:text-image |" in report and "relative" in report
+    refused = CliRunner().invoke(iisan_cli, args + ["--save-preset", "x"])
+    assert refused.exit_code == 2 and "a config tuned across settings is a set of defaults" in refused.output
+    twice = CliRunner().invoke(iisan_cli, args[:5] + ["--dataset", "toy:text-only"] + args[5:])
+    assert twice.exit_code == 2 and "a setting is given twice" in twice.output
