@@ -11,7 +11,8 @@ Toy world (tests/conftest.py), 2 epochs, seed 7, CPU. History of the numbers:
   draws from the seed's generator state, no longer from the state before it);
 - iisan-hybrid pinned when it was added (issue 14), with a Xavier ID table so that the ID part and its
   dropout both act from the first step; moved once when the method's preset ID lr became 1e-3;
-- sasrec-id moved when its preset lr became 1e-3, SASRec's own (docs/method.md §7).
+- sasrec-id moved when its preset lr became 1e-3, SASRec's own (docs/method.md §7);
+- one iisan row per objective and optimiser option pinned when they were added (issue 33).
 The runs use 2 torch threads whatever the machine (CPU sums depend on the thread count, not on the cores).
 """
 
@@ -31,6 +32,12 @@ RUNS = {
     "frozen": ["--method", "frozen"],
     "sasrec-id": ["--method", "sasrec-id"],
     "lora": ["--method", "lora", "--pipeline", "text-only", "--batch-size", "32"],
+    # the objectives and optimiser options (issue 33), each on iisan
+    "iisan sampled": ["--method", "iisan", "--loss", "sampled", "--negatives", "64", "--sampler", "mix"],
+    "iisan full": ["--method", "iisan", "--loss", "full", "--softmax-chunk", "50"],
+    "iisan cosine": ["--method", "iisan", "--score", "cosine", "--learn-temperature", "--temperature", "0.2"],
+    "iisan adamw": ["--method", "iisan", "--weight-decay", "0.1", "--warmup-steps", "3", "--schedule", "cosine",
+                    "--clip", "0.5", "--lr", "1e-3"],
 }
 
 EXPECTED = {
@@ -39,6 +46,12 @@ EXPECTED = {
     "frozen": {"loss": [5.779228, 5.766742], "valid": (0.1, 0.043211875), "test": (0.133333333, 0.056090989)},
     "sasrec-id": {"loss": [6.053880, 5.881820], "valid": (0.12, 0.047853552), "test": (0.1, 0.056999923)},
     "lora": {"loss": [5.468960, 5.415772], "valid": (0.08, 0.036628410), "test": (0.113333333, 0.051055404)},
+    "iisan sampled": {"loss": [6.441381, 6.460628], "valid": (0.086666667, 0.038167454),
+                      "test": (0.086666667, 0.03981311)},
+    "iisan full": {"loss": [4.528944, 4.526763], "valid": (0.086666667, 0.039403101), "test": (0.08, 0.037214914)},
+    "iisan cosine": {"loss": [5.734702, 5.757161], "valid": (0.073333333, 0.039992824), "test": (0.06, 0.027314476)},
+    "iisan adamw": {"loss": [5.73424, 5.755359], "valid": (0.073333333, 0.034811626),
+                    "test": (0.106666667, 0.046485161)},
 }
 
 
