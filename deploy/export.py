@@ -34,12 +34,17 @@ class UserProgram(nn.Module):
         super().__init__()
         self.register_buffer("table", run.table.detach().clone().float())
         self.user = run.model.user
+        self.twin_user = run.model.twin_user  # a --cold-merge hybrid: users merged as evaluation merges them
         self.cosine = run.model.objective.score == "cosine"  # scores are cos / temperature: users scaled so
         if self.cosine:
             self.register_buffer("temperature", run.model.temperature().detach().clone().float())
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         index = rows + 1                                   # row r is universe index r + 1; padding -1 -> 0
+        if self.twin_user is not None:
+            from iisan.train.model import merge_users
+
+            return merge_users(self.user, self.twin_user, index, self.table)
         users = self.user(self.table[index], index != 0)[:, -1]
         return nn.functional.normalize(users, dim=-1) / self.temperature if self.cosine else users
 

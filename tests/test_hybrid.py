@@ -89,3 +89,76 @@ def test_the_content_loss_adds_the_same_loss_over_content_only_embeddings(env, t
     with pytest.raises(ValueError, match="content_loss -1"):
         HybridItems({"text": torch.randn(3, 2, 4)}, SANConfig(bottleneck=2, embedding_dim=8),
                     torch.tensor([False, True, True]), 0.2, "zero", -1.0)
+
+
+def test_cold_merge_ranks_seen_items_by_the_hybrid_and_unseen_ones_by_the_calibrated_twin(env, tmp_path,
+                                                                                            monkeypatch):
+    """--cold-merge: the loss adds the twin's loss (content only, its own user encoder); evaluation ranks a seen
+    item by the hybrid's score and an unseen one by the twin's score mapped per user onto the hybrid's (mean and
+    standard deviation over the seen items, computed here from every score, one user at a time); export and
+    recommend give the same vectors."""
+    import numpy as np
+
+    from iisan.deploy.export import UserProgram
+    from iisan.deploy.run import load_run
+    from iisan.evaluate.metrics import rank_targets
+    from iisan.train.loss import inbatch_debiased_loss
+    from iisan.train.recipe import evaluate
+
+    toy_with_cold_targets(env, tmp_path, monkeypatch)
+    cfg = resolve(options(env, tmp_path, method="iisan-hybrid", pipeline="text-only", cold_merge=True, epochs=2,
+                          id_init="xavier", id_dropout=0.0, dropout=0.0))
+    s = setup(cfg)
+    torch.manual_seed(0)
+    model = build_model(s)
+    model.train()
+    ids = torch.from_numpy(s.split.train[:16])
+    log_pop = torch.log(torch.from_numpy(s.split.popularity()).float())
+    inputs, mask = ids[:, :-1], (ids[:, :-1] != 0) & (ids[:, 1:] != 0)
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    content = model.items.side(model.items.gather(unique)).index_select(0, inverse.reshape(-1)).view(*ids.shape, -1)
+    full = content + (model.items.ids(ids) * model.items.seen[ids].unsqueeze(-1))
+    want = inbatch_debiased_loss(model.user(full[:, :-1], inputs != 0), full, ids, mask, log_pop) + \
+        inbatch_debiased_loss(model.twin_user(content[:, :-1], inputs != 0), content, ids, mask, log_pop)
+    torch.testing.assert_close(model.calculate_loss(ids, log_pop), want, atol=1e-5, rtol=1e-5)
+
+    result = train(cfg, log=lambda m: None)
+    run = load_run(result["run_dir"])
+    model, split = run.model, run.split
+    table = model.item_table()
+    d = cfg.embedding_dim
+    assert table.shape[1] == 2 * d + 1
+    seen = torch.from_numpy(split.train_counts > 0)
+    seen[0] = False
+    assert int((~seen[1:]).sum()) == 10
+    x = torch.from_numpy(split.test_inputs)
+    with torch.no_grad():
+        u = model.user(table[:, :d][x], x != 0)[:, -1]
+        u_twin = model.twin_user(table[:, d:2 * d][x], x != 0)[:, -1]
+    hybrid_scores = (u @ table[:, :d].T).double().numpy()
+    twin_scores = (u_twin @ table[:, d:2 * d].T).double().numpy()
+    merged = np.zeros_like(hybrid_scores)
+    for r in range(len(x)):  # one user at a time, from every seen item's two scores
+        h, t = hybrid_scores[r, seen.numpy()], twin_scores[r, seen.numpy()]
+        a = h.std() / t.std()
+        merged[r] = np.where(seen.numpy(), hybrid_scores[r], a * twin_scores[r] + h.mean() - a * t.mean())
+    merged[:, 0] = 0.0
+    target = torch.from_numpy(split.test_target)
+    got = evaluate(model, split, "test", run.cfg)
+    # rank of the target: 1 + the unmasked items scoring >= it (pessimistic); compare with the scores above
+    slow = rank_targets(torch.eye(len(x), dtype=torch.float64), torch.from_numpy(merged).T.contiguous(), target,
+                        torch.from_numpy(split.test_history), True, 1024)
+    close = np.isclose(np.sort(merged, axis=1)[:, -12:], np.sort(merged, axis=1)[:, -13:-1], rtol=1e-5).any()
+    assert close or torch.equal(got.ranks, slow.ranks)
+    assert (got.ranks - slow.ranks).abs().max() <= 1
+    # the unseen targets are ranked among the seen items (not all below them, as the plain hybrid can)
+    cold_rows = ~torch.from_numpy(split.warm_targets("test"))
+    assert int(cold_rows.sum()) == 10
+    # export and recommend give the vectors evaluation ranks with
+    program = UserProgram(run).eval()
+    with torch.no_grad():
+        rows = x[:5] - 1
+        np.testing.assert_allclose(program(rows).numpy(), model.user_vectors(x[:5], table).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+    with pytest.raises(Exception, match="--cold-merge is an option of iisan-hybrid"):
+        resolve(options(env, tmp_path, method="iisan", cold_merge=True))

@@ -86,6 +86,10 @@ class TrainConfig:
     content_loss: float = field(default=0.0, metadata=_help(
         "iisan-hybrid: weight of a second loss on the content-only embeddings (every ID part off), so the content "
         "path stays a recommender on its own (0: none)."))
+    cold_merge: bool = field(default=False, metadata=_help(
+        "iisan-hybrid: train a content-only twin alongside (its own user encoder, the same loss over the content "
+        "embeddings) and rank items never seen in training by it, each user's twin scores mapped onto the "
+        "hybrid's by their mean and spread over the seen items (docs/method.md §7.1)."))
     # --- the training objective (docs/method.md §3)
     loss: Loss = field(default="in-batch", metadata=_help(
         "in-batch: the batch's items as the softmax's columns, each debiased by log p; sampled: those plus "
@@ -157,6 +161,10 @@ class TrainConfig:
                                ("clip", self.clip >= 0, ">= 0")):
             if not ok:
                 raise IisanError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {rule}")
+        if self.cold_merge and self.method != "iisan-hybrid":
+            raise IisanError(f"--cold-merge is an option of iisan-hybrid, not of {self.method}")
+        if self.cold_merge and self.score != "dot":
+            raise IisanError("--cold-merge ranks by dot products: give --score dot")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -105,8 +105,11 @@ class HybridItems(IISANItems):
     normal as SASRec's (`"xavier"`)."""
 
     def __init__(self, states: dict[str, torch.Tensor], cfg: SANConfig, seen: torch.Tensor, id_dropout: float,
-                 id_init: str = "zero", content_loss: float = 0.0):
+                 id_init: str = "zero", content_loss: float = 0.0, twin: bool = False):
         super().__init__(states, cfg)
+        # twin (--cold-merge): a content-only recommender trained alongside; an item row of the table is then
+        # [content + ID | content | seen] (docs/method.md §7.1) and Recommender ranks unseen items by the twin
+        self.twin = twin
         if not 0.0 <= id_dropout < 1.0:
             raise ValueError(f"id_dropout {id_dropout}: a probability in [0, 1)")
         if content_loss < 0:
@@ -137,19 +140,29 @@ class HybridItems(IISANItems):
         return self.ids(index) * self.seen[index].unsqueeze(-1)
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        """Content + ID, no dropout (the item table of evaluation; one item id at a time)."""
+        """The item table's rows (evaluation; no dropout): content + ID, or with a twin [content + ID | content
+        | seen]."""
         return self.embed_states(self.gather(index), index)
 
+    def embed(self, index: torch.Tensor) -> torch.Tensor:
+        """Content + ID, no dropout: what the loss scores as a catalogue column."""
+        return self.side(self.gather(index)) + self.id_part(index)
+
     def embed_states(self, states: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        """Content + ID; an item with index 0 (never trained on) gets its content alone."""
-        return self.side(states) + self.id_part(index)
+        """Content + ID; an item with index 0 (never trained on) gets its content alone. With a twin, the row
+        [content + ID | content | seen (1.0 / 0.0)]."""
+        content = self.side(states)
+        hybrid = content + self.id_part(index)
+        if not self.twin:
+            return hybrid
+        return torch.cat([hybrid, content, self.seen[index].to(content.dtype).unsqueeze(-1)], dim=-1)
 
     def encode_occurrences(self, unique: torch.Tensor, inverse: torch.Tensor, per_sample: int = 1) -> torch.Tensor:
         """A training batch's embeddings, one per occurrence [occurrences, d]: the content of each unique item
         computed once, the ID part dropped per occurrence while training (`per_sample`: occurrences per user,
         for drawing the dropout per global sample inside `sample_window`)."""
         content = self.side(self.gather(unique)).index_select(0, inverse)
-        self.last_content = content if self.training and self.content_loss else None
+        self.last_content = content if self.training and (self.content_loss or self.twin) else None
         ids = self.id_part(unique).index_select(0, inverse)
         if self.training and self.id_dropout > 0:
             window = current_window()
@@ -194,6 +207,11 @@ class Recommender(nn.Module):
         self.n_items = n_items
         self.user = UserEncoder(dim, heads, blocks, max_len, dropout)
         self.objective = objective
+        self.twin_user = None
+        if getattr(items, "twin", False):  # the hybrid's content-only twin: its own user encoder
+            if objective.score != "dot":
+                raise ValueError("--cold-merge ranks by dot products: give --score dot")
+            self.twin_user = UserEncoder(dim, heads, blocks, max_len, dropout)
         if objective.score == "cosine":  # (a dot-product model has no temperature: its checkpoints stay as they were)
             log_t = torch.tensor(math.log(objective.temperature))
             if objective.learn_temperature:
@@ -214,7 +232,9 @@ class Recommender(nn.Module):
 
     def ranking_table(self, table: torch.Tensor) -> torch.Tensor:
         """The item table users are ranked against: for cosine, unit rows (a user's own scale does not change
-        their ranking, so user vectors are ranked as they are)."""
+        their ranking, so user vectors are ranked as they are); with a twin, `twin_ranking_table`."""
+        if self.twin_user is not None:
+            return twin_ranking_table(table)
         return table if self.objective.score == "dot" else nn.functional.normalize(table, dim=-1)
 
     def encode_slots(self, ids: torch.Tensor) -> torch.Tensor:
@@ -250,7 +270,7 @@ class Recommender(nn.Module):
     def column_embeddings(self, columns: torch.Tensor, content_only: bool = False) -> torch.Tensor:
         """The catalogue columns' embeddings with gradients [K, d] (no per-occurrence dropout): in chunks of
         `objective.chunk` items, each recomputed in the backward pass when there are several."""
-        encode = self.items.content if content_only else self.items
+        encode = self.items.content if content_only else getattr(self.items, "embed", self.items)
         chunk = self.objective.chunk
         if len(columns) <= chunk:
             return encode(columns)
@@ -268,8 +288,8 @@ class Recommender(nn.Module):
         mask = (inputs != 0) & (ids[:, 1:] != 0)
         count = None if shard is None else shard.world.sum(mask.sum())
 
-        def loss_of(items: torch.Tensor, content_only: bool = False) -> torch.Tensor:
-            states = self.scored(self.user(items[:, :-1], inputs != 0), users=True)
+        def loss_of(items: torch.Tensor, content_only: bool = False, user: nn.Module | None = None) -> torch.Tensor:
+            states = self.scored((user or self.user)(items[:, :-1], inputs != 0), users=True)
             if loss_kind == "full":
                 return full_softmax_loss(states, ids, mask, columns,
                                          self.scored(self.column_embeddings(columns, content_only)), count)
@@ -284,9 +304,12 @@ class Recommender(nn.Module):
 
         loss = loss_of(embeddings)
         content = getattr(self.items, "last_content", None)
-        if content is not None:  # hybrid with content_loss: the same loss with every ID part off
-            loss = loss + self.items.content_loss * loss_of(content.view(*ids.shape, content.shape[-1]),
-                                                            content_only=True)
+        if content is not None:
+            content = content.view(*ids.shape, content.shape[-1])
+            if self.items.content_loss:  # hybrid with content_loss: the same loss with every ID part off
+                loss = loss + self.items.content_loss * loss_of(content, content_only=True)
+            if self.twin_user is not None:  # the twin: the same loss, content only, through its own user encoder
+                loss = loss + loss_of(content, content_only=True, user=self.twin_user)
         return loss
 
     @torch.no_grad()
@@ -308,5 +331,43 @@ class Recommender(nn.Module):
     @torch.no_grad()
     def user_vectors(self, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """The last position of the user encoder over left-padded windows [U, L] -> [U, d] (a copy: a view of
-        the last position would keep the whole [U, L, d] output alive, 10x the memory of what is kept)."""
+        the last position would keep the whole [U, L, d] output alive, 10x the memory of what is kept). With a
+        twin, `merge_users`' [U, 2d + 1]."""
+        if self.twin_user is not None:
+            return merge_users(self.user, self.twin_user, inputs, table)
         return self.user(table[inputs], inputs != 0)[:, -1].clone()
+
+
+def _score_moments(users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's mean and standard deviation of u . e over the rows `items` [M, d], in closed form (the items'
+    mean and covariance), without the [U, M] scores."""
+    mean = items.mean(dim=0)
+    centred = items - mean
+    cov = centred.T @ centred / max(len(items), 1)
+    return users @ mean, ((users @ cov) * users).sum(dim=1).clamp(min=1e-12).sqrt()
+
+
+def merge_users(user: nn.Module, twin_user: nn.Module, inputs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """A twin hybrid's user vectors [U, 2d + 1] over the table [N + 1, 2d + 1] ([content + ID | content | seen]):
+    [u | a u' | b], u the hybrid's user vector (over content + ID), u' the twin's (over content), and a, b the
+    affine map of the user's twin scores onto the hybrid's that matches their mean and spread over the seen
+    items (a = sd / sd', b = mean - a mean'). Against `twin_ranking_table` a seen item scores u . e_i, an unseen
+    one a u' . c_i + b: its twin score, calibrated per user."""
+    d = (table.shape[1] - 1) // 2
+    hybrid, content, seen = table[:, :d], table[:, d:2 * d], table[:, -1] > 0.5
+    mask = inputs != 0
+    u = user(hybrid[inputs], mask)[:, -1]
+    u_twin = twin_user(content[inputs], mask)[:, -1]
+    mean, sd = _score_moments(u, hybrid[seen])
+    mean_twin, sd_twin = _score_moments(u_twin, content[seen])
+    a = sd / sd_twin
+    return torch.cat([u, a[:, None] * u_twin, (mean - a * mean_twin)[:, None]], dim=1)
+
+
+def twin_ranking_table(table: torch.Tensor) -> torch.Tensor:
+    """[N + 1, 2d + 1]: a seen item's row [content + ID | 0 | 0], an unseen one's [0 | content | 1], padding 0."""
+    d = (table.shape[1] - 1) // 2
+    seen = table[:, -1:]
+    out = torch.cat([table[:, :d] * seen, table[:, d:2 * d] * (1 - seen), 1 - seen], dim=1)
+    out[0] = 0
+    return out
