@@ -85,7 +85,7 @@ class ModelSpec:
             if name not in DTYPES:
                 raise RegistryError(f"{where}: dtype '{name}' for {device} not one of {', '.join(DTYPES)}")
         defaults = {"pooling": "last" if self.family == "decoder" else "cls",
-                    "layers": "group:12" if self.family == "decoder" else "even",
+                    "layers": "top:6" if self.family == "decoder" else "even",
                     "batch_size": {"decoder": 8, "vision": 32}.get(self.family, 64)}
         for key, value in defaults.items():
             if not getattr(self, key):

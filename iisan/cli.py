@@ -229,7 +229,7 @@ def data_images(folder: Path, download: bool, timeout: float, retries: int, work
 @click.option("--field", default=None, help="Text field to encode (default: title); stored as MODEL@FIELD.")
 @click.option("--layers", default=None,
               help="Hidden states to keep: even | remove_first | group:<L_partner> | top:<N> | bottom:<N> | all | i,j,… "
-                   "(default: the model's; even for encoders and vision models, group:12 for decoders).")
+                   "(default: the model's; even for encoders and vision models, top:6 for decoders).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Cache root; the store is OUT/<dataset>/<model>.zarr (default $IISAN_CACHE_DIR, else cache/).")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "h5"]), default="zarr", show_default=True)

@@ -89,7 +89,7 @@ def test_smollm2_gguf_from_its_wheel(registry):
     states, manifest = extract(registry, "smollm2-135m")  # `iisan models fetch` runs when needed
     assert manifest.quantization == "gguf" and manifest.model_source.endswith("#SmolLM2-135M-Instruct.Q4_1.gguf")
     assert (manifest.total_layers, manifest.hidden_size) == (31, 576)
-    assert manifest.layers == [0, 5, 10, 15, 20, 25, 30]        # group:12 LayerDrop for 30 blocks
+    assert manifest.layers == [0, 25, 26, 27, 28, 29, 30]      # top:6, the decoder default, for 30 blocks
     assert states.shape == (13, 7, 576)
     assert np.isfinite(states).all() and np.abs(states[1:, -1]).max() > 1.0
     assert not np.allclose(states[1, -1], states[2, -1])

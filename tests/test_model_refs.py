@@ -152,7 +152,7 @@ def test_the_spec_is_read_from_the_models_config(zoo, model, kind, expected):
     spec = spec_for(str(zoo[model]), kind=kind)
     assert (spec.name, spec.kind, spec.family, spec.pooling, spec.quantization, spec.model_class) == expected
     assert spec.ref == str(zoo[model]) and spec.source == str(zoo[model].resolve())
-    assert spec.layers == ("group:12" if spec.family == "decoder" else "even")
+    assert spec.layers == ("top:6" if spec.family == "decoder" else "even")
     assert spec_for(str(zoo[model]), kind=kind, pooling="mean").pooling == "mean"  # --pooling overrides
 
 

@@ -22,7 +22,7 @@ def test_every_required_model_is_registered():
     assert model_spec("minilm-l3").pooling == "mean"
     assert (model_spec("bert-base").pooling, model_spec("vit-base").pooling) == ("cls", "cls")
     gptq = model_spec("llama3-70b-gptq")
-    assert (gptq.family, gptq.quantization, gptq.pooling, gptq.layers) == ("decoder", "gptq", "last", "group:12")
+    assert (gptq.family, gptq.quantization, gptq.pooling, gptq.layers) == ("decoder", "gptq", "last", "top:6")
     assert model_spec("smollm2-135m").quantization == "gguf"
     assert model_spec("dinov2-small").layers == "even" and model_spec("dinov2-small").kind == "image"
     result = CliRunner().invoke(iisan_cli, ["models", "list"])
