@@ -164,20 +164,7 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
     def objective(trial) -> float:
         params = {name: p.suggest(trial) for name, p in space.items()}
         cfg = resolve({**fixed, **params, "seeds": 1, "out": str(trials_out), "progress": False})
-
-        def on_epoch(epoch: int, hr: float) -> None:
-            trial.report(hr, epoch)
-            if trial.should_prune():
-                trial.set_user_attr("pruned_at_epoch", epoch)
-                raise optuna.TrialPruned()
-
-        try:
-            result = train_or_reuse(cfg, log=lambda m: None, on_epoch=on_epoch)
-        except IisanError as e:
-            if "loss is" not in str(e):
-                raise
-            trial.set_user_attr("diverged", str(e))
-            raise optuna.TrialPruned() from None
+        result = trial_run(trial, cfg, lambda epoch, hr: (hr, epoch))
         seed = result["seeds"][0]
         trial.set_user_attr("run_dir", result["run_dir"])
         trial.set_user_attr("best_epoch", seed["best_epoch"])
@@ -192,13 +179,7 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
             + ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
             + (f" | best so far {100 * best.value:.2f} (trial {best.number})" if best else ""))
 
-    if remaining:
-        study.optimize(objective, n_trials=remaining, timeout=tc.timeout or None, callbacks=[progress],
-                       catch=())
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    if not complete:
-        raise TuneError(f"{folder}: no trial completed (all pruned, diverged or interrupted)")
-    best = study.best_trial
+    best, complete = optimize(study, objective, progress, remaining, tc, folder)
     log(f"best trial {best.number}: valid HR@10 {100 * best.value:.2f}; retraining it with {tc.final_seeds} fresh "
         f"seed(s) for test")
     best_cfg = resolve({**fixed, **best.params, "seeds": tc.final_seeds, "seed": base.seed + 1000,
@@ -218,6 +199,44 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
                              f"({len(complete)} complete trials; best valid HR@10 {100 * best.value:.2f})")
         log(f"saved pipeline '{tc.save_preset}' in {path}")
     return summary
+
+
+def optimize(study, objective, progress, remaining: int, tc: TuneConfig, folder: Path):
+    """Run the remaining trials; returns (the best trial, the complete trials), refusing a study none of whose
+    trials completed."""
+    from optuna.trial import TrialState
+
+    if remaining:
+        study.optimize(objective, n_trials=remaining, timeout=tc.timeout or None, callbacks=[progress], catch=())
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise TuneError(f"{folder}: no trial completed (all pruned, diverged or interrupted)")
+    return study.best_trial, complete
+
+
+def trial_run(trial, cfg, report: Callable[[int, float], tuple[float, int]], where: str = "") -> dict[str, Any]:
+    """Train (or reuse) one run of a trial: after each epoch `report(epoch, valid HR@10)` gives the (value, step)
+    the median pruner sees, and a pruned trial stops the run there; a run whose loss diverges prunes the trial
+    (`diverged`, naming `where`) instead of failing the study."""
+    import optuna
+
+    from iisan.train.recipe import train_or_reuse
+
+    def on_epoch(epoch: int, hr: float) -> None:
+        trial.report(*report(epoch, hr))
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at_epoch", epoch)
+            if where:
+                trial.set_user_attr("pruned_at", f"{where} epoch {epoch}")
+            raise optuna.TrialPruned()
+
+    try:
+        return train_or_reuse(cfg, log=lambda m: None, on_epoch=on_epoch)
+    except IisanError as e:
+        if "loss is" not in str(e):
+            raise
+        trial.set_user_attr("diverged", f"{where}: {e}" if where else str(e))
+        raise optuna.TrialPruned() from None
 
 
 @dataclass(frozen=True)
@@ -311,20 +330,7 @@ def run_tune_across(fixed: dict[str, Any], settings: list[Setting], tc: TuneConf
         relative = []
         for i, (st, ref) in enumerate(zip(settings, references)):
             cfg = resolve({**st.options(fixed), **params, "seeds": 1, "out": str(trials_out), "progress": False})
-
-            def on_epoch(epoch: int, hr: float, i=i, ref=ref) -> None:
-                trial.report(hr / ref, i * epochs + epoch)
-                if trial.should_prune():
-                    trial.set_user_attr("pruned_at", f"{settings[i].label} epoch {epoch}")
-                    raise optuna.TrialPruned()
-
-            try:
-                result = train_or_reuse(cfg, log=lambda m: None, on_epoch=on_epoch)
-            except IisanError as e:
-                if "loss is" not in str(e):
-                    raise
-                trial.set_user_attr("diverged", f"{st.label}: {e}")
-                raise optuna.TrialPruned() from None
+            result = trial_run(trial, cfg, lambda epoch, hr, i=i, ref=ref: (hr / ref, i * epochs + epoch), st.label)
             hr = result["valid"]["HR@10"]["mean"]
             trial.set_user_attr(f"valid {st.label}", hr)
             relative.append(hr / ref)
@@ -338,12 +344,7 @@ def run_tune_across(fixed: dict[str, Any], settings: list[Setting], tc: TuneConf
             value = "diverged (pruned)"
         log(f"trial {trial.number}: {value}; " + ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items()))
 
-    if remaining:
-        study.optimize(objective, n_trials=remaining, timeout=tc.timeout or None, callbacks=[progress], catch=())
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    if not complete:
-        raise TuneError(f"{folder}: no trial completed (all pruned, diverged or interrupted)")
-    best = study.best_trial
+    best, _ = optimize(study, objective, progress, remaining, tc, folder)
     log(f"best trial {best.number}: relative valid HR@10 {best.value:.4f}; training it and the fixed config with "
         f"{tc.final_seeds} fresh seed(s) on every setting")
     final = []

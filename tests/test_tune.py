@@ -154,6 +154,8 @@ def test_one_config_tuned_across_settings_scores_the_mean_relative_valid_hr(env,
     """Two settings (toy title only, toy title + image): each trial's score is the mean of its valid HR@10 over
     the fixed config's, per setting, as its runs report them; the best and the fixed config are then trained on
     both with a fresh seed and reported side by side."""
+    from iisan.train.methods import IISAN_PRESETS
+
     out = tmp_path / "runs"
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
@@ -169,7 +171,7 @@ def test_one_config_tuned_across_settings_scores_the_mean_relative_valid_hr(env,
     for run in (folder / "trials" / "toy").iterdir():
         config = json.loads((run / "config.json").read_text())
         report = json.loads((run / "report.json").read_text())
-        if config["lr"] == 2e-4 and config["bottleneck"] == 64:  # the fixed config (not in the space's draws)
+        if config["lr"] == IISAN_PRESETS["lr"] and config["bottleneck"] == 64:  # the fixed config (no draw)
             refs[config["pipeline"]] = report["valid"]["HR@10"]["mean"]
     assert summary["references"] == [refs["text-only"], refs["text-image"]]
     for t in study_trials(folder):
