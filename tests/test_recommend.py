@@ -40,7 +40,7 @@ def reference_top(run, k: int) -> list[list[str]]:
     split = run.split
     table = run.model.item_table()
     users = run.model.user_vectors(torch.from_numpy(split.test_inputs), table)
-    scores = users @ table.T
+    scores = users @ run.model.ranking_table(table).T   # (cosine runs: unit item rows, as evaluation ranks)
     scores[:, 0] = float("-inf")
     scores.scatter_(1, torch.from_numpy(split.test_history), float("-inf"))
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
