@@ -392,8 +392,6 @@ def write_across_report(study, method: str, settings: list[Setting], space: dict
     """reports/tune-<method>-<settings>.md: the per-setting references, every trial's per-setting valid HR@10
     and relative score, and the best config against the fixed one on every setting (valid and test, fresh
     seeds, paired test)."""
-    from optuna.trial import TrialState
-
     reports.mkdir(parents=True, exist_ok=True)
     stem = f"tune-{method}-" + "+".join(st.label.replace(":", "-") for st in settings)
     names = list(space)
@@ -401,10 +399,7 @@ def write_across_report(study, method: str, settings: list[Setting], space: dict
     lines = [f"# Tuning {method} across {len(settings)} settings", "",
              f"- command: `{command or 'iisan tune'}` (score: the mean over the settings of valid HR@10 relative to "
              f"the fixed config's, one seed per trial; trials selected on valid only)",
-             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
-             f"- trials: {len(study.trials)} ({sum(t.state == TrialState.COMPLETE for t in study.trials)} complete, "
-             f"{sum(t.state == TrialState.PRUNED for t in study.trials)} pruned); time in trials "
-             f"{summary['trial_seconds'] / 60:.1f} min",
+             *_run_lines(study, summary, interrupted),
              "- search space: " + "; ".join(f"{k} {p.to_dict()}" for k, p in space.items()),
              "- references (the fixed config, one seed): " + ", ".join(
                  f"{st.label} {100 * r:.2f}" for st, r in zip(settings, summary["references"])), "",
@@ -481,6 +476,18 @@ def open_study(folder: Path, identity: dict[str, Any], tc: TuneConfig, log: Call
     return study, requeued
 
 
+def _run_lines(study, summary: dict[str, Any], interrupted: set[int]) -> list[str]:
+    """A tuning report's date / commit line and its trials line (counts, time in trials)."""
+    from optuna.trial import TrialState
+
+    return [f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
+            f"- trials: {len(study.trials)} ({sum(t.state == TrialState.COMPLETE for t in study.trials)} complete, "
+            f"{sum(t.state == TrialState.PRUNED for t in study.trials)} pruned); time in trials "
+            f"{summary['trial_seconds'] / 60:.1f} min" + (
+                f" ({len(interrupted)} interrupted trial(s) not counted: their wall time spans the interruption, "
+                f"and their runs resumed in the trial enqueued again for them)" if interrupted else "")]
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
 
@@ -545,8 +552,6 @@ def write_report(study, base, space: dict[str, Param], summary: dict[str, Any], 
                  fixed: dict[str, Any], command: str = "") -> Path:
     """reports/tune-<dataset>-<method>-<pipeline>.md: the trials table, the best config's test figures, and a
     plot of valid HR@10 against trial."""
-    from optuna.trial import TrialState
-
     reports.mkdir(parents=True, exist_ok=True)
     stem = f"tune-{dataset_name(base.dataset)}-{base.method}-{base.pipeline}"
     plot = _plot(study, reports / f"{stem}.png", stem)
@@ -557,12 +562,7 @@ def write_report(study, base, space: dict[str, Param], summary: dict[str, Any], 
     lines = [f"# Tuning {base.method} on {dataset_name(base.dataset)} ({base.pipeline})", "",
              f"- command: `{command}` (trials selected on valid HR@10 only; median pruner on the per-epoch "
              f"valid HR@10 after 5 trials and 5 epochs)",
-             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}",
-             f"- trials: {len(study.trials)} ({sum(t.state == TrialState.COMPLETE for t in study.trials)} complete, "
-             f"{sum(t.state == TrialState.PRUNED for t in study.trials)} pruned); time in trials "
-             f"{summary['trial_seconds'] / 60:.1f} min" + (
-                 f" ({len(interrupted)} interrupted trial(s) not counted: their wall time spans the interruption, "
-                 f"and their runs resumed in the trial enqueued again for them)" if interrupted else ""),
+             *_run_lines(study, summary, interrupted),
              f"- search space: " + "; ".join(f"{k} {p.to_dict()}" for k, p in space.items()), "",
              "## Best config, retrained with fresh seeds", "",
              f"Trial {summary['best_trial']} (valid HR@10 {100 * summary['best_valid_hr10']:.2f}): "
