@@ -192,6 +192,11 @@ def test_method_presets_sit_under_the_command_line(env, tmp_path):
     adapter = resolve(options(env, tmp_path, method="adapter", batch_size=8))
     assert (adapter.batch_size, adapter.lr, adapter.lr_backbone_text) == (8, 2e-4, 4e-4)
     assert resolve(options(env, tmp_path)).batch_size == 64
+    # uncached IISAN is the same model as cached IISAN: it resolves to the same objective and learning rates
+    cached, uncached = resolve(options(env, tmp_path)), resolve(options(env, tmp_path, method="iisan-uncached"))
+    same = ("score", "temperature", "lr", "lr_san", "loss", "batch_size")
+    assert [getattr(uncached, f) for f in same] == [getattr(cached, f) for f in same]
+    assert (cached.score, cached.lr) == ("cosine", 8e-4)
 
 
 def test_bench_writes_report_and_plots(env, tmp_path):

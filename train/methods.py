@@ -145,7 +145,8 @@ for _m in (
     Method("sasrec-id", ItemSource.ID, _ids, "SASRec with ID embeddings, no content (lr 1e-3 as SASRec's "
            "paper: docs/method.md §7)", presets={"lr": 1e-3}),
     Method("iisan-uncached", ItemSource.END_TO_END, _uncached, "the same side networks, frozen backbones run "
-           "every step in inference mode (docs/method.md §5.8, fixed: eval mode)"),
+           "every step in inference mode (docs/method.md §5.8, fixed: eval mode); iisan's presets, so it is the "
+           "same model", presets=dict(IISAN_PRESETS)),
     Method("fft", ItemSource.END_TO_END, _end_to_end, "full fine-tuning of the backbones end to end",
            tunes=Tuning.ALL, presets={"batch_size": 32, "lr": 1e-4, "lr_backbone_text": 5e-5,
                                       "lr_backbone_image": 1e-4}),
