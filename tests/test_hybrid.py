@@ -59,6 +59,68 @@ def test_id_dropout_zeroes_each_occurrence_independently():
         HybridItems(states, SANConfig(bottleneck=4, embedding_dim=16), seen, id_dropout=1.0)
 
 
+def test_whole_item_id_dropout_drops_an_item_everywhere_in_the_step(env, tmp_path):
+    """--id-dropout-unit item: per step, an item keeps its ID part in every occurrence and catalogue column or in
+    none; over many steps each seen item loses it at the rate --id-dropout; and the training loss is the in-batch
+    loss over content + ID with the step's dropped items' ID parts off (a slow per-item reference)."""
+    from iisan.train.loss import inbatch_debiased_loss
+
+    torch.manual_seed(0)
+    states = {"text": torch.randn(7, 2, 8)}
+    seen = torch.tensor([False, True, True, True, True, True, False])
+    items = HybridItems(states, SANConfig(bottleneck=4, embedding_dim=16), seen, id_dropout=0.3, id_init="xavier",
+                        dropout_unit="item")
+    unique = torch.tensor([1, 2, 3, 6])
+    inverse = torch.tensor([0] * 50 + [1] * 50 + [2] * 50 + [3] * 5)
+    with torch.no_grad():
+        content = items.side(items.gather(unique)).index_select(0, inverse)
+        ids = items.ids.weight[unique].index_select(0, inverse) * seen[unique].index_select(0, inverse)[:, None]
+    items.train()
+    dropped_steps = torch.zeros(len(unique))
+    steps = 400
+    for _ in range(steps):
+        with torch.no_grad():
+            out = items.encode_occurrences(unique, inverse)
+            columns = items.embed(unique)
+        kept = torch.isclose(out, content + ids, atol=1e-6).all(dim=1)
+        dropped = torch.isclose(out, content, atol=1e-6).all(dim=1) & ~kept
+        assert bool((kept | dropped).all())
+        for k in range(3):  # the seen items: all 50 occurrences and the column agree
+            rows = inverse == k
+            assert bool(kept[rows].all()) or bool(dropped[rows].all())
+            column_kept = bool(torch.isclose(columns[k], out[rows][0], atol=1e-6).all())
+            assert column_kept
+            dropped_steps[k] += bool(dropped[rows].all())
+    assert all(0.24 * steps < dropped_steps[k] < 0.36 * steps for k in range(3))
+    items.eval()
+    with torch.no_grad():
+        assert torch.equal(items.encode_occurrences(unique, inverse), content + ids)
+        assert torch.equal(items.embed(unique[:3]), items.side(items.gather(unique[:3])) + items.ids.weight[unique[:3]])
+
+    # the loss of a real model equals the in-batch loss with the drawn items' ID parts off
+    s = setup(resolve(options(env, tmp_path, method="iisan-hybrid", pipeline="text-only", id_init="xavier",
+                              id_dropout=0.5, id_dropout_unit="item", dropout=0.0)))
+    model = build_model(s)
+    model.train()
+    ids = torch.from_numpy(s.split.train[:16])
+    log_pop = torch.log(torch.from_numpy(s.split.popularity()).float())
+    torch.manual_seed(7)
+    loss = model.calculate_loss(ids, log_pop)
+    torch.manual_seed(7)
+    keep = torch.rand(model.items.ids.num_embeddings) >= 0.5
+    rows = []
+    for item in ids.reshape(-1).tolist():  # item by item
+        index = torch.tensor([item])
+        part = model.items.ids(index) * float(bool(model.items.seen[item]) and bool(keep[item]))
+        rows.append(model.items.side(model.items.gather(index)) + part)
+    full = torch.cat(rows).view(*ids.shape, -1)
+    inputs, mask = ids[:, :-1], (ids[:, :-1] != 0) & (ids[:, 1:] != 0)
+    want = inbatch_debiased_loss(model.user(full[:, :-1], inputs != 0), full, ids, mask, log_pop)
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="id-dropout-unit"):
+        resolve(options(env, tmp_path, method="iisan", id_dropout_unit="item"))
+
+
 def test_zero_init_starts_as_iisan(env, tmp_path):
     """With the ID table at zero, the hybrid's first forward is IISAN's under the same seed."""
     torch.manual_seed(3)

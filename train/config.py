@@ -80,6 +80,9 @@ class TrainConfig:
     inter: bool = field(default=True, metadata=_help("Ablation: no inter-modal tower.", "--no-inter"))
     id_dropout: float = field(default=0.2, metadata=_help(
         "iisan-hybrid: probability that an item occurrence's ID part is zeroed in training."))
+    id_dropout_unit: Literal["occurrence", "item"] = field(default="occurrence", metadata=_help(
+        "iisan-hybrid: what --id-dropout drops: each occurrence's ID part on its own, or whole items (an item's "
+        "ID part off everywhere in a training step, as a cold item has none)."))
     lr_id: float = field(default=0.0, metadata=_help("iisan-hybrid: Adam lr of the ID table (0: --lr)."))
     id_init: Literal["zero", "xavier"] = field(default="zero", metadata=_help(
         "iisan-hybrid: the ID table's start, zero (starts as IISAN) or xavier (as SASRec's)."))
@@ -161,6 +164,8 @@ class TrainConfig:
                                ("clip", self.clip >= 0, ">= 0")):
             if not ok:
                 raise IisanError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {rule}")
+        if self.id_dropout_unit != "occurrence" and self.method != "iisan-hybrid":
+            raise IisanError(f"--id-dropout-unit is an option of iisan-hybrid, not of {self.method}")
         if self.cold_merge and self.method != "iisan-hybrid":
             raise IisanError(f"--cold-merge is an option of iisan-hybrid, not of {self.method}")
         if self.cold_merge and self.score != "dot":

@@ -97,7 +97,7 @@ def _hybrid(ctx: "ItemContext") -> "nn.Module":
 
     seen = torch.from_numpy(ctx.split.train_counts > 0)
     return HybridItems(ctx.cached_states(), ctx.san_config(), seen, ctx.cfg.id_dropout, ctx.cfg.id_init,
-                       ctx.cfg.content_loss, ctx.cfg.cold_merge)
+                       ctx.cfg.content_loss, ctx.cfg.cold_merge, ctx.cfg.id_dropout_unit)
 
 
 def _frozen(ctx: "ItemContext") -> "nn.Module":

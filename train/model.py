@@ -99,14 +99,21 @@ class IDItems(nn.Module):
 class HybridItems(IISANItems):
     """IISAN's fused content embedding plus a learned item-ID embedding of the same width d, added after the
     fusion layer (docs/method.md §7.1). In training each item occurrence's ID part is zeroed with probability
-    `id_dropout`, so that the content path alone stays a good embedding; an item that never occurs in
+    `id_dropout` (`dropout_unit` "occurrence"), or each item's everywhere in the step ("item": the step then
+    holds items with no ID part, as evaluation holds cold ones), so that the content path alone stays a good
+    embedding; an item that never occurs in
     training (`seen` false: its ID vector never received a gradient) always gets its content embedding
     alone. The ID table starts at zero (`id_init="zero"`, the model then starts as plain IISAN) or Xavier
     normal as SASRec's (`"xavier"`)."""
 
     def __init__(self, states: dict[str, torch.Tensor], cfg: SANConfig, seen: torch.Tensor, id_dropout: float,
-                 id_init: str = "zero", content_loss: float = 0.0, twin: bool = False):
+                 id_init: str = "zero", content_loss: float = 0.0, twin: bool = False,
+                 dropout_unit: str = "occurrence"):
         super().__init__(states, cfg)
+        if dropout_unit not in ("occurrence", "item"):
+            raise ValueError(f"dropout_unit '{dropout_unit}': occurrence or item")
+        self.dropout_unit = dropout_unit
+        self.kept: torch.Tensor | None = None  # "item": this training step's items that keep their ID part
         # twin (--cold-merge): a content-only recommender trained alongside; an item row of the table is then
         # [content + ID | content | seen] (docs/method.md §7.1) and Recommender ranks unseen items by the twin
         self.twin = twin
@@ -145,8 +152,12 @@ class HybridItems(IISANItems):
         return self.embed_states(self.gather(index), index)
 
     def embed(self, index: torch.Tensor) -> torch.Tensor:
-        """Content + ID, no dropout: what the loss scores as a catalogue column."""
-        return self.side(self.gather(index)) + self.id_part(index)
+        """Content + ID: what the loss scores as a catalogue column (no per-occurrence dropout; with whole items
+        dropped, the step's dropped items have their content alone here too)."""
+        ids = self.id_part(index)
+        if self.training and self.kept is not None:
+            ids = ids * self.kept[index].unsqueeze(-1)
+        return self.side(self.gather(index)) + ids
 
     def embed_states(self, states: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """Content + ID; an item with index 0 (never trained on) gets its content alone. With a twin, the row
@@ -164,7 +175,12 @@ class HybridItems(IISANItems):
         content = self.side(self.gather(unique)).index_select(0, inverse)
         self.last_content = content if self.training and (self.content_loss or self.twin) else None
         ids = self.id_part(unique).index_select(0, inverse)
-        if self.training and self.id_dropout > 0:
+        self.kept = None
+        if self.training and self.id_dropout > 0 and self.dropout_unit == "item":
+            # one draw per catalogue item and step: the same shape, so the same draw, on every distributed rank
+            self.kept = torch.rand(self.ids.num_embeddings, device=ids.device) >= self.id_dropout
+            ids = ids * self.kept[unique].index_select(0, inverse).unsqueeze(-1)
+        elif self.training and self.id_dropout > 0:
             window = current_window()
             draw = (torch.rand(len(inverse), 1, device=ids.device) if window is None else
                     global_uniform(len(inverse), window, per_sample, ids.device))
