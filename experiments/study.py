@@ -67,6 +67,11 @@ class StudyError(IisanError):
     """A plan that cannot run: unknown names, bad options, a YAML error."""
 
 
+class NothingToRun(StudyError):
+    """A plan (or its --dataset / --experiment selection) that holds no row: an included plan that holds none
+    for the chosen datasets is left out, by type."""
+
+
 @dataclass
 class Row:
     label: str
@@ -174,10 +179,8 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
             raise StudyError(f"{path}: include '{included}' includes itself")
         try:
             sub = load_plan(str(target), datasets, seeds, (*_including, path))  # rows run with this plan's seeds
-        except StudyError as err:
-            if "no rows to run" in str(err):
-                continue
-            raise
+        except NothingToRun:
+            continue
         plan.experiments += sub.experiments
         plan.claims += sub.claims
     for e, exp in enumerate(raw["experiments"]):
@@ -233,7 +236,7 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
         if claim is not None:
             plan.claims.append(claim)
     if not plan.experiments:
-        raise StudyError(f"{path}: no rows to run" + (f" for {', '.join(datasets)}" if datasets else ""))
+        raise NothingToRun(f"{path}: no rows to run" + (f" for {', '.join(datasets)}" if datasets else ""))
     return plan
 
 
@@ -586,7 +589,7 @@ def restriction(plan: Plan, datasets: tuple[str, ...] = (), experiments: tuple[s
                 and (not experiments or exp.name in experiments))
 
     if not any(only(e, r) for e, r in plan.rows()):
-        raise StudyError(f"{plan.path}: no rows to run for {', '.join((*datasets, *experiments))}")
+        raise NothingToRun(f"{plan.path}: no rows to run for {', '.join((*datasets, *experiments))}")
     return only
 
 

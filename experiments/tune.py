@@ -221,6 +221,7 @@ def trial_run(trial, cfg, report: Callable[[int, float], tuple[float, int]], whe
     import optuna
 
     from iisan.train.recipe import train_or_reuse
+    from iisan.train.step import NonFiniteLoss
 
     def on_epoch(epoch: int, hr: float) -> None:
         trial.report(*report(epoch, hr))
@@ -232,9 +233,7 @@ def trial_run(trial, cfg, report: Callable[[int, float], tuple[float, int]], whe
 
     try:
         return train_or_reuse(cfg, log=lambda m: None, on_epoch=on_epoch)
-    except IisanError as e:
-        if "loss is" not in str(e):
-            raise
+    except NonFiniteLoss as e:
         trial.set_user_attr("diverged", f"{where}: {e}" if where else str(e))
         raise optuna.TrialPruned() from None
 

@@ -194,8 +194,7 @@ def _setup_with_method(world: World, out: Path, cache: str, env_vars: dict[str, 
 
 
 def _one_rank_dies(world: World, out: Path):
-    from iisan.errors import IisanError
-    from iisan.train.distributed import collective_errors
+    from iisan.train.distributed import CollectiveFailed, collective_errors
 
     if world.rank == 1:
         os._exit(3)  # dies before the collective
@@ -203,7 +202,7 @@ def _one_rank_dies(world: World, out: Path):
     try:
         with collective_errors(world):
             world.barrier()
-    except IisanError as e:
+    except CollectiveFailed as e:
         return str(e), time.monotonic() - start
     return "no error", time.monotonic() - start
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from iisan.cli import main as iisan_cli
-from iisan.experiments.study import StudyError, load_plan, paired_test
+from iisan.experiments.study import NothingToRun, StudyError, load_plan, paired_test
 from iisan.extract.layers import select_layers
 
 PLAN = """name: toy
@@ -244,6 +244,12 @@ def test_includes_and_row_seeds(env, tmp_path):
     assert seeds == ["2", "1", "2"]  # the including plan's seeds, except a row's own
     forced = load_plan(str(tmp_path / "b.yaml"), seeds=4)
     assert {r.args(forced.seeds, "runs")[4] for _, r in forced.rows()} == {"4"}  # --seeds wins over a row's own
+    # a dataset that only the including plan has: the included plan holds nothing for it and is left out, by type
+    (tmp_path / "d.yaml").write_text("name: d\ninclude: [a.yaml]\nexperiments:\n  - name: three\n    rows:\n"
+                                     "      - {dataset: plain, method: frozen}\n")
+    assert [e.name for e in load_plan(str(tmp_path / "d.yaml"), datasets=("plain",)).experiments] == ["three"]
+    with pytest.raises(NothingToRun, match="no rows to run for elsewhere"):
+        load_plan(str(tmp_path / "d.yaml"), datasets=("elsewhere",))
     (tmp_path / "c.yaml").write_text("include: [c.yaml]\nexperiments: []\n")
     with pytest.raises(StudyError, match="include 'c.yaml' includes itself"):
         load_plan(str(tmp_path / "c.yaml"))

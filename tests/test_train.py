@@ -113,8 +113,12 @@ def test_nan_loss_stops_with_a_message(env, tmp_path, monkeypatch):
     from iisan.train.model import Recommender
 
     monkeypatch.setattr(Recommender, "calculate_loss", lambda self, *args: torch.tensor(float("nan")))
-    with pytest.raises(IisanError, match=r"loss is nan at epoch 1, step 1 \(seed 12345\): lower --lr"):
+    from iisan.train.step import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at epoch 1, step 1 \(seed 12345\): lower --lr") as caught:
         train(resolve(options(env, tmp_path)), log=lambda m: None)
+    assert (caught.value.epoch, caught.value.step, caught.value.seed) == (1, 1, 12345)
+    assert isinstance(caught.value, IisanError)  # the CLI prints it as one message
 
 
 @pytest.mark.parametrize("method", ["iisan", "frozen"])

@@ -173,6 +173,10 @@ def join(device: torch.device) -> tuple[World, torch.device]:
     return World(rank, size, local), device
 
 
+class CollectiveFailed(IisanError):
+    """A collective that another rank never joined (it stopped, or did not answer within the timeout)."""
+
+
 @contextmanager
 def collective_errors(world: World) -> Iterator[None]:
     """A failed collective (a rank that died, or did not answer within the timeout) as an error that says so,
@@ -187,7 +191,7 @@ def collective_errors(world: World) -> Iterator[None]:
         if not world.distributed or isinstance(e, IisanError) or not lost:
             raise
         timeout = os.environ.get("IISAN_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
-        raise IisanError(f"rank {world.rank} of {world.size}: a collective failed: another rank stopped, or did not "
+        raise CollectiveFailed(f"rank {world.rank} of {world.size}: a collective failed: another rank stopped, or did not "
                          f"answer within {timeout} s (IISAN_DIST_TIMEOUT); "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 

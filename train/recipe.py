@@ -415,8 +415,7 @@ def train_seed(s: Setup, seed: int, folder: Path, log, version: int = 2,
             try:
                 total += step(ids, None if drawn is None else drawn[k])
             except NonFiniteLoss as e:
-                raise IisanError(f"loss is {e.value} at epoch {epoch}, step {steps + 1} (seed {seed}): lower "
-                                 f"--lr / --lr-san, or standardise the cached states (--standardize dim)") from None
+                raise e.at(epoch, steps + 1, seed) from None
             steps += 1
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()

@@ -15,11 +15,17 @@ from iisan.train.distributed import BatchShard, World
 
 
 class NonFiniteLoss(IisanError):
-    """The loss of a step was NaN or infinite (raised before the backward pass)."""
+    """The loss of a step was NaN or infinite (raised before the backward pass); the training loop raises it
+    again with where it happened (`at`), so callers (tuning: a diverged trial) catch it by type."""
 
-    def __init__(self, value: float):
-        self.value = value
-        super().__init__(f"loss is {value}")
+    def __init__(self, value: float, epoch: int | None = None, step: int | None = None, seed: int | None = None):
+        self.value, self.epoch, self.step, self.seed = value, epoch, step, seed
+        where = f" at epoch {epoch}, step {step} (seed {seed}): lower --lr / --lr-san, or standardise the cached " \
+                "states (--standardize dim)" if epoch is not None else ""
+        super().__init__(f"loss is {value}{where}")
+
+    def at(self, epoch: int, step: int, seed: int) -> "NonFiniteLoss":
+        return NonFiniteLoss(self.value, epoch, step, seed)
 
 
 @dataclass
