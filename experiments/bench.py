@@ -32,13 +32,13 @@ PAPER_RATIOS = {"fft_over_cached_time": (443 / 22, "443 s / 22 s"),
 
 @dataclass
 class BenchConfig:
-    dataset: str = field(metadata={"help": "dataset: a name in the registry, or a dataset folder (a path)"})
-    pipeline: str = field(default="", metadata={"help": "pipeline (default: the dataset's)"})
-    text: str = field(default="", metadata={"help": "text encoder (MODEL[@FIELD]); default: the pipeline's"})
-    image: str = field(default="", metadata={"help": "image encoder; default: the pipeline's"})
+    dataset: str = field(metadata={"help": "Dataset: a name in the registry, or a dataset folder (a path)"})
+    pipeline: str = field(default="", metadata={"help": "Pipeline (default: the dataset's)"})
+    text: str = field(default="", metadata={"help": "Text encoder (MODEL[@FIELD]); default: the pipeline's"})
+    image: str = field(default="", metadata={"help": "Image encoder; default: the pipeline's"})
     text_only: bool = field(default=False, metadata={"help": "drop the pipeline's image slot"})
     methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "methods, in table order"})
-    batch_size: int = field(default=0, metadata={"help": "users per step for the table (0: 8 on CPU, 32 on GPU)"})
+    batch_size: int = field(default=0, metadata={"help": "Users per batch of the table's steps (0: 8 on CPU, 32 on GPU)"})
     sweep: tuple[int, ...] = field(default=(), metadata={
         "help": "batch sizes for the memory plot (default: 1, 2, 4, 8 on CPU; up to 32 on a GPU)"})
     warmup: int = field(default=1, metadata={"help": "untimed steps before timing"})
@@ -48,13 +48,14 @@ class BenchConfig:
     full_epoch_under: float = field(default=60.0, metadata={
         "help": "run the whole epoch (label 'measured') when its projection is under this many seconds"})
     max_seconds: float = field(default=900.0, metadata={"help": "stop one measurement after this long"})
-    cache: str = field(default="", metadata={"help": "cache root (default $IISAN_CACHE_DIR, else cache/)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    out: str = field(default="reports", metadata={"help": "report folder"})
+    cache: str = field(default="", metadata={"help": "Cache root (default $IISAN_CACHE_DIR, else cache/)",
+                                             "option": "--cache-dir"})
+    device: str = field(default="auto", metadata={"help": "Device: auto | cpu | cuda"})
+    out: str = field(default="reports", metadata={"help": "Reports folder", "option": "--reports-dir"})
     full: bool = field(default=False, metadata={"help": "also train every method to convergence (test metrics)"})
-    epochs: int = field(default=0, metadata={"help": "--full: cap every method at this many epochs (0: its own)"})
-    patience: int = field(default=0, metadata={"help": "--full: early-stopping patience (0: each method's own)"})
-    runs: str = field(default="runs", metadata={"help": "runs root for --full"})
+    epochs: int = field(default=0, metadata={"help": "Maximum epochs of every method with --full (0: its own)"})
+    patience: int = field(default=0, metadata={"help": "Early-stopping patience of every method with --full (0: each method's own)"})
+    runs: str = field(default="runs", metadata={"help": "Runs root of --full", "option": "--runs-dir"})
     command: str = field(default="", metadata={"help": "the command line, for the report header"})
 
 

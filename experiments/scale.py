@@ -127,8 +127,8 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
         folder, cache = work / "data" / name, work / "cache"
         if not (cache / name / "synth.zarr").exists():
             log(f"synth {name}")
-            subprocess.run([sys.executable, "-m", "iisan.cli", "data", "synth", "--users", str(users), "--items",
-                            str(items), "--dim", str(dim), "--layers", str(layers), "--out", str(folder), "--cache",
+            subprocess.run([sys.executable, "-m", "iisan.cli", "data", "synth", "--n-users", str(users), "--n-items",
+                            str(items), "--dim", str(dim), "--n-states", str(layers), "--out", str(folder), "--cache-dir",
                             str(cache), "--force"], check=True, capture_output=True)
         for mode in modes:
             for n in procs:
@@ -166,7 +166,7 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
 def _measure_row(folder: Path, cache: Path, runs: Path, name: str, items: int, users: int, mode: str, n: int,
                  threads: int, env: dict[str, str], dim: int, layers: int, log) -> dict:
     shutil.rmtree(runs / name, ignore_errors=True)
-    train = ["train", "--dataset", str(folder), "--text", "synth", "--cache", str(cache), "--out", str(runs),
+    train = ["train", "--dataset", str(folder), "--text", "synth", "--cache-dir", str(cache), "--runs-dir", str(runs),
              "--epochs", "1", "--no-progress", "--cache-mode", mode, "--device", "cpu", *TRAIN_OPTIONS]
     launcher = [sys.executable] if n == 1 else [
         str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc-per-node", str(n),

@@ -84,9 +84,9 @@ class Row:
         from iisan.train.config import TrainConfig
 
         fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-        args = ["train", "--reuse", "--no-progress", "--seeds", str(self.seeds or seeds), "--out", out]
+        args = ["train", "--reuse", "--no-progress", "--seeds", str(self.seeds or seeds), "--runs-dir", out]
         for key, value in self.options.items():
-            name = "--" + key.replace("_", "-")
+            name = fields[key].metadata.get("option") or "--" + key.replace("_", "-")
             if isinstance(value, bool):
                 f = fields[key]
                 if value == f.default:

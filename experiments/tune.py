@@ -122,7 +122,7 @@ class TuneConfig:
     save_preset: str = field(default="", metadata={"help": "write the best config as this pipeline in pipelines.yaml"})
     final_seeds: int = field(default=3, metadata={"help": "fresh seeds the best config is trained with for test"})
     sampler_seed: int = field(default=0, metadata={"help": "TPE sampler seed"})
-    reports: str = field(default="reports", metadata={"help": "folder for the report and plot"})
+    reports: str = field(default="reports", metadata={"help": "Reports folder: the report and plot", "option": "--reports-dir"})
     command: str = ""  # the command line, for the report (no option: no help)
 
 
@@ -455,7 +455,7 @@ def open_study(folder: Path, identity: dict[str, Any], tc: TuneConfig, log: Call
                                   if known["fixed"].get(k) != identity["fixed"].get(k))
             detail = "; ".join(filter(None, [detail, "fixed options " + ", ".join(
                 f"{k} ({known['fixed'].get(k)!r} → {identity['fixed'].get(k)!r})" for k in fixed_differ)]))
-        raise TuneError(f"{folder / 'study.db'} is a study of something else ({detail}); use another --out, or "
+        raise TuneError(f"{folder / 'study.db'} is a study of something else ({detail}); use another --runs-dir, or "
                         f"delete that folder to start over")
     from optuna.trial import TrialState
 

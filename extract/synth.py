@@ -56,7 +56,7 @@ class SynthResult:
     def summary(self) -> list[str]:
         return [f"wrote {self.folder} ({self.interactions:,} interactions) and {self.store} in {self.seconds:.1f} s",
                 f"train on it: iisan train --dataset {self.folder} --pipeline text-only --text {MODEL}"
-                + (f" --cache {self.store.parent.parent}" if self.store.parent.parent != default_cache_root() else "")]
+                + (f" --cache-dir {self.store.parent.parent}" if self.store.parent.parent != default_cache_root() else "")]
 
 
 def _check(cfg: SynthConfig) -> None:
@@ -108,8 +108,8 @@ def synth(cfg: SynthConfig, log: Callable[[str], None] = print) -> SynthResult:
             log(f"synth: {u + 1:,} of {cfg.users:,} users")
     write_lines(out / "users.tsv", lines)
     name = out.resolve().name
-    (out / "dataset.yaml").write_text(f"# iisan data synth --users {cfg.users} --items {cfg.items} --dim {cfg.dim} "
-                                      f"--layers {cfg.layers} --seed {cfg.seed}\nname: {name}\nfields: [title]\n"
+    (out / "dataset.yaml").write_text(f"# iisan data synth --n-users {cfg.users} --n-items {cfg.items} --dim {cfg.dim} "
+                                      f"--n-states {cfg.layers} --seed {cfg.seed}\nname: {name}\nfields: [title]\n"
                                       f"pipeline: text-only\n", encoding="utf-8")
 
     dataset = load_dataset(out)

@@ -24,9 +24,9 @@ def options_from(config_class, skip: tuple[str, ...] = ()):
         for f in reversed(dataclasses.fields(config_class)):
             if "help" not in f.metadata or f.name in skip:
                 continue
-            hint, flag = hints[f.name], f.metadata.get("flag")
+            hint, flag = hints[f.name], f.metadata.get("flag") or f.metadata.get("option")
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            shown = "" if required or f.default in ("", ()) or flag else f" [default: {f.default}]"
+            shown = "" if required or f.default in ("", ()) or (flag and hint is bool) else f" [default: {f.default}]"
             kwargs: dict = {"default": None, "help": f.metadata["help"] + shown, "required": required}
             if hint is bool:
                 if flag:
@@ -61,6 +61,46 @@ class IisanGroup(click.Group):
             sys.exit(2)
 
 
+# One name per meaning on every command (tests/test_cli_vocabulary.py): a name used by several commands means the
+# same there, and its help starts with this phrase. `--out` is a command's own single output.
+VOCABULARY = {
+    "--cache-dir": "Cache root", "--runs-dir": "Runs root", "--reports-dir": "Reports folder",
+    "--data-dir": "Dataset folder", "--out": "Output", "--dataset": "Dataset", "--pipeline": "Pipeline",
+    "--text": "Text encoder", "--image": "Image encoder", "--device": "Device", "--batch-size": "Users per batch",
+    "--epochs": "Maximum epochs", "--patience": "Early-stopping patience", "--seed": "Seed", "--seeds": "Seeds",
+    "--cold-items": "Cold-start protocol", "--cold-seed": "Cold-start protocol", "--ties": "Tie rule",
+    "--text-clean": "Title cleaning", "--revision": "Hub revision", "--kind": "Tower", "--family": "Model family",
+    "--pooling": "Pooling", "--force": "Replace", "--strict": "Refuse", "--split": "Split", "--format": "Format",
+    "--layers": "Hidden states to keep",
+}
+
+
+def renamed_args(args: list[str], renamed: dict[str, str], where: str) -> list[str]:
+    """`args` with each old option spelling (`--out`, `--out=X`) written with its new name, a one-line notice on
+    stderr for each."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + list(args[i:])
+        name, eq, value = arg.partition("=")
+        if name in renamed:
+            click.echo(f"{where}: {name} is now {renamed[name]} (the old name will go)", err=True)
+            arg = renamed[name] + eq + value
+        out.append(arg)
+    return out
+
+
+class Renamed(click.Command):
+    """A command whose old option spellings still work, hidden: rewritten to the new names before parsing."""
+
+    def __init__(self, *args, renamed: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.renamed = dict(renamed or {})
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, renamed_args(args, self.renamed, ctx.command_path))
+
+
 @click.group(cls=IisanGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="iisan")
 def main() -> None:
@@ -72,11 +112,11 @@ def data() -> None:
     """Datasets: fetch the built-in ones, import your own, download their images, print statistics."""
 
 
-@data.command("fetch")
+@data.command("fetch", cls=Renamed, renamed={"--dest": "--out"})
 @click.argument("name")
-@click.option("--dest", type=click.Path(path_type=Path), default=None,
-              help="Folder to build the dataset in (default: ./data/NAME).")
-@click.option("--force", is_flag=True, help="Rebuild even if the files are already there.")
+@click.option("--out", "dest", type=click.Path(path_type=Path), default=None,
+              help="Output: the dataset folder to build (default: ./data/NAME).")
+@click.option("--force", is_flag=True, help="Replace the files if they are already there (rebuild).")
 @click.option("--wheel", type=click.Path(path_type=Path), default=None,
               help="Use this already-downloaded wheel instead of downloading it (also $IISAN_RECBOLE_WHEEL).")
 def data_fetch(name: str, dest: Path | None, force: bool, wheel: Path | None) -> None:
@@ -94,12 +134,12 @@ def data_fetch(name: str, dest: Path | None, force: bool, wheel: Path | None) ->
 @data.command("stats")
 @click.argument("name")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="The folder of a registered dataset (default: found by name in $IISAN_DATA_DIR, ./data, "
+              help="Dataset folder of a registered dataset (default: found by name in $IISAN_DATA_DIR, ./data, "
                    "../shared/data).")
 @click.option("--strict", is_flag=True, help="Refuse any data problem (duplicate ids, unknown items, ...).")
 @click.option("--check-images", is_flag=True, help="Decode every kept item's image and count corrupt ones.")
-@click.option("--cold-items", type=float, default=0.0, help="The cold-start protocol's fraction of withheld items.")
-@click.option("--cold-seed", type=int, default=0, help="The cold-start protocol's hash seed.")
+@click.option("--cold-items", type=float, default=0.0, help="Cold-start protocol: the fraction of items withheld.")
+@click.option("--cold-seed", type=int, default=0, help="Cold-start protocol: the seed of the hash that picks them.")
 def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: bool, cold_items: float,
                cold_seed: int) -> None:
     """Print the docs/method.md §1.2 statistics of a dataset: NAME in pipelines.yaml, or a dataset folder
@@ -141,7 +181,7 @@ def data_stats(name: str, data_dir: Path | None, strict: bool, check_images: boo
               help="recbole: a folder of NAME.inter + NAME.item; amazon2023: the reviews and metadata JSONL "
                    "(.jsonl or .jsonl.gz); csv / parquet: the interactions table, then the items table.")
 @click.argument("src", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The dataset folder to write.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output: the dataset folder to write.")
 @click.option("--name", default=None, help="Dataset name written to dataset.yaml (default: the folder's name).")
 @click.option("--strict", is_flag=True, help="Refuse any counted problem (duplicate events, unknown items, ...).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
@@ -173,14 +213,15 @@ def data_import(fmt, src, out, name, strict, force, user_col, item_col, time_col
         click.echo(line)
 
 
-@data.command("synth")
-@click.option("--users", type=int, required=True, help="Users (each a sequence of 5-20 interactions).")
-@click.option("--items", type=int, required=True, help="Items (in clusters of 20).")
+@data.command("synth", cls=Renamed, renamed={"--users": "--n-users", "--items": "--n-items", "--layers": "--n-states",
+                                             "--cache": "--cache-dir"})
+@click.option("--n-users", "users", type=int, required=True, help="Users (each a sequence of 5-20 interactions).")
+@click.option("--n-items", "items", type=int, required=True, help="Items (in clusters of 20).")
 @click.option("--dim", type=int, default=384, show_default=True, help="D of each cached state.")
-@click.option("--layers", type=int, default=7, show_default=True, help="Cached hidden states per item.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The dataset folder to write.")
-@click.option("--cache", type=click.Path(path_type=Path), default=None,
+@click.option("--n-states", "layers", type=int, default=7, show_default=True, help="Cached hidden states per item.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generator.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output: the dataset folder to write.")
+@click.option("--cache-dir", "cache", type=click.Path(path_type=Path), default=None,
               help="Cache root for the store <root>/<name>/synth.zarr [default: ./cache or $IISAN_CACHE_DIR].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 def data_synth(users: int, items: int, dim: int, layers: int, seed: int, out: Path, cache: Path | None,
@@ -195,10 +236,10 @@ def data_synth(users: int, items: int, dim: int, layers: int, seed: int, out: Pa
         click.echo(line)
 
 
-@data.command("images")
+@data.command("images", cls=Renamed, renamed={"--timeout": "--request-timeout"})
 @click.argument("folder", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--download", is_flag=True, help="Download the missing images (else only count them).")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per request.")
+@click.option("--request-timeout", "timeout", type=float, default=30.0, show_default=True, help="Seconds per request.")
 @click.option("--retries", type=int, default=2, show_default=True, help="Retries of a failed connection / 5xx.")
 @click.option("--workers", type=int, default=8, show_default=True, help="Downloads at a time.")
 def data_images(folder: Path, download: bool, timeout: float, retries: int, workers: int) -> None:
@@ -215,33 +256,37 @@ def data_images(folder: Path, download: bool, timeout: float, retries: int, work
         click.echo(line)
 
 
-@main.command("extract")
+@main.command("extract", cls=Renamed, renamed={"--out": "--cache-dir", "--batch-size": "--item-batch-size"})
 @click.option("--model", "model", required=True,
               help="Name in pipelines.yaml (`iisan models list`), hf:ORG/NAME, or a model folder / .gguf file.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of an hf: model.")
 @click.option("--kind", type=click.Choice(["text", "image"]), default=None,
-              help="Which tower of a two-tower model (CLIP, SigLIP); overrides the kind read from the config.")
+              help="Tower of a two-tower model (CLIP, SigLIP); overrides the kind read from the config.")
 @click.option("--family", type=click.Choice(["encoder", "decoder", "vision"]), default=None,
-              help="Overrides the family read from the config (sets the default pooling, layers, batch size).")
+              help="Model family, overriding the one read from the config (sets the default pooling, layers, batch "
+                   "size).")
 @click.option("--pooling", type=click.Choice(["cls", "mean", "last"]), default=None,
-              help="Overrides the model's pooling.")
+              help="Pooling, overriding the model's.")
 @click.option("--dataset", required=True, help="Dataset: a name in pipelines.yaml, or a dataset folder (a path).")
 @click.option("--field", default=None, help="Text field to encode (default: title); stored as MODEL@FIELD.")
 @click.option("--layers", default=None,
               help="Hidden states to keep: even | remove_first | group:<L_partner> | top:<N> | bottom:<N> | all | i,j,… "
                    "(default: the model's; even for encoders and vision models, top:6 for decoders).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Cache root; the store is OUT/<dataset>/<model>.zarr (default $IISAN_CACHE_DIR, else cache/).")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "h5"]), default="zarr", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
-@click.option("--batch-size", type=int, default=None, help="Items per forward (default: the model's).")
+@click.option("--cache-dir", "out", type=click.Path(path_type=Path), default=None,
+              help="Cache root; the store is CACHE_DIR/<dataset>/<model>.zarr (default $IISAN_CACHE_DIR, else cache/).")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "h5"]), default="zarr", show_default=True,
+              help="Format of the store.")
+@click.option("--device", default="auto", show_default=True, help="Device: auto (cuda if present), cpu, cuda, cuda:N.")
+@click.option("--item-batch-size", "batch_size", type=int, default=None,
+              help="Items per forward (default: the model's).")
 @click.option("--chunk-rows", type=int, default=256, show_default=True, help="Rows per chunk (resume unit).")
 @click.option("--text-clean", type=click.Choice(["clean", "raw"]), default="clean", show_default=True,
-              help="clean: HTML-unescape and strip titles; raw: as in the file (the reference code).")
+              help="Title cleaning: clean (HTML-unescape and strip) or raw (as in the file, the reference code).")
 @click.option("--dtype", "storage_dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the cache.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store written for something else.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="The dataset folder.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Dataset folder (default: found by name in the data roots).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--dry-run", is_flag=True,
               help="Print rows, layers, bytes on disk and an estimated time (from a short timed sample); write nothing.")
@@ -266,6 +311,9 @@ def extract_cmd(model, revision, kind, family, pooling, dataset, field, layers, 
     run_extraction(cfg, log=lambda message: click.echo(message, err=True))
 
 
+TRAIN_RENAMED = {"--cache": "--cache-dir", "--out": "--runs-dir"}
+
+
 def _train_help() -> str:
     from iisan.train.methods import METHODS
 
@@ -279,10 +327,10 @@ def _train_config():
     return TrainConfig
 
 
-@main.command("train", help=_train_help())
+@main.command("train", help=_train_help(), cls=Renamed, renamed=TRAIN_RENAMED)
 @options_from(_train_config())
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue a run from its folder.")
-@click.option("--reuse", is_flag=True, help="If a run with the same resolved config exists under OUT, report it "
+@click.option("--reuse", is_flag=True, help="If a run with the same resolved config exists under RUNS_DIR, report it "
                                             "again (finished seeds) or continue it (unfinished) instead of "
                                             "starting a new one: what makes scripts of many runs resumable.")
 def train_cmd(resume, reuse, **options) -> None:
@@ -307,9 +355,9 @@ def _tune_config():
     return TuneConfig
 
 
-@main.command("tune")
+@main.command("tune", cls=Renamed, renamed={**TRAIN_RENAMED, "--reports": "--reports-dir"})
 @click.option("--dataset", "datasets", multiple=True, required=True,
-              help="NAME[:PIPELINE] (a name in pipelines.yaml or a folder); several: one config is tuned for all "
+              help="Dataset: NAME[:PIPELINE] (a name in pipelines.yaml or a folder); several: one config is tuned for all "
                    "of them, on the mean of valid HR@10 relative to the fixed config's on each.")
 @options_from(_train_config(), skip=("dataset",))
 @options_from(_tune_config())
@@ -334,18 +382,18 @@ def study() -> None:
     """The papers' experiments as plans (plans/*.yaml): run them, resumably."""
 
 
-@study.command("run")
+@study.command("run", cls=Renamed, renamed={"--out": "--reports-dir", "--runs": "--runs-dir"})
 @click.option("--plan", "plan_name", required=True, help="A plan name (plans/NAME.yaml) or a plan file.")
 @click.option("--dataset", "datasets", multiple=True,
-              help="Run only the rows of this dataset (repeatable); the others keep their previous results.")
+              help="Dataset whose rows alone run (repeatable); the others keep their previous results.")
 @click.option("--experiment", "experiments", multiple=True,
               help="Run only the rows of this experiment (repeatable); the others keep their previous results.")
 @click.option("--seeds", type=int, default=None, help="Seeds per row (default: the plan's).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads of every run (default: the plan's `threads:`, else the machine's).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
-              help="Where study-<plan>.json and the study's record study-<plan>/ go.")
-@click.option("--runs", default="runs", show_default=True, help="Runs root of the rows' training runs.")
+@click.option("--reports-dir", "out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True,
+              help="Reports folder: study-<plan>.json and the study's record study-<plan>/ go there.")
+@click.option("--runs-dir", "runs", default="runs", show_default=True, help="Runs root of the rows' training runs.")
 @click.option("--finished-only", is_flag=True,
               help="Train nothing: report the rows whose runs are finished, mark the others not run and keep their "
                    "finished seeds in the study's record (to hand a long study over to a later session).")
@@ -383,10 +431,10 @@ def study_render(json_path: Path, readme: Path) -> None:
             click.echo(f"{readme}: the study blocks from {source} rewritten")
 
 
-@study.command("check")
+@study.command("check", cls=Renamed, renamed={"--runs": "--runs-dir"})
 @click.argument("json_path", type=click.Path(path_type=Path, exists=True))
-@click.option("--runs", type=click.Path(path_type=Path), default=None,
-              help="Where the fresh runs go [default: runs/check-<plan>-<UTC time>].")
+@click.option("--runs-dir", "runs", type=click.Path(path_type=Path), default=None,
+              help="Runs root of the fresh runs [default: runs/check-<plan>-<UTC time>].")
 def study_check(json_path: Path, runs: Path | None) -> None:
     """Re-run a committed study's plan from scratch and compare every row with it (identical where the runs
     are deterministic, else within 0.3 points of HR@10 and NDCG@10); exits 1 when a row moved."""
@@ -407,11 +455,12 @@ def study_check(json_path: Path, runs: Path | None) -> None:
 @click.option("--history", default=None, help='An ad-hoc history of raw item ids, oldest first: "ID ID ...".')
 @click.option("--k", type=int, default=10, show_default=True)
 @click.option("--split", type=click.Choice(["next", "valid", "test"]), default="next", show_default=True,
-              help="next: each user's whole sequence as input (deployment); valid / test: the evaluation's inputs.")
+              help="Split whose inputs rank: next, each user's whole sequence as input (deployment); valid / test: the evaluation's inputs.")
 @click.option("--include-history", is_flag=True, help="Do not exclude the items a user already has.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here instead of stdout.")
-@click.option("--seed", type=int, default=None, help="Which seed's checkpoint [default: the run's first].")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+              help="Format of the recommendations.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output: write here instead of stdout.")
+@click.option("--seed", type=int, default=None, help="Seed of the checkpoint to use [default: the run's first].")
 def recommend_cmd(run_dir: Path, users: str, history: str | None, k: int, split: str, include_history: bool,
                   fmt: str, out: Path | None, seed: int | None) -> None:
     """Top-k item ids, titles and scores for dataset users or an ad-hoc history, from a trained run."""
@@ -436,9 +485,9 @@ def recommend_cmd(run_dir: Path, users: str, history: str | None, k: int, split:
 
 @main.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The folder to write.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output: the folder to write.")
 @click.option("--faiss", "with_faiss", is_flag=True, help="Also exact and HNSW FAISS indexes (the faiss extra).")
-@click.option("--seed", type=int, default=None, help="Which seed's checkpoint [default: the run's first].")
+@click.option("--seed", type=int, default=None, help="Seed of the checkpoint to use [default: the run's first].")
 def export_cmd(run_dir: Path, out: Path, with_faiss: bool, seed: int | None) -> None:
     """Item embeddings (safetensors), the user encoder (a torch.export program), meta.json and FAISS indexes."""
     from iisan.deploy.export import export_run
@@ -454,7 +503,7 @@ def export_cmd(run_dir: Path, out: Path, with_faiss: bool, seed: int | None) -> 
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--seed", type=int, default=None, help="Which seed's checkpoint [default: the run's first].")
+@click.option("--seed", type=int, default=None, help="Seed of the checkpoint to use [default: the run's first].")
 def serve_cmd(run_dir: Path, host: str, port: int, seed: int | None) -> None:
     """An HTTP server over a trained run: POST /recommend, GET /items/ID, /users/ID, /health, and a page at /."""
     from iisan.deploy.serve import serve
@@ -464,7 +513,8 @@ def serve_cmd(run_dir: Path, host: str, port: int, seed: int | None) -> None:
 
 @main.command("evaluate")
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True))
-@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
+              help="Split to evaluate.")
 @click.option("--ties", type=click.Choice(["pessimistic", "optimistic"]), default=None,
               help="Tie rule (default: the run's).")
 def evaluate_cmd(run_dir: Path, split: str, ties: str | None) -> None:
@@ -484,7 +534,7 @@ def _bench_config():
     return BenchConfig
 
 
-@main.command("bench")
+@main.command("bench", cls=Renamed, renamed={"--cache": "--cache-dir", "--out": "--reports-dir", "--runs": "--runs-dir"})
 @options_from(_bench_config(), skip=("command",))
 def bench_cmd(**options) -> None:
     """Training cost of every method on the same data, encoders, seed and batch size: s/step, s/epoch, peak
@@ -504,16 +554,26 @@ def bench_cmd(**options) -> None:
     run_bench(config, log=lambda message: click.echo(message, err=True))
 
 
-@main.command("demo")
-@click.option("--cache", type=click.Path(path_type=Path), default=None,
+@main.command("demo", cls=Renamed, renamed={"--cache": "--cache-dir", "--out": "--runs-dir"})
+@click.option("--cache-dir", "cache", type=click.Path(path_type=Path), default=None,
               help="Cache root (default $IISAN_CACHE_DIR, else cache/).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--runs-dir", "out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Runs root of the demo's run.")
 def demo_cmd(cache: Path | None, out: Path) -> None:
     """The main job on MovieLens-100K: fetch, extract title (+ poster) states, train IISAN, report."""
     from iisan.cache_store.inspect import default_cache_root
     from iisan.demo import run_demo
 
     run_demo(cache or default_cache_root(), out, log=lambda message: click.echo(message, err=True))
+
+
+def _cache_commands() -> click.Group:
+    from iisan.cache_store.cli import main as cache_store_main
+
+    return cache_store_main
+
+
+main.add_command(_cache_commands(), "cache")  # `iisan cache stats | verify`: `cache_store`'s commands
 
 
 @main.group()
@@ -550,8 +610,10 @@ def models_fetch(name: str) -> None:
 @click.argument("ref")
 @click.option("--revision", default=None, help="Hub revision of an hf: model.")
 @click.option("--kind", type=click.Choice(["text", "image"]), default=None, help="Tower of a two-tower model.")
-@click.option("--family", type=click.Choice(["encoder", "decoder", "vision"]), default=None)
-@click.option("--pooling", type=click.Choice(["cls", "mean", "last"]), default=None)
+@click.option("--family", type=click.Choice(["encoder", "decoder", "vision"]), default=None,
+              help="Model family, overriding the one read from the config.")
+@click.option("--pooling", type=click.Choice(["cls", "mean", "last"]), default=None,
+              help="Pooling, overriding the model's.")
 def models_show(ref: str, revision, kind, family, pooling) -> None:
     """The spec a model ref (name, hf:ORG/NAME, folder or .gguf file) resolves to, and its layer counts."""
     from iisan.extract.models import show_model

@@ -110,8 +110,9 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
     # (past it: MOVED on another machine); made by another config, it is STALE and fails, naming the field
     record = Path(rows[1]["run_dir"])
     provenance = json.loads((record / "provenance.json").read_text())
+    other_isa = "AVX2" if provenance["numerics"]["isa"] != "AVX2" else "AVX512"  # not this machine's
     (record / "provenance.json").write_text(json.dumps({**provenance, "numerics": {**provenance["numerics"],
-                                                                                   "isa": "AVX512"}}))
+                                                                                   "isa": other_isa}}))
     study["experiments"][0]["rows"][1]["test"]["NDCG@10"]["mean"] -= 0.002
     (tmp_path / "reports" / "study-toy.json").write_text(json.dumps(study))
     config = json.loads((Path(rows[0]["run_dir"]) / "config.json").read_text())
@@ -121,7 +122,7 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
     told = CliRunner().invoke(iisan_cli, ["study", "check", "reports/study-toy.json", "--runs", "check-3"])
     assert told.exit_code == 1, told.output
     assert ("methods/no inter: within 0.3 points (" in told.output
-            and "another machine: isa 'AVX512' -> " in told.output)
+            and f"another machine: isa '{other_isa}' -> " in told.output)
     assert ("methods/iisan: STALE (" in told.output and "config dropout 0.3 -> 0.1" in told.output
             and "regenerate the stale rows: `iisan study run --plan toy --fresh`" in told.output)
     assert "check FAILED: 2 rows (1 within, 1 stale)" in told.output

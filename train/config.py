@@ -38,8 +38,10 @@ Score = Literal["dot", "cosine"]
 Schedule = Literal["constant", "cosine"]
 
 
-def _help(text: str, flag: str | None = None) -> dict[str, Any]:
-    return {"help": text, **({"flag": flag} if flag else {})}
+def _help(text: str, flag: str | None = None, option: str | None = None) -> dict[str, Any]:
+    """A field's option: its help, the flag of a bool (`--no-inter`), or another option name than the field's
+    (`--cache-dir` for `cache`: one name per meaning on every command, iisan/cli.py's VOCABULARY)."""
+    return {"help": text, **({"flag": flag} if flag else {}), **({"option": option} if option else {})}
 
 
 @dataclass
@@ -48,22 +50,24 @@ class TrainConfig:
     dataset: str = field(metadata=_help(
         "Dataset: a name in pipelines.yaml, or a dataset folder (a path; its dataset.yaml or its files describe it)."))
     pipeline: str = field(default="", metadata=_help("Pipeline in pipelines.yaml (default: the dataset's)."))
-    text: str = field(default="", metadata=_help("MODEL[@FIELD] feeding the text slot (overrides the pipeline)."))
-    image: str = field(default="", metadata=_help("MODEL feeding the image slot."))
+    text: str = field(default="", metadata=_help(
+        "Text encoder: MODEL[@FIELD] feeding the text slot (overrides the pipeline)."))
+    image: str = field(default="", metadata=_help("Image encoder: MODEL feeding the image slot."))
     text2: str = field(default="", metadata=_help("MODEL@FIELD feeding a second text slot (multimodal text)."))
     layers_text: str = field(default="", metadata=_help(
         "Cached hidden states the text tower reads: even | remove_first | group:<L> | top:<N> | bottom:<N> | all | "
         "i,j,… (default: all cached)."))
     layers_image: str = field(default="", metadata=_help(
         "Cached hidden states the second slot's tower (image or text2) reads (same rules)."))
-    cache: str = field(default="", metadata=_help("Cache root (default $IISAN_CACHE_DIR, else cache/)."))
-    out: str = field(default="runs", metadata=_help("Runs root: runs go to OUT/<dataset>/."))
+    cache: str = field(default="", metadata=_help("Cache root (default $IISAN_CACHE_DIR, else cache/).",
+                                                  option="--cache-dir"))
+    out: str = field(default="runs", metadata=_help("Runs root: runs go to RUNS_DIR/<dataset>/.", option="--runs-dir"))
     min_seq_len: int = field(default=5, metadata=_help("Users with fewer items are dropped."))
     max_seq_len: int = field(default=10, metadata=_help("L: the user encoder's window."))
     cold_items: float = field(default=0.0, metadata=_help(
         "Cold-start protocol: withhold this fraction of items (e.g. 0.1, chosen by a hash of the item id) from "
         "the training sequences; they stay valid / test targets (docs/method.md §1.2.8). 0: the usual protocol."))
-    cold_seed: int = field(default=0, metadata=_help("Which items --cold-items withholds (the hash's seed)."))
+    cold_seed: int = field(default=0, metadata=_help("Cold-start protocol: the seed of the hash that picks the withheld items."))
     standardize: Standardize = field(default="auto", metadata=_help(
         "Standardise cached states with statistics of the training items: dim (per layer and dimension), "
         "layer (one mean / std per layer), off; auto: decoder-LLM caches only (docs/method.md §6.2)."))
@@ -113,7 +117,8 @@ class TrainConfig:
         "are recomputed in the backward pass: memory holds one chunk's activations)."))
     # --- optimisation
     epochs: int = field(default=100, metadata=_help("Maximum epochs."))
-    patience: int = field(default=10, metadata=_help("Stop after this many epochs without a strict valid HR@10 gain."))
+    patience: int = field(default=10, metadata=_help(
+        "Early-stopping patience: stop after this many epochs without a strict valid HR@10 gain."))
     batch_size: int = field(default=64, metadata=_help("Users per batch."))
     lr: float = field(default=2e-4, metadata=_help("Adam lr: user encoder, heads, fusion, embeddings."))
     lr_san: float = field(default=1e-4, metadata=_help("Adam lr: SAN blocks, gates, DTLs."))
@@ -123,15 +128,15 @@ class TrainConfig:
     schedule: Schedule = field(default="constant", metadata=_help(
         "Learning rate after the warm-up: constant, or cosine decay to 0 at --epochs (the epoch cap)."))
     clip: float = field(default=0.0, metadata=_help("Clip the gradients' global norm to this (0: no clipping)."))
-    seed: int = field(default=12345, metadata=_help("First seed."))
-    seeds: int = field(default=1, metadata=_help("Run N seeds (seed, seed + 1, …) and report mean ± std."))
-    device: str = field(default="auto", metadata=_help("auto (cuda if present) | cpu | cuda | cuda:N."))
+    seed: int = field(default=12345, metadata=_help("Seed of the first run."))
+    seeds: int = field(default=1, metadata=_help("Seeds: run N (seed, seed + 1, …) and report mean ± std."))
+    device: str = field(default="auto", metadata=_help("Device: auto (cuda if present) | cpu | cuda | cuda:N."))
     # --- evaluation
     faithful: bool = field(default=True, metadata=_help(
         "Keep a target that is already in the history unmasked (default: faithful masking, a guaranteed miss).",
         "--fixed-eval"))
     ties: Ties = field(default="pessimistic", metadata=_help(
-        "Rank of a target tied with other items: pessimistic (1 + the other unmasked items scoring >= it) or "
+        "Tie rule: the rank of a target tied with other items, pessimistic (1 + the other unmasked items scoring >= it) or "
         "optimistic (1 + those scoring strictly higher)."))
     cache_mode: CacheMode = field(default="memory", metadata=_help(
         "memory: the needed layers are read into memory once; mmap: laid once into a memory-mapped .npy file "
@@ -151,7 +156,7 @@ class TrainConfig:
     lora_rank: int = field(default=8, metadata=_help("LoRA r (method lora)."))
     lora_alpha: float = field(default=1.0, metadata=_help("LoRA alpha; scaling alpha / r (docs/method.md §7: 1)."))
     text_clean: TextClean = field(default="clean", metadata=_help(
-        "End-to-end methods: how raw titles are cleaned before tokenizing (clean: unescape + strip; raw)."))
+        "Title cleaning before tokenizing, end-to-end methods: clean (unescape + strip) or raw."))
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

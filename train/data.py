@@ -89,7 +89,7 @@ def _find_store(cfg: TrainConfig, dataset: str, source: str, kind: str | None = 
     names = [name]
     extract = f"iisan extract --model {model} --dataset {dataset}" + (f" --field {text_field}" if text_field else "")
     raise IisanError(f"no cache for {source} on {dataset} at {store_path(cfg.cache, dataset, names[0], text_field)}: "
-                     f"run `{extract}` first (or pass --cache with the root it was written to)")
+                     f"run `{extract}` first (or pass --cache-dir with the root it was written to)")
 
 
 def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, source: str,
