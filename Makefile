@@ -8,7 +8,7 @@ EXTRAS ?= dev,gptq,bnb,parquet,tune,faiss,serve
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 
-.PHONY: setup demo test data-stats extract train bench bench-extract bench-cache bench-scale study check-ui bench-serve gpu-pack gpu-check clean
+.PHONY: setup demo test docs data-stats extract train bench bench-extract bench-cache bench-scale study check-ui bench-serve gpu-pack gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# docs/cli.md from the commands themselves (tests/test_cli_vocabulary.py fails when it is stale)
+docs: setup
+	$(PY) -c "from pathlib import Path; from iisan.cli import cli_markdown; Path('docs/cli.md').write_text(cli_markdown(), encoding='utf-8')"
 
 # make data-stats DATASET=scientific
 DATASET ?= ml-100k

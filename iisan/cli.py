@@ -416,19 +416,21 @@ def study_run(plan_name: str, datasets: tuple[str, ...], experiments: tuple[str,
 
 @study.command("render")
 @click.argument("json_path", type=click.Path(path_type=Path, exists=True))
-@click.option("--readme", type=click.Path(path_type=Path), default=Path("README.md"), show_default=True,
-              help="Also rewrite this README's study blocks (tables, claims) that name JSON_PATH (if the file "
-                   "exists).")
-def study_render(json_path: Path, readme: Path) -> None:
+@click.option("--readme", "readmes", type=click.Path(path_type=Path), multiple=True,
+              default=(Path("README.md"), Path("docs/results.md")), show_default=True,
+              help="Also rewrite the study blocks (tables, claims) that name JSON_PATH in this markdown file (if "
+                   "it exists; repeatable).")
+def study_render(json_path: Path, readmes: tuple[Path, ...]) -> None:
     """Write reports/study-<plan>.md from reports/study-<plan>.json (its tables, nothing re-run), and the
-    README's study blocks generated from it."""
+    README's and docs/results.md's study blocks generated from it."""
     from iisan.experiments.readme import update_readme
     from iisan.experiments.study import render
 
     click.echo(render(json_path))
-    if readme.is_file():
-        for source in update_readme(readme, only=json_path):
-            click.echo(f"{readme}: the study blocks from {source} rewritten")
+    for readme in readmes:
+        if readme.is_file():
+            for source in update_readme(readme, only=json_path):
+                click.echo(f"{readme}: the study blocks from {source} rewritten")
 
 
 @study.command("check", cls=Renamed, renamed={"--runs": "--runs-dir"})
@@ -624,3 +626,31 @@ def models_show(ref: str, revision, kind, family, pooling) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def cli_markdown() -> str:
+    """docs/cli.md: every command's --help (`iisan`, then `cache_store`), at a fixed width; `make docs` writes it
+    and a test fails when the committed file differs."""
+    from iisan.cache_store.cli import main as cache_store_main
+
+    parts = ["# The command line\n", "Generated from the commands themselves (`make docs`; a test fails when this "
+             "file is stale).\n", "One name per meaning on every command: `--cache-dir` (the cache root), "
+             "`--runs-dir` (the runs root), `--reports-dir` (the reports folder), `--data-dir` (a dataset folder); "
+             "`--out` is a command's own output. Old spellings (`--cache`, `--out` for a root, `--runs`, `--reports`, "
+             "`data synth --users / --items / --layers`, `extract --batch-size`) still work and print their new "
+             "name.\n"]
+
+    def walk(command: click.Command, path: list[str], parent: click.Context | None) -> None:
+        ctx = click.Context(command, info_name=path[-1], parent=parent, max_content_width=100, terminal_width=100,
+                            help_option_names=["-h", "--help"])  # as both groups' context_settings say
+        parts.append(f"## {' '.join(path)}\n\n```\n{command.get_help(ctx)}\n```\n")
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                if sub is not None and not sub.hidden:
+                    walk(sub, [*path, name], ctx)
+
+    walk(main, ["iisan"], None)
+    walk(cache_store_main, ["cache_store"], None)
+    return "\n".join(parts)
+

@@ -76,3 +76,13 @@ def test_an_old_spelling_still_runs_the_command(tmp_path: Path):
     ours = runner.invoke(main, ["cache", "stats", str(tmp_path / "new-cache")])
     theirs = runner.invoke(cache_store_main, ["stats", str(tmp_path / "new-cache")])
     assert ours.exit_code == theirs.exit_code == 0 and ours.output == theirs.output and "synth" in ours.output
+
+
+def test_docs_cli_is_generated_from_the_commands():
+    from iisan.cli import cli_markdown
+
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    generated = cli_markdown()
+    assert "## iisan train\n" in generated and "## cache_store stats\n" in generated and "--runs-dir" in generated
+    assert committed == generated, "docs/cli.md is stale: run `make docs` and commit it"
+

@@ -137,9 +137,11 @@ def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_pat
 def test_the_committed_readme_tables_are_those_of_their_json():
     from iisan.experiments.readme import update_readme
 
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    assert "<!-- study-table reports/" in readme.read_text()
-    assert update_readme(readme, check=True) == [], "run `iisan study render JSON` and commit the README"
+    root = Path(__file__).resolve().parent.parent
+    assert "<!-- study-table reports/" in (root / "README.md").read_text()
+    assert "<!-- study-table ../reports/" in (root / "docs" / "results.md").read_text()
+    for readme in (root / "README.md", *sorted((root / "docs").glob("*.md"))):
+        assert update_readme(readme, check=True) == [], f"run `iisan study render JSON` and commit {readme.name}"
 
 
 @pytest.mark.parametrize("text, message", [
