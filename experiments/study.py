@@ -46,15 +46,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
-import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
 from iisan.errors import DatasetNotFound, IisanError
 from iisan.evaluate.report import bootstrap_means, per_user
 from iisan.registry import installed_file, load_registry
 from iisan.runtime import CONTENDED, git_commit, load_mark, load_since
+from iisan.yamlfile import read_yaml, validated
 
 # Shipped plans: the repository's plans/ (source checkout, editable install), else the copy a wheel installs.
 PLANS_DIR = installed_file("plans")
@@ -109,6 +110,44 @@ RELATIONS = ("above", "matches", "increasing")
 PLOTS = ("bars", "scaling")
 
 
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RowFile(BaseModel):
+    """A plan row as written: `dataset:` and any `iisan train` options (checked against TrainConfig by
+    load_plan), an optional label and seed count."""
+    model_config = ConfigDict(extra="allow")
+    dataset: str
+    label: str | None = None
+    seeds: int | None = Field(default=None, ge=1, strict=True)
+
+
+class ExperimentFile(_Strict):
+    name: str
+    reference: str | None = None
+    plot: Literal["bars", "scaling"] | None = None
+    rows: list[RowFile]
+
+
+class ClaimFile(_Strict):
+    claim: str
+    experiment: str
+    rows: list[str]
+    relation: Literal["above", "matches", "increasing"]
+    paper: str = ""
+
+
+class PlanFile(_Strict):
+    """plans/NAME.yaml (docs/training.md, "Studies")."""
+    name: str | None = None
+    seeds: int = Field(default=1, ge=1, strict=True)
+    threads: int | None = Field(default=None, ge=1, strict=True)
+    include: list[str] = []
+    experiments: list[ExperimentFile]
+    claims: list[ClaimFile] = []
+
+
 @dataclass
 class Claim:
     """One of the papers' claims, checked on one experiment's rows by test HR@10 (docstring above)."""
@@ -152,25 +191,12 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
     if not path.is_file():
         raise StudyError(f"{path}: no such plan (shipped plans: "
                          f"{', '.join(sorted(p.stem for p in PLANS_DIR.glob('*.yaml')))})")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise StudyError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("experiments"), list):
-        raise StudyError(f"{path}: expected a mapping with `experiments:` (a list)")
+    raw, lines = read_yaml(path, StudyError)
+    spec = validated(PlanFile, raw, lines, StudyError)
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"version", "seeds", "out", "progress"}
     pipelines = load_registry().get("pipelines") or {}
-    threads = raw.get("threads")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise StudyError(f"{path}: threads: {threads!r}, expected a positive integer")
-    unknown = sorted(set(raw) - {"name", "seeds", "threads", "include", "experiments", "claims"})
-    if unknown:
-        raise StudyError(f"{path}: unknown key(s) {', '.join(unknown)} (known: name, seeds, threads, include, "
-                         f"experiments, claims)")
-    plan = Plan(str(raw.get("name") or path.stem), path, int(seeds or raw.get("seeds", 1)), threads=threads)
-    for included in raw.get("include") or []:
+    plan = Plan(spec.name or path.stem, path, int(seeds or spec.seeds), threads=spec.threads)
+    for included in spec.include:
         # a plan name (plans/NAME.yaml), or a file relative to the including plan's folder
         target = plan_path(str(included))
         if not target.is_absolute() and not target.is_file() and (path.parent / target).is_file():
@@ -183,33 +209,27 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
             continue
         plan.experiments += sub.experiments
         plan.claims += sub.claims
-    for e, exp in enumerate(raw["experiments"]):
-        where = f"{path}: experiment {e + 1}"
-        if not isinstance(exp, dict) or not isinstance(exp.get("rows"), list):
-            raise StudyError(f"{where}: expected `name:` and `rows:` (a list)")
+    for e, exp in enumerate(spec.experiments):
+        where = f"{lines.at('experiments', e)}: experiment {e + 1} ({exp.name})"
         rows = []
-        for i, row in enumerate(exp["rows"]):
-            at = f"{where} ({exp.get('name', '')}), row {i + 1}"
-            if not isinstance(row, dict) or "dataset" not in row:
-                raise StudyError(f"{at}: a row is a mapping with at least `dataset:`")
-            row = dict(row)
-            label = str(row.pop("label", row.get("method", "iisan")))
-            row_seeds = row.pop("seeds", None)
-            if row_seeds is not None and (not isinstance(row_seeds, int) or row_seeds < 1):
-                raise StudyError(f"{at} ({label}): seeds: {row_seeds!r}, expected a positive integer")
+        for i, row_spec in enumerate(exp.rows):
+            row = {k: v for k, v in raw["experiments"][e]["rows"][i].items() if k not in ("label", "seeds")}
+            label = row_spec.label or str(row.get("method", "iisan"))
+            row_seeds = row_spec.seeds
+            at = f"{lines.at('experiments', e, 'rows', i)}: experiment {e + 1} ({exp.name}), row {i + 1} ({label})"
             unknown = sorted(set(row) - fields)
             if unknown:
-                raise StudyError(f"{at} ({label}): unknown option(s) {', '.join(unknown)}")
+                raise StudyError(f"{at}: unknown option(s) {', '.join(unknown)}")
             if row.get("method", "iisan") not in METHODS:
-                raise StudyError(f"{at} ({label}): unknown method '{row['method']}' (known: {', '.join(METHODS)})")
+                raise StudyError(f"{at}: unknown method '{row['method']}' (known: {', '.join(METHODS)})")
             if row.get("pipeline") and row["pipeline"] not in pipelines:
-                raise StudyError(f"{at} ({label}): unknown pipeline '{row['pipeline']}'")
+                raise StudyError(f"{at}: unknown pipeline '{row['pipeline']}'")
             for key in ("layers_text", "layers_image"):
                 if row.get(key):
                     try:
                         select_layers(str(row[key]), 64)  # the rule's form; the store's count is checked at run
                     except LayerSelectionError as err:
-                        raise StudyError(f"{at} ({label}): {key}: {err}") from None
+                        raise StudyError(f"{at}: {key}: {err}") from None
             if datasets and str(row["dataset"]) not in datasets:
                 continue
             try:
@@ -221,18 +241,16 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
             labels = [r.label for r in rows]
             if len(set(labels)) != len(labels):
                 raise StudyError(f"{where}: row labels repeat ({', '.join(labels)})")
-            reference = str(exp.get("reference") or "")
+            reference = exp.reference or ""
             if reference and reference not in labels:
                 raise StudyError(f"{where}: reference '{reference}' is none of the rows ({', '.join(labels)})")
-            plot = str(exp.get("plot") or "")
-            if plot and plot not in PLOTS:
-                raise StudyError(f"{where}: plot '{plot}': one of {', '.join(PLOTS)}")
-            plan.experiments.append(Experiment(str(exp.get("name") or f"experiment-{e + 1}"), rows, reference, plot))
+            plan.experiments.append(Experiment(exp.name, rows, reference, exp.plot or ""))
     names = [exp.name for exp in plan.experiments]
     if len(set(names)) != len(names):
         raise StudyError(f"{path}: experiment names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
-    for c, raw_claim in enumerate(raw.get("claims") or []):
-        claim = _claim(raw_claim, f"{path}: claim {c + 1}", {exp.name: exp for exp in plan.experiments}, datasets)
+    for c, claim_spec in enumerate(spec.claims):
+        claim = _claim(claim_spec, f"{lines.at('claims', c)}: claim {c + 1}", {exp.name: exp for exp in plan.experiments},
+                       datasets)
         if claim is not None:
             plan.claims.append(claim)
     if not plan.experiments:
@@ -240,17 +258,10 @@ def load_plan(name_or_file: str, datasets: tuple[str, ...] = (), seeds: int | No
     return plan
 
 
-def _claim(raw: Any, where: str, experiments: dict[str, Experiment], datasets: tuple[str, ...]) -> Claim | None:
+def _claim(spec: ClaimFile, where: str, experiments: dict[str, Experiment], datasets: tuple[str, ...]
+           ) -> Claim | None:
     """A checked claim; None where `--dataset` left its experiment out."""
-    if not isinstance(raw, dict) or not {"claim", "experiment", "rows", "relation"} <= set(raw):
-        raise StudyError(f"{where}: a claim is a mapping with claim, experiment, rows, relation (and paper)")
-    unknown = sorted(set(raw) - {"claim", "experiment", "rows", "relation", "paper"})
-    if unknown:
-        raise StudyError(f"{where}: unknown key(s) {', '.join(unknown)}")
-    claim = Claim(str(raw["claim"]), str(raw["experiment"]), [str(r) for r in raw["rows"] or []],
-                  str(raw["relation"]), str(raw.get("paper") or ""))
-    if claim.relation not in RELATIONS:
-        raise StudyError(f"{where} ({claim.claim}): relation '{claim.relation}': one of {', '.join(RELATIONS)}")
+    claim = Claim(spec.claim, spec.experiment, list(spec.rows), spec.relation, spec.paper)
     if len(claim.rows) < 2 or (claim.relation != "increasing" and len(claim.rows) != 2):
         raise StudyError(f"{where} ({claim.claim}): rows: two labels" +
                          (" or more" if claim.relation == "increasing" else ""))

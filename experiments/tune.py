@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from pydantic import BaseModel, ConfigDict, RootModel
 
 from iisan.errors import IisanError, RegistryError
 from iisan.registry import dataset_name, load_registry, registry_path
 from iisan.runtime import git_commit
+from iisan.yamlfile import read_yaml, validated
 
 
 class TuneError(IisanError):
@@ -74,41 +76,48 @@ SPACES: dict[str, dict[str, Param]] = {
 }
 
 
+class RangeFile(BaseModel):
+    """One option of a search-space file: `low` / `high` [/ `log`], or `choices`."""
+    model_config = ConfigDict(extra="forbid")
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+
+class SpaceFile(RootModel[dict[str, RangeFile | None]]):
+    """A search-space file: option -> range (null removes the option from the method's space)."""
+
+
 def load_space(method: str, path: Path | None = None) -> dict[str, Param]:
     """The method's space, with a YAML file's entries replacing (or, as null, removing) parameters."""
     from iisan.train.config import TrainConfig
 
     space = dict(SPACES.get(method, {}))
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise TuneError(f"{path}: cannot read the search space ({e})") from None
-        if not isinstance(raw, dict):
-            raise TuneError(f"{path}: expected a mapping of option -> range, e.g. lr: {{low: 1e-4, high: 1e-3}}")
+        if not Path(path).is_file():
+            raise TuneError(f"{path}: cannot read the search space (no such file)")
+        raw, lines = read_yaml(path, TuneError)
+        spec_of = validated(SpaceFile, raw, lines, TuneError).root
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        for name, spec in raw.items():
+        for name, spec in spec_of.items():
+            at = f"{lines.at(name)}: {name}"
             if name not in fields or name in ("dataset", "method", "pipeline", "version", "seed", "seeds"):
-                raise TuneError(f"{path}: '{name}' is not a tunable option of iisan train")
+                raise TuneError(f"{at}: not a tunable option of iisan train")
             if spec is None:
                 space.pop(name, None)
                 continue
-            if not isinstance(spec, dict) or set(spec) - {"low", "high", "log", "choices"}:
-                raise TuneError(f"{path}: '{name}': unknown keys {sorted(set(spec) - {'low', 'high', 'log', 'choices'}) if isinstance(spec, dict) else spec!r}; "
-                                f"give low / high [/ log], or choices")
-            if "choices" in spec:
-                if not spec["choices"] or set(spec) != {"choices"}:
-                    raise TuneError(f"{path}: '{name}': choices must be a non-empty list (and alone)")
-                space[name] = Param(name, choices=tuple(spec["choices"]))
+            if spec.choices is not None:
+                if not spec.choices or spec.low is not None or spec.high is not None:
+                    raise TuneError(f"{at}: choices must be a non-empty list (and alone)")
+                space[name] = Param(name, choices=tuple(spec.choices))
             else:
-                try:
-                    low, high = float(spec["low"]), float(spec["high"])
-                except (KeyError, TypeError, ValueError):
-                    raise TuneError(f"{path}: '{name}': a range needs numeric low and high") from None
-                if not low < high or (spec.get("log") and low <= 0):
-                    raise TuneError(f"{path}: '{name}': empty range [{low}, {high}]"
-                                    + (" (log needs low > 0)" if spec.get("log") else ""))
-                space[name] = Param(name, low, high, bool(spec.get("log", False)))
+                if spec.low is None or spec.high is None:
+                    raise TuneError(f"{at}: a range needs numeric low and high")
+                low, high = spec.low, spec.high
+                if not low < high or (spec.log and low <= 0):
+                    raise TuneError(f"{at}: empty range [{low}, {high}]" + (" (log needs low > 0)" if spec.log else ""))
+                space[name] = Param(name, low, high, spec.log)
     if not space:
         raise TuneError(f"no search space for method '{method}' (built in: {', '.join(SPACES)}); give --space FILE")
     return space

@@ -20,11 +20,12 @@ import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from iisan.errors import DataError, DatasetNotFound, RegistryError
+from iisan.yamlfile import Where, field_name, read_yaml, validated
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,20 +50,25 @@ def registry_path() -> Path:
 
 
 @lru_cache(maxsize=8)
-def _load(path: str, mtime: float) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise RegistryError(f"{path}: registry not found (set IISAN_PIPELINES to its location)") from None
-    except yaml.YAMLError as e:
-        raise RegistryError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RegistryError(f"{path}: expected a mapping at the top level")
-    return data
+def _load(path: str, mtime: float) -> tuple[dict[str, Any], Where]:
+    if not Path(path).is_file():
+        raise RegistryError(f"{path}: registry not found (set IISAN_PIPELINES to its location)")
+    data, where = read_yaml(path, RegistryError)
+    if not isinstance(data if data is not None else {}, dict):
+        raise RegistryError(f"{where.at()}: expected a mapping at the top level")
+    return data or {}, where
 
 
 def load_registry() -> dict[str, Any]:
+    return _registry()[0]
+
+
+def registry_where() -> Where:
+    """The registry file's lines (for errors naming the line of an entry's field)."""
+    return _registry()[1]
+
+
+def _registry() -> tuple[dict[str, Any], Where]:
     path = registry_path()
     mtime = path.stat().st_mtime if path.exists() else 0.0
     return _load(str(path), mtime)
@@ -107,6 +113,33 @@ def _as_list(value: Any) -> list[str]:
 DATASET_YAML = "dataset.yaml"
 
 
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Names = Annotated[list[str], BeforeValidator(_one_or_many)]  # a list of names, or one name
+
+
+class DatasetFile(BaseModel):
+    """The keys of a `datasets.<name>` registry entry and of a folder's dataset.yaml (which may also give
+    `name`); a list key may be one string."""
+    model_config = ConfigDict(extra="forbid")
+    dir: str | None = None
+    items: Names | None = None
+    users: Names | None = None
+    fields: Names | None = None
+    images: Names | None = None
+    extra_images: Names | None = None
+    image_field: str | None = None
+    image_url_field: str | None = None
+    fetch: str | None = None
+    pipeline: str | None = None
+
+
+class DatasetYamlFile(DatasetFile):
+    name: str | None = None
+
+
 @dataclass(frozen=True)
 class DatasetEntry:
     """One `datasets.<name>` entry of the registry (or a folder's dataset.yaml), defaults filled in."""
@@ -125,27 +158,23 @@ class DatasetEntry:
         "help": "pipeline `iisan train` uses by default (none: text-image if the dataset has images, else "
                 "text-only)"})
 
-    KEYS = ("dir", "items", "users", "fields", "images", "extra_images", "image_field", "image_url_field", "fetch",
-            "pipeline")
 
     @classmethod
-    def from_yaml(cls, name: str, raw: dict[str, Any] | None, where: str | None = None,
+    def from_yaml(cls, name: str, raw: dict[str, Any] | None, lines: Where | None = None,
                   base: "DatasetEntry | None" = None) -> "DatasetEntry":
-        """An entry from its YAML mapping; keys it does not give come from `base` (else the defaults)."""
-        where = where or f"{registry_path()}: dataset '{name}'"
-        if raw is not None and not isinstance(raw, dict):
-            raise RegistryError(f"{where}: expected a mapping of keys ({', '.join(cls.KEYS)})")
+        """An entry from its YAML mapping (checked by DatasetFile; `lines`: where it sits, for the errors); keys
+        it does not give come from `base` (else the defaults)."""
+        lines = lines or registry_where().inside("datasets", name)
+        validated(DatasetFile, raw, lines, RegistryError)
         raw = dict(raw or {})
-        unknown = set(raw) - set(cls.KEYS)
-        if unknown:
-            raise RegistryError(f"{where} has unknown keys {sorted(unknown)}; known keys are {sorted(cls.KEYS)}")
         kwargs: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
         kwargs.update(name=name, dir=str(raw.get("dir", kwargs.get("dir", name))))
         for key in ("items", "users", "fields", "images", "extra_images"):
             if key in raw:
                 kwargs[key] = tuple(_as_list(raw[key]))
         if not kwargs.get("fields", ("title",)):
-            raise RegistryError(f"{where}: must list at least one text field")
+            raise RegistryError(f"{lines.at('fields')}: {field_name((*lines.prefix, 'fields'))}: must list at least one "
+                                f"text field")
         for key in ("image_field", "image_url_field", "fetch", "pipeline"):
             if raw.get(key):
                 kwargs[key] = str(raw[key])
@@ -153,7 +182,8 @@ class DatasetEntry:
         for key in ("image_field", "image_url_field"):
             value = getattr(entry, key)
             if value and value not in entry.fields:
-                raise RegistryError(f"{where}: {key} '{value}' is not one of the fields ({', '.join(entry.fields)})")
+                raise RegistryError(f"{lines.at(key)}: {field_name((*lines.prefix, key))}: '{value}' is not one of the "
+                                    f"fields ({', '.join(entry.fields)})")
         return entry
 
 
@@ -186,16 +216,17 @@ def dataset_name(ref: str | Path) -> str:
 
 
 def _read_dataset_yaml(folder: Path) -> dict[str, Any]:
+    return _dataset_yaml(folder)[0]
+
+
+def _dataset_yaml(folder: Path) -> tuple[dict[str, Any], Where | None]:
+    """A folder's dataset.yaml, checked (DatasetYamlFile), and its lines; ({}, None) when there is none."""
     path = folder / DATASET_YAML
     if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RegistryError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RegistryError(f"{path}: expected a mapping of keys ({', '.join(('name',) + DatasetEntry.KEYS)})")
-    return data
+        return {}, None
+    data, where = read_yaml(path, RegistryError)
+    validated(DatasetYamlFile, data, where, RegistryError)
+    return dict(data or {}), where
 
 
 def _sniffed_fields(items_file: Path, sample: int = 1000) -> tuple[str, ...]:
@@ -241,12 +272,11 @@ def _entry_for_folder(folder: Path) -> tuple[DatasetEntry, str]:
     """A folder's settings: registry entry of its name < its dataset.yaml < what the files show."""
     if not folder.is_dir():
         raise DataError(folder, "dataset folder not found" if not folder.exists() else "not a folder")
-    described = _read_dataset_yaml(folder)
+    described, lines = _dataset_yaml(folder)
     name = str(described.pop("name", "") or folder.resolve().name)
     registered = name in (load_registry().get("datasets") or {})
     base = dataset_entry(name) if registered else None
-    where = f"{folder / DATASET_YAML}"
-    entry = DatasetEntry.from_yaml(name, described, where=where, base=base)
+    entry = DatasetEntry.from_yaml(name, described, lines or Where(folder / DATASET_YAML, None), base=base)
     sources = ([f"the registry entry '{name}'"] if registered else []) + ([DATASET_YAML] if described else [])
     if not registered and "fields" not in described:
         items_file = _first_existing(folder, entry.items, "items")

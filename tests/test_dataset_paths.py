@@ -81,14 +81,14 @@ def test_dataset_yaml_names_fields_images_and_pipeline(tmp_path):
 
 def test_bad_dataset_yaml_and_escaping_image_paths(tmp_path):
     folder = folder_dataset(tmp_path, "bad", "fields: [title, colour]\nimgs: pics\n")
-    with pytest.raises(RegistryError, match=r"bad/dataset.yaml has unknown keys \['imgs'\]"):
+    with pytest.raises(RegistryError, match=r"bad/dataset.yaml:2: imgs: unknown key \(known: dir, items, users, fields"):
         load_dataset(str(folder))
     (folder / "dataset.yaml").write_text("fields: [title, colour]\nimage_field: picture\n")
-    with pytest.raises(RegistryError, match=r"dataset.yaml: image_field 'picture' is not one of the fields "
+    with pytest.raises(RegistryError, match=r"dataset.yaml:2: image_field: 'picture' is not one of the fields "
                                             r"\(title, colour\)"):
         load_dataset(str(folder))
     (folder / "dataset.yaml").write_text("fields: [title, colour\n")
-    with pytest.raises(RegistryError, match=r"dataset.yaml: not valid YAML"):
+    with pytest.raises(RegistryError, match=r"dataset.yaml:2: not valid YAML"):
         load_dataset(str(folder))
     (folder / "dataset.yaml").write_text("fields: [title, picture]\nimage_field: picture\n")
     (tmp_path / "secret.png").write_bytes(b"x")

@@ -88,7 +88,11 @@ def test_missing_dataset_folder_and_files(tmp_path, monkeypatch):
 
 def test_registry_rejects_unknown_keys(tmp_path, monkeypatch):
     registry(tmp_path, monkeypatch, "datasets:\n  toy: {itemz: x.tsv}\n")
-    with pytest.raises(RegistryError, match=r"dataset 'toy' has unknown keys \['itemz'\]"):
+    with pytest.raises(RegistryError, match=r"pipelines.yaml:2: datasets.toy.itemz: unknown key \(known: dir, items, "):
+        dataset_entry("toy")
+    registry(tmp_path, monkeypatch, "datasets:\n  toy:\n    fields: [title]\n    image_field: poster\n")
+    with pytest.raises(RegistryError, match=r"pipelines.yaml:4: datasets.toy.image_field: 'poster' is not one of the "
+                                            r"fields \(title\)"):
         dataset_entry("toy")
 
 

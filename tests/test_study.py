@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -184,27 +185,30 @@ def test_paired_test():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, method: nope}\n", "unknown method 'nope'"),
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, method: nope}\n", "toy.yaml:4: experiment 1 (x), row 1 (nope): unknown method 'nope'"),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, epoch: 3}\n", "unknown option(s) epoch"),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, pipeline: nope}\n", "unknown pipeline 'nope'"),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, layers_text: 'top:x'}\n", "expected top:<block count>"),
     ("experiments:\n  - name: x\n    reference: y\n    rows:\n      - {dataset: toy}\n", "reference 'y' is none"),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy\n", "toy.yaml:5: not valid YAML"),
-    ("experiments:\n  - name: x\n    plot: pie\n    rows:\n      - {dataset: toy}\n", "plot 'pie': one of bars"),
-    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, seeds: 0}\n", "seeds: 0, expected a positive"),
-    ("threads: 0\nexperiments:\n  - name: x\n    rows:\n      - {dataset: toy}\n", "threads: 0, expected a positive"),
-    ("thread: 2\nexperiments:\n  - name: x\n    rows:\n      - {dataset: toy}\n", "unknown key(s) thread (known: "),
+    ("experiments:\n  - name: x\n    plot: pie\n    rows:\n      - {dataset: toy}\n", "toy.yaml:3: experiments[0].plot: Input should be 'bars' or 'scaling'"),
+    ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy, seeds: 0}\n", "toy.yaml:4: experiments[0].rows[0].seeds: Input should be greater than or equal to 1"),
+    ("threads: 0\nexperiments:\n  - name: x\n    rows:\n      - {dataset: toy}\n", "toy.yaml:1: threads: Input should be greater than or equal to 1"),
+    ("thread: 2\nexperiments:\n  - name: x\n    rows:\n      - {dataset: toy}\n", "toy.yaml:1: thread: unknown key (known: name, seeds, threads, include, experiments, claims)"),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy}\nclaims:\n  - {claim: c, experiment: y, rows: "
      "[a, b], relation: above}\n", "claim 1 (c): no experiment 'y'"),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy}\nclaims:\n  - {claim: c, experiment: x, rows: "
      "[iisan, b], relation: above}\n", "claim 1 (c): row(s) b not in 'x'"),
+    ("experiments:\n  - rows:\n      - {dataset: toy}\n", "toy.yaml:2: experiments[0].name: required, and missing"),
+    ("name: a\n", "toy.yaml:1: experiments: required, and missing"),
+    (b"experiments: []\n# \xff\n", "toy.yaml: not UTF-8 text"),
     ("experiments:\n  - name: x\n    rows:\n      - {dataset: toy}\nclaims:\n  - {claim: c, experiment: x, rows: "
-     "[iisan, iisan], relation: beats}\n", "relation 'beats': one of above, matches, increasing"),
+     "[iisan, iisan], relation: beats}\n", "toy.yaml:6: claims[0].relation: Input should be 'above', 'matches' or 'increasing'"),
 ])
 def test_bad_plans_are_refused_before_anything_runs(env, tmp_path, text, message):
     plan = tmp_path / "toy.yaml"
-    plan.write_text(text)
-    with pytest.raises(StudyError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    plan.write_bytes(text) if isinstance(text, bytes) else plan.write_text(text)
+    with pytest.raises(StudyError, match=re.escape(message)):
         load_plan(str(plan))
 
 

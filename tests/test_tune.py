@@ -108,11 +108,14 @@ def test_bad_search_spaces_and_foreign_studies(env, tmp_path):
     out = tmp_path / "runs"
     bad = tmp_path / "bad.yaml"
     runner = CliRunner()
-    for text, message in [("lr: {low: 1.0e-3, high: 1.0e-4}\n", "'lr': empty range [0.001, 0.0001]"),
+    for text, message in [("lr: {low: 1.0e-3, high: 1.0e-4}\n", "bad.yaml:1: lr: empty range [0.001, 0.0001]"),
                           ("lr: {low: 0, high: 1.0e-3, log: true}\n", "(log needs low > 0)"),
-                          ("learning_rate: {low: 1.0e-4, high: 1.0e-3}\n", "'learning_rate' is not a tunable option"),
-                          ("lr: {min: 1.0e-4, max: 1.0e-3}\n", "'lr': unknown keys ['max', 'min']"),
-                          ("bottleneck: {choices: []}\n", "'bottleneck': choices must be a non-empty list")]:
+                          ("learning_rate: {low: 1.0e-4, high: 1.0e-3}\n",
+                           "bad.yaml:1: learning_rate: not a tunable option"),
+                          ("lr: {min: 1.0e-4, max: 1.0e-3}\n",
+                           "bad.yaml:1: lr.min: unknown key (known: low, high, log, choices)"),
+                          ("lr: {low: a, high: 2}\n", "bad.yaml:1: lr.low: Input should be a valid number"),
+                          ("\nbottleneck: {choices: []}\n", "bad.yaml:2: bottleneck: choices must be a non-empty list")]:
         bad.write_text(text)
         result = runner.invoke(iisan_cli, tune_args(env, out, bad, 1))
         assert result.exit_code == 2 and message in result.output, (text, result.output)
