@@ -64,8 +64,20 @@ EXPECTED = {
 }
 
 
+# Another vector ISA rounds in other last bits, which moves a target that ties another item (and AdamW's losses by
+# 2e-6): these rows were pinned again on an AVX-512 CPU (AMD Zen 4); the numbers above come from the project's
+# Zen 2 / AVX2 machines. `iisan.runtime.numeric_platform` names the ISA.
+BY_ISA = {
+    "AVX512": {
+        "iisan": {"valid": (0.06, 0.030925587), "test": (0.1, 0.048558855)},
+        "iisan adamw": {"loss": [5.73424, 5.755357], "valid": (0.073333333, 0.035103785),
+                        "test": (0.106666667, 0.046280857)},
+    },
+}
+
+
 def pinned_run(env: Path, out: Path, method: str) -> dict:
-    args = ["train", "--dataset", "toy", "--cache", str(env / "cache"), "--out", str(out), "--epochs", "2",
+    args = ["train", "--dataset", "toy", "--cache-dir", str(env / "cache"), "--runs-dir", str(out), "--epochs", "2",
             "--patience", "5", "--seed", "7", "--no-progress", *RUNS[method]]
     result = CliRunner().invoke(iisan_cli, args)
     assert result.exit_code == 0, result.output
@@ -88,8 +100,10 @@ def two_threads():
 
 @pytest.mark.parametrize("method", list(RUNS))
 def test_pinned_run(env, tmp_path, method, two_threads):
+    from iisan.runtime import numeric_platform
+
     got = pinned_run(env, tmp_path, method)
-    want = EXPECTED[method]
+    want = {**EXPECTED[method], **BY_ISA.get(numeric_platform()["isa"], {}).get(method, {})}
     assert got["loss"] == pytest.approx(want["loss"], abs=1e-6, rel=0), got
     for split in ("valid", "test"):
         assert got[split] == pytest.approx(want[split], abs=1e-6, rel=0), got
