@@ -8,7 +8,7 @@ EXTRAS ?= dev,gptq,bnb,parquet,tune,faiss,serve
 export GPTQMODEL_CPU_WORKERS ?= 2
 NPROC ?= 1
 
-.PHONY: setup demo test docs data-stats extract train bench bench-extract bench-cache bench-scale study check-ui bench-serve gpu-pack gpu-check clean
+.PHONY: setup demo test test-fast docs data-stats extract train bench bench-extract bench-cache bench-scale study check-ui bench-serve gpu-pack gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# the tests not marked slow (no wheel builds, downloads, subprocesses or long training): a quick check while working
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # docs/cli.md from the commands themselves (tests/test_cli_vocabulary.py fails when it is stale)
 docs: setup

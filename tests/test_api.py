@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+@pytest.mark.slow
 def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, recbole_wheel, capsys):
     text = README.read_text(encoding="utf-8")
     example = re.search(r"<!-- python-example -->\n```python\n(.*?)```", text, re.S).group(1)

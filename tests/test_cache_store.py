@@ -219,6 +219,7 @@ def _shard(path: str, rank: int) -> None:
     write(Path(path), rank=rank, world=2, seed=rank)  # each rank writes its own data: overlaps would show
 
 
+@pytest.mark.slow
 def test_two_processes_write_disjoint_chunks(tmp_path):
     path = tmp_path / "m.zarr"
     writer = CacheWriter.open(path, make_manifest(), ITEM_IDS, rank=0, world_size=2)  # rank 0 creates
@@ -260,6 +261,7 @@ RANDOM_KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_zarr_store_survives_sigkill_at_any_moment(tmp_path):
     """Kill a writer of 76 small chunks after random delays (creation included), resume each time: the
     finished store equals an uninterrupted one."""

@@ -133,6 +133,7 @@ def _rank_step(world: World, out: Path, rows: int):
                                              if p.grad is not None}, shard.counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [7, 6, 1])  # uneven (4 + 3), even (3 + 3), one rank empty (1 + 0)
 def test_one_step_at_two_ranks_equals_one_process_on_the_combined_batch(tmp_path, rows):
     want_loss, want_grads = _reference_step(rows)
@@ -161,6 +162,7 @@ def _setup_with_rank_cache(world: World, out: Path, caches: list[str], env_vars:
     return "accepted"
 
 
+@pytest.mark.slow
 def test_a_rank_whose_cache_differs_is_refused_on_every_rank(env, tmp_path):
     env_vars = {k: os.environ[k] for k in ("IISAN_PIPELINES", "IISAN_DATA_DIR")}
     same = _spawn(_setup_with_rank_cache, tmp_path, [str(env / "cache")] * 2, env_vars)
@@ -170,6 +172,7 @@ def test_a_rank_whose_cache_differs_is_refused_on_every_rank(env, tmp_path):
         assert "rank 1's text cache" in message and "differs from rank 0's" in message
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_load_stops_every_rank_and_end_to_end_methods_are_refused(env, tmp_path):
     env_vars = {k: os.environ[k] for k in ("IISAN_PIPELINES", "IISAN_DATA_DIR")}
     missing = _spawn(_setup_with_rank_cache, tmp_path, [str(env / "cache"), str(tmp_path / "nothing")], env_vars)
@@ -241,6 +244,7 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "seed-12345" / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, extra", [("iisan", ()), ("iisan-hybrid", ()),
                                            ("iisan", ("--eval-item-tile", "7"))])  # tiled: users in target order
 def test_two_processes_train_as_one(env, tmp_path, method, extra):
@@ -256,6 +260,7 @@ def test_two_processes_train_as_one(env, tmp_path, method, extra):
     assert _losses(one) == pytest.approx(_losses(two), abs=1e-5, rel=0)
 
 
+@pytest.mark.slow
 def test_a_run_resumes_at_another_process_count(env, tmp_path):
     whole = Path(_train_cli(env, tmp_path / "whole", 1).stdout.strip())
     first = Path(_train_cli(env, tmp_path / "part", 2, "--epochs", "1").stdout.strip())

@@ -35,6 +35,7 @@ print(json.dumps({"ids": [[ids[j] for j in row] for row in found.tolist()], "sco
 """
 
 
+@pytest.mark.slow
 def test_the_exported_files_reproduce_recommend_without_the_package(env, tmp_path):
     from iisan.deploy.run import load_run
 

@@ -229,6 +229,7 @@ def _done_flags(path: Path) -> np.ndarray | None:
         return None
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_forwards_only_unflagged_chunks(toy):
     out = toy / "killed"
     path = out / "big" / "wide-bert.zarr"
@@ -273,6 +274,7 @@ def torchrun_extract(out: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_two_process_sharding_with_torchrun(toy):
     out = toy / "sharded"
     result = torchrun_extract(out)
@@ -292,6 +294,7 @@ def test_two_process_sharding_with_torchrun(toy):
     assert verify_store(sharded_path) == []
 
 
+@pytest.mark.slow
 def test_one_row_chunks(toy):
     """chunk_rows = 1: chunk 0 holds only the padding row; every other chunk one item."""
     one = extract(toy, model="tiny-bert", storage_dtype="float32", chunk_rows=1, out=toy / "one")
@@ -301,6 +304,7 @@ def test_one_row_chunks(toy):
     np.testing.assert_allclose(got[0], want[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_resume_where_one_rank_has_nothing_left(toy):
     """Rank 1's chunks are all done, rank 0's are not: rank 1 finishes at once, rank 0 encodes its chunks
     and waits for nobody; the store ends complete and equal to a single-process run."""
@@ -485,6 +489,7 @@ run_extraction(ExtractConfig(model="tiny-dino", dataset="toy", out={out!r}, fmt=
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["zarr", "h5"])
 def test_a_killed_extraction_resumes_to_the_same_final(toy, fmt):
     add_images(toy)

@@ -69,6 +69,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, layer_kind", [("tiny-llama-gptq", "TorchAtenLinear"),
                                                ("tiny-llama-bnb8", "Linear8bitLt")])
 def test_quantized_llama_extraction(registry, model, layer_kind):
@@ -85,6 +86,7 @@ def test_quantized_llama_extraction(registry, model, layer_kind):
     assert cosine(states[1:, -1], reference[1:, -1]).min() > 0.9  # close to the full-precision model
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_from_its_wheel(registry):
     states, manifest = extract(registry, "smollm2-135m")  # `iisan models fetch` runs when needed
     assert manifest.quantization == "gguf" and manifest.model_source.endswith("#SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -153,6 +153,7 @@ def test_the_content_loss_adds_the_same_loss_over_content_only_embeddings(env, t
                     torch.tensor([False, True, True]), 0.2, "zero", -1.0)
 
 
+@pytest.mark.slow
 def test_cold_merge_ranks_seen_items_by_the_hybrid_and_unseen_ones_by_the_calibrated_twin(env, tmp_path,
                                                                                             monkeypatch):
     """--cold-merge: the loss adds the twin's loss (content only, its own user encoder); evaluation ranks a seen

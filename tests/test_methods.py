@@ -103,6 +103,7 @@ def test_one_step_moves_every_trainable_parameter_and_no_frozen_one(env, tmp_pat
     assert moved == trainable
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", BACKBONE_METHODS)
 def test_twenty_steps_on_a_fixed_batch_lower_the_loss(env, tmp_path, method):
     # the dot score for every method (iisan-uncached takes iisan's cosine preset, whose logits are bounded by 1 / τ:
@@ -165,6 +166,7 @@ def test_uncached_iisan_equals_cached_iisan(env, tmp_path):
     torch.testing.assert_close(uncached.item_table(), cached.item_table(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "iisan-uncached"])
 def test_embedded_run_end_to_end_saves_only_what_trains(env, tmp_path, method):
     from click.testing import CliRunner
@@ -201,6 +203,7 @@ def test_method_presets_sit_under_the_command_line(env, tmp_path):
     assert (cached.score, cached.lr) == ("cosine", 8e-4)
 
 
+@pytest.mark.slow
 def test_bench_writes_report_and_plots(env, tmp_path):
     from click.testing import CliRunner
 
@@ -259,6 +262,7 @@ def test_bench_writes_report_and_plots(env, tmp_path):
     assert capped[18].endswith("/1 (cap)") and len(list((runs_root / "toy").glob("iisan-*"))) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget, steps_timed", [(0.0, 1), (1e9, 3)])
 def test_step_timing_budget(env, tmp_path, budget, steps_timed):
     from iisan.experiments.cost import measure_step_cost
@@ -305,6 +309,7 @@ def test_child_peak_memory_is_its_own(tmp_path):
     del ballast
 
 
+@pytest.mark.slow
 def test_seed_two_of_a_two_seed_lora_run_equals_a_run_started_at_seed_two(env, tmp_path):
     """Each seed builds its item encoder afresh after seeding: the backbones reload from their pretrained
     weights and LoRA's init is under the seed. (Before, seed 2 started from seed 1's fine-tuned backbone.)"""
@@ -318,6 +323,7 @@ def test_seed_two_of_a_two_seed_lora_run_equals_a_run_started_at_seed_two(env, t
     assert lines(two).split('"train_seconds"')[0] == lines(alone).split('"train_seconds"')[0]  # same loss
 
 
+@pytest.mark.slow
 def test_a_registered_toy_method_trains_through_the_cli(env, tmp_path):
     """Adding a method is one registry entry: here an item encoder that averages the cached layers of each
     slot through one Linear, trained and evaluated by the real CLI."""

@@ -45,6 +45,7 @@ def test_ranks_equal_the_argsort_reference(seed, faithful, ties):
         assert (result.ranks[repeats] > 20).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile", [1, 5, 16, 64])
 @pytest.mark.parametrize("faithful", [True, False])
 def test_user_by_item_tiles_give_the_ranks_of_the_whole_row(tile, faithful):

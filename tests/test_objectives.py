@@ -131,6 +131,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [dict(loss="sampled", negatives=32, sampler="mix"),
                                    dict(loss="full", softmax_chunk=7, score="cosine", learn_temperature=True),
                                    dict(warmup_steps=3, schedule="cosine", weight_decay=0.1, clip=1.0)])

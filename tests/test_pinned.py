@@ -98,6 +98,7 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(RUNS))
 def test_pinned_run(env, tmp_path, method, two_threads):
     from iisan.runtime import numeric_platform

@@ -220,6 +220,7 @@ def test_shipped_files_are_found_in_each_install_layout(tmp_path, monkeypatch):
     assert registry.registry_path() == tmp_path / "elsewhere.yaml"
 
 
+@pytest.mark.slow
 def test_a_target_install_of_the_wheel_finds_its_registry_and_plans(tmp_path):
     """`pip install --target DIR` (how `make gpu-check` installs) puts the wheel's data files under
     DIR/share/iisan-versa, not under sys.prefix: the installed package must find them there."""

@@ -30,6 +30,7 @@ def run(env, cache, out, **extra):
     return result, messages
 
 
+@pytest.mark.slow
 def test_mmap_mode_trains_exactly_as_memory_mode_and_reuses_its_file(env, cache, tmp_path, capsys):
     memory, _ = run(env, cache, tmp_path / "memory")
     mapped, _ = run(env, cache, tmp_path / "mmap", cache_mode="mmap")
@@ -82,6 +83,7 @@ def test_item_tiles_give_the_metrics_of_the_whole_row(env, cache, tmp_path):
         assert np.array_equal(ranks[0][split], ranks[1][split]) and ranks[0][split].std() > 0
 
 
+@pytest.mark.slow
 def test_synthetic_data_trains_above_chance_and_is_deterministic(tmp_path):
     """`iisan data synth` writes a dataset and a complete, verifiable store; training on it learns the planted
     structure (HR@10 far above the 10 / items of chance); the same seed writes the same files."""

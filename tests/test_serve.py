@@ -78,6 +78,7 @@ def test_the_server_answers_as_recommend_does(env, server):
         assert page.status_code == 200 and "<title>IISAN-Versa: toy" in page.text and "/recommend" in page.text
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_requests_are_all_answered_correctly(env, server):
     url, run_dir = server
     histories = [[f"i{(7 * n) % 100:03d}", f"i{(11 * n + 3) % 100:03d}"] for n in range(50)]

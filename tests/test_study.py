@@ -30,6 +30,7 @@ claims:
 """
 
 
+@pytest.mark.slow
 def test_a_plan_runs_resumably_and_tests_rows_against_the_reference(env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plan = tmp_path / "toy.yaml"
@@ -292,6 +293,7 @@ def test_missing_layers_are_extracted_once_with_the_union_of_the_rows(env, tmp_p
     assert select_layers(rows["even"]["layers_text"], 4) == [0, 1, 3]
 
 
+@pytest.mark.slow
 def test_a_row_whose_dataset_is_absent_fails_when_it_runs_naming_it(env, tmp_path, monkeypatch):
     """A row on a dataset no data root holds loads (its defaults wait for the folder where the registry does not
     give its pipeline) and fails when it is run, before anything trains, naming the dataset, its rows and how to
@@ -379,6 +381,7 @@ experiments:
 """
 
 
+@pytest.mark.slow
 def test_the_record_resumes_a_study_on_a_fresh_clone(env, tmp_path, monkeypatch):
     """The study's record (reports/study-<plan>/) holds each run's small files; a later session with no runs
     reports finished rows from it without training, continues a partly recorded row from its finished seeds, and

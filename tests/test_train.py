@@ -23,6 +23,7 @@ def test_run_folder_says_text_only_when_the_image_slot_is_emptied(env, tmp_path)
     assert run_label(resolve(options(env, tmp_path, method="fft", image=""))) == "fft-text-image-text-only"
 
 
+@pytest.mark.slow
 def test_cli_trains_and_reports(env, tmp_path):
     result = CliRunner().invoke(iisan_cli, ["train", "--dataset", "toy", "--cache", str(env / "cache"), "--out",
                                             str(tmp_path), "--no-progress"])
@@ -43,6 +44,7 @@ def test_cli_trains_and_reports(env, tmp_path):
     assert again.exit_code == 0 and again.output.strip().endswith(lines[-2].split("test ", 1)[1])
 
 
+@pytest.mark.slow
 def test_fixed_seed_gives_identical_metrics_and_resume_continues_exactly(env, tmp_path):
     full = train(resolve(options(env, tmp_path / "a")), log=lambda m: None)
     same = train(resolve(options(env, tmp_path / "b")), log=lambda m: None)
@@ -59,6 +61,7 @@ def test_fixed_seed_gives_identical_metrics_and_resume_continues_exactly(env, tm
     assert resumed["seeds"][0]["test"] == full["seeds"][0]["test"]
 
 
+@pytest.mark.slow
 def test_seeds_and_baselines(env, tmp_path):
     result = train(resolve(options(env, tmp_path, seeds=2, epochs=1)), log=lambda m: None)
     assert [r["seed"] for r in result["seeds"]] == [12345, 12346]
@@ -140,6 +143,7 @@ def test_fp16_cache_is_held_in_fp16_and_encodes_exactly_as_an_fp32_copy(env, tmp
         assert torch.equal(held(every), widened(every))
 
 
+@pytest.mark.slow
 def test_a_run_folder_written_before_the_redesign_still_evaluates_and_resumes(env, tmp_path):
     """Version-1 run folders (no `version`, slots `txt` / `img` in checkpoint keys, `standardize: on`, ties in
     the target's favour) load for `iisan evaluate` and `--resume`; runs whose meaning changed are refused,

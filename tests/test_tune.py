@@ -34,6 +34,7 @@ def study_trials(folder: Path):
     return study.trials
 
 
+@pytest.mark.slow
 def test_a_killed_tuning_resumes_and_finishes(env, tmp_path, monkeypatch):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
@@ -153,6 +154,7 @@ def test_a_diverging_trial_is_pruned_not_fatal(env, tmp_path, monkeypatch):
     assert all("loss is nan" in t.user_attrs["diverged"] for t in trials)
 
 
+@pytest.mark.slow
 def test_one_config_tuned_across_settings_scores_the_mean_relative_valid_hr(env, tmp_path):
     """Two settings (toy title only, toy title + image): each trial's score is the mean of its valid HR@10 over
     the fixed config's, per setting, as its runs report them; the best and the fixed config are then trained on
