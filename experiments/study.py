@@ -106,8 +106,6 @@ class Experiment:
     plot: str = ""                   # "", "bars" or "scaling"
 
 
-RELATIONS = ("above", "matches", "increasing")
-PLOTS = ("bars", "scaling")
 
 
 class _Strict(BaseModel):

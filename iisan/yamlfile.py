@@ -9,10 +9,10 @@ the nearest mapping that holds it when the field is missing).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 import types
 import typing
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -32,34 +32,28 @@ class Where:
     node: yaml.Node | None
     prefix: tuple[str | int, ...] = ()  # where `node` sits in the file (`inside`), for the field names
 
-    def inside(self, *loc: str | int) -> "Where":
-        """The Where of the node at `loc` (a part of the file checked on its own, e.g. one registry entry)."""
+    def _deepest(self, loc: tuple[str | int, ...]) -> yaml.Node | None:
+        """The node at `loc`, or the deepest node on the way that exists (a missing field: its mapping)."""
         node = self.node
         for step in loc:
-            if isinstance(node, yaml.MappingNode):
-                node = next((v for k, v in node.value if getattr(k, "value", None) == str(step)), None)
-            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and 0 <= step < len(node.value):
-                node = node.value[step]
-            else:
-                node = None
-        return Where(self.path, node if node is not None else self.node, (*self.prefix, *loc))
-
-    def line(self, *loc: str | int) -> int | None:
-        node = self.node
-        if node is None:
-            return None
-        for step in loc:
-            child = None
             if isinstance(node, yaml.MappingNode):
                 child = next((v for k, v in node.value if getattr(k, "value", None) == str(step)), None)
-                if child is None:  # a missing field: the mapping that should hold it
-                    break
             elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and 0 <= step < len(node.value):
                 child = node.value[step]
             else:
+                child = None
+            if child is None:
                 break
             node = child
-        return node.start_mark.line + 1
+        return node
+
+    def inside(self, *loc: str | int) -> "Where":
+        """The Where of the node at `loc` (a part of the file checked on its own, e.g. one registry entry)."""
+        return Where(self.path, self._deepest(loc), (*self.prefix, *loc))
+
+    def line(self, *loc: str | int) -> int | None:
+        node = self._deepest(loc)
+        return None if node is None else node.start_mark.line + 1
 
     def at(self, *loc: str | int) -> str:
         """`FILE:LINE` of the node at `loc` (`FILE` alone for an empty file)."""
