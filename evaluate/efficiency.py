@@ -22,14 +22,9 @@ set passes it: either way the result says "out of memory" rather than taking the
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 MEMORY_FRACTION = 0.8

@@ -7,23 +7,19 @@ the caches are extracted first if they are missing, which is resumable and a no-
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from iisan.evaluate.efficiency import MEMORY_FRACTION, device_name, total_memory_mib, tpme
 from iisan.experiments.cost import run_measurement
+from iisan.experiments.launch import launch
 from iisan.registry import dataset_name
 from iisan.runtime import git_commit, pick_device
 from iisan.train.methods import BENCH_METHODS as DEFAULT_METHODS
-
-if TYPE_CHECKING:  # imported lazily at run time: the bench children import only what they need
-    from iisan.train.config import TrainConfig
+from iisan.train.result import RunSpec
 
 PAPER_RATIOS = {"fft_over_cached_time": (443 / 22, "443 s / 22 s"),
                 "uncached_over_cached_time": (179 / 22, "179 s / 22 s"),
@@ -143,13 +139,17 @@ def run_bench(bench: BenchConfig, log=print) -> Path:
         for row in rows:
             log(f"--full: training {row['method']} with its own presets (a finished run with the same config "
                 f"is reused, an unfinished one resumed)")
-            result = train_in_child(resolve(train_options(bench, row["method"], None)))
-            row["test"] = result["test"]
-            row["groups"] = (result.get("groups") or {}).get("test") or {}
-            row["full_run"] = result["run_dir"]
-            row["full_epochs"] = [(r["best_epoch"], r["epochs"]) for r in result["seeds"]]
-            row["full_capped"] = any(r.get("stopped_by") == "epoch cap" for r in result["seeds"])
-            row["full_seconds_per_epoch"] = sum(r["seconds_per_epoch"] for r in result["seeds"]) / len(result["seeds"])
+            # its own process: a process's peak memory only grows, so in one process each run's recorded peak
+            # would include every earlier method's
+            result = launch(RunSpec(resolve(train_options(bench, row["method"], None)), reuse=True), isolate=True,
+                            show_output=True)
+            summary = result.to_dict()
+            row["test"] = summary["test"]
+            row["groups"] = (summary.get("groups") or {}).get("test") or {}
+            row["full_run"] = str(result.run_dir)
+            row["full_epochs"] = [(s.best_epoch, s.epochs) for s in result.seeds]
+            row["full_capped"] = result.capped
+            row["full_seconds_per_epoch"] = result.seconds_per_epoch
     out = Path(bench.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = report_stem(bench)
@@ -158,29 +158,6 @@ def run_bench(bench: BenchConfig, log=print) -> Path:
     report.write_text(markdown(bench, base_cfg, device, batch, rows, sweep_rows, extraction, plots, limit))
     log(f"wrote {report} and {', '.join(str(p) for p in plots)}")
     return report
-
-
-def _train_child(config: dict[str, Any], out_path: str) -> None:
-    from iisan.train.config import TrainConfig
-    from iisan.train.recipe import train_or_reuse
-
-    Path(out_path).write_text(json.dumps(train_or_reuse(TrainConfig(**config))))
-
-
-def train_in_child(cfg: TrainConfig) -> dict[str, Any]:
-    """`train_or_reuse` in a fresh (spawned) process: a process's peak memory only grows, so in one process each
-    run's recorded peak would include every earlier method's."""
-    from iisan.errors import IisanError
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        child = multiprocessing.get_context("spawn").Process(target=_train_child, args=(cfg.to_dict(), str(out)))
-        child.start()
-        child.join()
-        if child.exitcode != 0 or not out.is_file():
-            raise IisanError(f"--full: training {cfg.method} on {cfg.dataset} failed (exit code {child.exitcode}); "
-                             f"its output is above, and rerunning resumes it")
-        return json.loads(out.read_text())
 
 
 def _group_cell(entry: dict[str, Any] | None) -> str:

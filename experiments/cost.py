@@ -3,18 +3,14 @@ evaluate/efficiency.py's docstring).
 
 Why a child: peak resident memory only ever grows within a process, so each (method, batch size) needs a
 fresh one to have a peak of its own; and a run that would exhaust the machine can be stopped from outside.
-The child times `TrainStep`, the step `iisan train` runs.
+The child (experiments/launch.py's `call_in_child`, the one launcher) times `TrainStep`, the step `iisan train`
+runs.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from iisan.evaluate.efficiency import peak_memory_mib, projected_memory, resident_mib
@@ -93,44 +89,18 @@ def run_measurement(config: dict[str, Any], warmup: int, steps: int, budget: flo
     if guess is not None and guess > limit_mib:
         return {**base, "status": "out of memory", "peak_memory_mib": guess,
                 "note": f"projected {guess:,.0f} MiB > limit {limit_mib:,.0f} MiB: not attempted"}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        args = {"config": config, "warmup": warmup, "steps": steps, "budget": budget,
-                "full_epoch_under": full_epoch_under}
-        (Path(tmp) / "args.json").write_text(json.dumps(args))
-        child = subprocess.Popen([sys.executable, "-m", "iisan.experiments.cost", str(Path(tmp) / "args.json"),
-                                  str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        start, highest, killed = time.perf_counter(), 0.0, ""
-        while child.poll() is None:
-            rss = resident_mib(child.pid) or 0.0
-            highest = max(highest, rss)
-            if rss > limit_mib:
-                killed = f"resident {rss:,.0f} MiB passed the limit {limit_mib:,.0f} MiB: stopped"
-            elif time.perf_counter() - start > max_seconds:
-                killed = f"still running after {max_seconds:.0f} s: stopped"
-            if killed:
-                child.kill()
-                child.wait()
-                break
-            time.sleep(0.05)
-        stderr = child.stderr.read() if child.stderr else ""
-        if killed:
-            status = "out of memory" if "limit" in killed else "timed out"
-            return {**base, "status": status, "peak_memory_mib": highest, "note": killed}
-        if child.returncode != 0 or not out.is_file():
-            tail = stderr.strip().splitlines()[-3:]
-            if any("OutOfMemoryError" in line or "out of memory" in line.lower() for line in tail):
-                return {**base, "status": "out of memory", "note": " ".join(tail)}
-            return {**base, "status": "failed", "note": " | ".join(tail)}
-        return json.loads(out.read_text())
+    from iisan.experiments.launch import LaunchFailed, call_in_child
 
-
-def _child(args_path: str, out_path: str) -> None:
-    args = json.loads(Path(args_path).read_text())
-    result = measure_step_cost(args["config"], args["warmup"], args["steps"], args["budget"],
-                               args["full_epoch_under"])
-    Path(out_path).write_text(json.dumps(result))
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2])
+    try:
+        return call_in_child("iisan.experiments.cost:measure_step_cost",
+                             {"config": config, "warmup": warmup, "steps": steps, "budget": budget,
+                              "full_epoch_under": full_epoch_under},
+                             limit_mib=limit_mib, max_seconds=max_seconds).value
+    except LaunchFailed as e:
+        if e.stopped:
+            status = "out of memory" if "limit" in e.stopped else "timed out"
+            return {**base, "status": status, "peak_memory_mib": e.memory.get("VmRSS", 0.0), "note": e.stopped}
+        tail = e.tail[-3:]
+        if e.kind == "OutOfMemoryError" or any("out of memory" in line.lower() for line in tail):
+            return {**base, "status": "out of memory", "note": " ".join(tail)}
+        return {**base, "status": "failed", "note": " | ".join(tail)}

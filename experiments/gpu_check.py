@@ -34,7 +34,8 @@ def run_check(pack: Path, work: Path, epochs: int = 2, steps: int = 20, log=prin
     from iisan.experiments.cost import measure_step_cost
     from iisan.extract.run import ExtractConfig, run_extraction
     from iisan.train.config import resolve
-    from iisan.train.recipe import train
+    from iisan.experiments.launch import launch
+    from iisan.train.result import RunSpec
 
     if not torch.cuda.is_available():
         sys.exit("gpu-check: no CUDA device here (it is meant for a GPU machine)")
@@ -60,14 +61,15 @@ def run_check(pack: Path, work: Path, epochs: int = 2, steps: int = 20, log=prin
     base = {"dataset": "scientific", "pipeline": "text-only", "text": "minilm-l3", "cache": str(cache),
             "device": "cuda", "progress": False}
     torch.cuda.reset_peak_memory_stats(device)
-    result = train(resolve({**base, "out": str(work / "runs"), "epochs": epochs, "patience": epochs}), log=log)
-    seed = result["seeds"][0]
-    out["iisan_cached"] = {"epochs": seed["epochs"], "seconds_per_epoch": seed["seconds_per_epoch"],
-                           "seconds_per_evaluation": seed["seconds_per_evaluation"],
-                           "max_memory_allocated_mib": seed["peak_memory_mib"], "test": seed["test"]}
-    log(f"iisan (cached, fp16 states on the GPU, AMP): {seed['seconds_per_epoch']:.2f} s / epoch, "
-        f"{seed['seconds_per_evaluation']:.2f} s / evaluation, max allocated {seed['peak_memory_mib']:,.0f} MiB, "
-        f"test HR@10 {100 * seed['test']['HR@10']:.2f} after {seed['epochs']} epochs")
+    result = launch(RunSpec(resolve({**base, "out": str(work / "runs"), "epochs": epochs, "patience": epochs})),
+                    log=log)
+    seed = result.seeds[0]
+    out["iisan_cached"] = {"epochs": seed.epochs, "seconds_per_epoch": seed.seconds_per_epoch,
+                           "seconds_per_evaluation": seed.seconds_per_evaluation,
+                           "max_memory_allocated_mib": seed.peak_memory_mib, "test": seed.test}
+    log(f"iisan (cached, fp16 states on the GPU, AMP): {seed.seconds_per_epoch:.2f} s / epoch, "
+        f"{seed.seconds_per_evaluation:.2f} s / evaluation, max allocated {seed.peak_memory_mib:,.0f} MiB, "
+        f"test HR@10 {100 * seed.test['HR@10']:.2f} after {seed.epochs} epochs")
 
     for method in ("fft", "iisan-uncached"):
         config = resolve({**base, "method": method, "out": str(work / "runs"), "batch_size": 64}).to_dict()

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from iisan.errors import IisanError
-from iisan.runtime import CONTENDED, free_port, git_commit, load_mark, load_since
+from iisan.extract.synth import SynthConfig, synth
+from iisan.runtime import CONTENDED, git_commit, load_mark, load_since
 
 # (items, users): the issue's ladder, up to 1M items x 7 layers x 384 (fp16, 5.4 GB of states) and 200k users
 FULL = ((125_000, 25_000), (250_000, 50_000), (500_000, 100_000), (1_000_000, 200_000))
@@ -38,63 +37,7 @@ MODES = ("memory", "mmap")
 # target order (train/recipe.py, evaluate) these tiles score 1M items about 3x faster than the default 262,144
 # (1.85 against 5.8 ns per score, 2 threads, 1,024 users x 1M items at the density of 200k users).
 TRAIN_OPTIONS = ("--eval-batch-size", "256", "--eval-item-tile", "65536")
-
-
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants (torchrun's workers)."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
-
-
-def _status(pid: int) -> dict[str, float]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in ("RssAnon", "VmRSS"):
-                    out[key] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return out
-
-
-def measure(cmd: list[str], interval: float = 0.1, env: dict[str, str] | None = None
-            ) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
-    """Run `cmd`, sampling the memory of its process tree; returns the result and the peaks (MiB) of RssAnon
-    and VmRSS of the largest process, and of the tree's sum (`RssAnon total`, `VmRSS total`), with
-    `others_cpu_share`: the share of the machine's CPU other processes used meanwhile (None: not measurable)."""
-    peaks = {"RssAnon": 0.0, "VmRSS": 0.0, "RssAnon total": 0.0, "VmRSS total": 0.0}
-    mark = load_mark()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            totals = {"RssAnon": 0.0, "VmRSS": 0.0}
-            for pid in _tree(child.pid):
-                for key, value in _status(pid).items():
-                    peaks[key] = max(peaks[key], value)
-                    totals[key] += value
-            for key, value in totals.items():
-                peaks[f"{key} total"] = max(peaks[f"{key} total"], value)
-            time.sleep(interval)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    stdout, stderr = child.communicate()
-    done.set()
-    thread.join()
-    peaks["others_cpu_share"] = load_since(mark)[1]
-    return subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr), peaks
+TRAIN_FIELDS = {"eval_batch_size": 256, "eval_item_tile": 65536}  # the same, as TrainConfig fields
 
 
 def growth(x: list[float], y: list[float]) -> float | None:
@@ -127,13 +70,11 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
         folder, cache = work / "data" / name, work / "cache"
         if not (cache / name / "synth.zarr").exists():
             log(f"synth {name}")
-            subprocess.run([sys.executable, "-m", "iisan.cli", "data", "synth", "--n-users", str(users), "--n-items",
-                            str(items), "--dim", str(dim), "--n-states", str(layers), "--out", str(folder), "--cache-dir",
-                            str(cache), "--force"], check=True, capture_output=True)
+            synth(SynthConfig(users=users, items=items, out=folder, dim=dim, layers=layers, cache=cache, force=True),
+                  log=lambda message: None)
         for mode in modes:
             for n in procs:
                 per = threads or max(1, (os.cpu_count() or 1) // n)
-                env = {**os.environ, "OMP_NUM_THREADS": str(per), "MKL_NUM_THREADS": str(per)}
                 previous = [r for r in done if not r.get("control") and (r["items"], r["users"], r["mode"],
                                                                          r.get("processes", 1),
                                                 r.get("threads"), r.get("options")) ==
@@ -143,7 +84,7 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
                     log(f"{name} {mode} x{n}: measured before ({kept})")
                     continue
                 rows.append(_measure_row(folder, cache, work / "runs" / f"{mode}-{n}", name, items, users, mode, n,
-                                         per, env, dim, layers, log))
+                                         per, dim, layers, log))
                 write_report(rows + [r for r in done if r not in rows], out, dim, layers)
     cores = threads or os.cpu_count() or 1
     if control and cores > 1 and 1 in procs and "memory" in modes:
@@ -156,38 +97,37 @@ def bench_scale(sizes=FULL, modes=MODES, dim: int = 384, layers: int = 7, work: 
         if previous:
             rows.append(previous[0])
         else:
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             row = _measure_row(work / "data" / name, work / "cache", work / "runs" / "control", name, items, users,
-                               "memory", 1, 1, env, dim, layers, log)
+                               "memory", 1, 1, dim, layers, log)
             rows.append({**row, "control": True})
     return write_report(rows + [r for r in done if r not in rows], out, dim, layers)
 
 
 def _measure_row(folder: Path, cache: Path, runs: Path, name: str, items: int, users: int, mode: str, n: int,
-                 threads: int, env: dict[str, str], dim: int, layers: int, log) -> dict:
+                 threads: int, dim: int, layers: int, log) -> dict:
+    from iisan.experiments.launch import LaunchFailed, launch
+    from iisan.train.config import resolve
+    from iisan.train.result import RunSpec
+
     shutil.rmtree(runs / name, ignore_errors=True)
-    train = ["train", "--dataset", str(folder), "--text", "synth", "--cache-dir", str(cache), "--runs-dir", str(runs),
-             "--epochs", "1", "--no-progress", "--cache-mode", mode, "--device", "cpu", *TRAIN_OPTIONS]
-    launcher = [sys.executable] if n == 1 else [
-        str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc-per-node", str(n),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    cmd = [*launcher, "-m", "iisan.cli", *train]
-    began = time.perf_counter()
-    result, peaks = measure(cmd, env=env)
-    if result.returncode != 0:
-        raise IisanError(f"{name} ({mode}, {n} processes) failed: {result.stderr.strip().splitlines()[-3:]}")
-    run = Path(result.stdout.strip().splitlines()[-1])
-    report = json.loads((run / "report.json").read_text())
-    seed = report["seeds"][0]
-    epoch = json.loads((run / f"seed-{seed['seed']}" / "metrics.jsonl").read_text().splitlines()[0])
+    cfg = resolve({"dataset": str(folder), "text": "synth", "cache": str(cache), "out": str(runs), "epochs": 1,
+                   "progress": False, "cache_mode": mode, "device": "cpu", **TRAIN_FIELDS})
+    began, mark = time.perf_counter(), load_mark()
+    try:
+        result = launch(RunSpec(cfg), isolate=True, threads=threads, processes=n, memory=True)
+    except LaunchFailed as e:
+        raise IisanError(f"{name} ({mode}, {n} processes) failed: {e}") from None
+    peaks = {**result.memory, "others_cpu_share": load_since(mark)[1]}
+    seed = result.seeds[0]
+    epoch = json.loads((result.run_dir / f"seed-{seed.seed}" / "metrics.jsonl").read_text().splitlines()[0])
     interactions = sum(len(line.split("\t", 1)[1].split()) for line in
                        (folder / "users.tsv").read_text().splitlines())
     row = {"commit": git_commit(), "items": items, "users": users, "interactions": interactions, "mode": mode, "processes": n,
-           "threads": threads, "options": list(TRAIN_OPTIONS), "epoch_seconds": seed["seconds_per_epoch"],
-           "eval_seconds": seed["seconds_per_evaluation"], "peak_rss_anon_mib": peaks["RssAnon"],
+           "threads": threads, "options": list(TRAIN_OPTIONS), "epoch_seconds": seed.seconds_per_epoch,
+           "eval_seconds": seed.seconds_per_evaluation, "peak_rss_anon_mib": peaks["RssAnon"],
            "peak_rss_mib": peaks["VmRSS"], "total_rss_anon_mib": peaks["RssAnon total"],
-           "wall_seconds": time.perf_counter() - began, "test_HR@10": report["test"]["HR@10"]["mean"],
-           "test": {k: v["mean"] for k, v in report["test"].items()}, "loss": epoch["loss"],
+           "wall_seconds": time.perf_counter() - began, "test_HR@10": result.mean("HR@10", "test"),
+           "test": result.means("test"), "loss": epoch["loss"],
            "state_gib": (items + 1) * layers * dim * 2 / 2**30, "others_cpu_share": peaks["others_cpu_share"]}
     log(f"{name} {mode} x{n}: epoch {row['epoch_seconds']:.1f} s, evaluation {row['eval_seconds']:.1f} s, peak "
         f"RssAnon {row['peak_rss_anon_mib']:.0f} MiB per process (VmRSS {row['peak_rss_mib']:.0f}), test HR@10 "

@@ -1,7 +1,7 @@
 """`iisan study run`: the papers' experiments as plans. A plan is a YAML list of experiments, each a list of
 rows; a row is a dataset, a method, a pipeline and any `iisan train` options (a layer rule among them), run
-with the plan's seeds. Every run is its own process (`iisan train --reuse`): a finished run with the same
-resolved config is reported again and an unfinished one continued, so an interrupted study picks up where it
+with the plan's seeds. Every run is its own process (`launch(RunSpec(config, reuse=True), isolate=True)`): a
+finished run with the same resolved config is reported again and an unfinished one continued, so an interrupted study picks up where it
 stopped. Results go to `reports/study-<plan>.json`, one entry per row, with each seed's per-user test ranks
 compared against the experiment's reference row by a paired bootstrap over users.
 
@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -55,6 +53,7 @@ from iisan.errors import DatasetNotFound, IisanError
 from iisan.evaluate.report import bootstrap_means, per_user
 from iisan.registry import installed_file, load_registry
 from iisan.runtime import CONTENDED, git_commit, load_mark, load_since
+from iisan.train.result import LOCAL_FIELDS
 from iisan.yamlfile import read_yaml, validated
 
 # Shipped plans: the repository's plans/ (source checkout, editable install), else the copy a wheel installs.
@@ -303,17 +302,19 @@ def run_seconds(experiments: list[dict[str, Any]]) -> float:
 
 
 def row_result(run_dir: Path) -> dict[str, Any]:
-    report = json.loads((run_dir / "report.json").read_text())
-    ranks = _seed_ranks(run_dir)
-    out: dict[str, Any] = {"run_dir": str(run_dir), "seeds": len(report["seeds"]),
-                           "test": report["test"], "valid": report["valid"], "groups": report.get("groups"),
-                           "seconds_per_epoch": float(np.mean([s["seconds_per_epoch"] for s in report["seeds"]])),
-                           # its seeds' epochs and valid passes, in whichever session ran them
-                           "run_seconds": float(sum(s["epochs"] * (s["seconds_per_epoch"] + s["seconds_per_evaluation"])
-                                                    for s in report["seeds"])),
-                           "trainable_parameters": report["seeds"][0]["trainable_parameters"],
-                           "threads": sorted({s["threads"] for s in report["seeds"] if "threads" in s}) or None,
-                           "others_cpu_share": others_share(run_dir)}
+    """A finished run as a study row: its summary over seeds (RunResult's report shape), cost, and the test MRR
+    over its seeds' per-user ranks."""
+    from iisan.train.result import RunResult
+
+    result = RunResult.from_run_dir(run_dir)
+    summary = result.to_dict()
+    out: dict[str, Any] = {"run_dir": str(run_dir), "seeds": len(result.seeds),
+                           "test": summary["test"], "valid": summary["valid"], "groups": summary.get("groups"),
+                           "seconds_per_epoch": result.seconds_per_epoch,
+                           "run_seconds": result.run_seconds,  # in whichever session ran its seeds
+                           "trainable_parameters": result.trainable_parameters,
+                           "threads": result.threads, "others_cpu_share": others_share(run_dir)}
+    ranks = result.ranks("test")
     if ranks is not None:
         out["test"]["MRR"] = {"mean": float(np.mean([np.mean(1.0 / r) for r in ranks])),
                               "std": float(np.std([np.mean(1.0 / r) for r in ranks], ddof=1)) if len(ranks) > 1 else 0.0}
@@ -513,8 +514,6 @@ def evaluate_claims(plan: Plan, results: dict[tuple[str, str], dict[str, Any]]) 
     return out
 
 
-# Fields that say where a run lived, not what it computed: a record matches a row whatever they are.
-LOCAL_FIELDS = ("out", "cache", "progress")
 RUN_RECORD = ("config.json", "report.json", "provenance.json", "study-load.json")
 SEED_RECORD = ("report.json", "ranks.npz", "metrics.jsonl")
 def note_load(run_dir: Path, seconds: float, share: float | None) -> None:
@@ -728,13 +727,13 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
     nothing; rows whose run is unfinished are marked not run, their finished seeds kept in the record (how a
     session hands a long study over to the next). `fresh`: train the rows again from scratch, their finished runs
     and their folders in the record replaced (a record made by other code, `code_changed_since`)."""
-    import os
     import shutil
 
-    from iisan.train.recipe import matching_run
+    from iisan.experiments.launch import LaunchFailed, launch
+    from iisan.train.recipe import find_run
+    from iisan.train.result import RunSpec
 
     threads = threads or plan.threads
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     root = record_root(out, plan)
     path = Path(out) / f"study-{plan.name}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
@@ -758,19 +757,19 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
         if fresh:
             if finished_only:
                 raise StudyError("--fresh trains the rows again; --finished-only trains nothing: give one")
-            while (old_record := matching_run(cfg, root, LOCAL_FIELDS)) is not None:
+            while (old_record := find_run(cfg, root)) is not None:
                 log(f"{exp.name}/{row.label}: {old_record} replaced (--fresh)")
                 shutil.rmtree(old_record)
             todo.append((exp, row, cfg))
             continue
-        record = matching_run(cfg, root, LOCAL_FIELDS)
+        record = find_run(cfg, root)
         if record is not None and (record / "report.json").is_file():
             results[key] = {"status": "ok", "args": row.args(plan.seeds, runs), "recorded": True, **row_result(record)}
             continue
-        if record is not None and matching_run(cfg) is None:
+        if record is not None and find_run(cfg) is None:
             restore_record(record, cfg)
         if finished_only:
-            found = matching_run(cfg)
+            found = find_run(cfg)
             if found is None or not (found / "report.json").is_file():
                 kept = keep_record(found, root) if found is not None else None
                 seeds = len(list(kept.glob("seed-*/report.json"))) if kept is not None else 0
@@ -788,25 +787,28 @@ def run_study(plan: Plan, out: Path, runs: str, log: Callable[[str], None] = pri
     for n, (exp, row, cfg) in enumerate(todo, 1):
         began, mark = time.perf_counter(), load_mark()
         args = [a for a in row.args(plan.seeds, runs) if not (fresh and a == "--reuse")]
-        try:
-            child = subprocess.run([sys.executable, "-m", "iisan.cli", *args], capture_output=True, text=True, env=env)
+        failed: list[str] | None = None
+        try:  # its own process: pinned threads, and its memory its own
+            launch(RunSpec(cfg, reuse=not fresh), isolate=True, threads=threads)
+        except LaunchFailed as e:
+            failed = e.tail[-5:] or [str(e)]
         finally:  # also when interrupted: the finished seeds go into the record
-            found = matching_run(cfg)
+            found = find_run(cfg)
             if found is not None and (found / "config.json").is_file():
                 note_load(found, *load_since(mark))
             kept = keep_record(found, root) if found is not None else None
         took = time.perf_counter() - began
         done = time.perf_counter() - start
         eta = done / n * (len(todo) - n)
-        if child.returncode != 0 or kept is None:
-            tail = (child.stderr or child.stdout).strip().splitlines()[-5:]
+        if failed is not None or kept is None:
+            tail = failed or ["the run left no folder"]
             results[(exp.name, row.label)] = {"status": "failed", "log_tail": tail, "args": args}
             log(f"[{n}/{len(todo)}] {exp.name}/{row.label}: FAILED in {took:.0f} s: {' | '.join(tail)}; "
                 f"ETA {eta / 60:.0f} min")
             continue
         result = {"status": "ok", "args": args, **row_result(kept)}
         results[(exp.name, row.label)] = result
-        log(f"[{n}/{len(todo)}] {exp.name}/{row.label}: test HR@10 {100 * result['test']['HR@10']['mean']:.2f} "
+        log(f"[{n}/{len(todo)}] {exp.name}/{row.label}: test HR@10 {100 * _hr(result):.2f} "
             f"({took:.0f} s); ETA {eta / 60:.0f} min")
     from iisan.runtime import code_hashes
 

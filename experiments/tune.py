@@ -2,7 +2,7 @@
 epoch feeds a median pruner; trials select on valid only. The best trial's config is then trained with three
 fresh seeds and reported on test (with the warm / cold split). Resumable: the study lives in SQLite under
 `runs/<dataset>/tune-<method>-<pipeline>/`, a trial killed mid-run is failed and enqueued again on the next
-call, and its training run resumes from its last checkpoint (`train_or_reuse`).
+call, and its training run resumes from its last checkpoint (`launch` of a spec with `reuse`).
 
 The search space of each method is in one place (`SPACES`), overridable from a YAML file (`--space`):
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,8 +25,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, RootModel
 
 from iisan.errors import IisanError, RegistryError
+from iisan.experiments.launch import launch
 from iisan.registry import dataset_name, load_registry, registry_path
 from iisan.runtime import git_commit
+from iisan.train.result import RunResult, RunSpec
 from iisan.yamlfile import read_yaml, validated
 
 
@@ -148,7 +149,6 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
     import optuna
 
     from iisan.train.config import resolve
-    from iisan.train.recipe import train_or_reuse
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise IisanError("iisan tune runs in one process (each rank would ask Optuna for a trial of its own): "
@@ -174,10 +174,9 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
         params = {name: p.suggest(trial) for name, p in space.items()}
         cfg = resolve({**fixed, **params, "seeds": 1, "out": str(trials_out), "progress": False})
         result = trial_run(trial, cfg, lambda epoch, hr: (hr, epoch))
-        seed = result["seeds"][0]
-        trial.set_user_attr("run_dir", result["run_dir"])
-        trial.set_user_attr("best_epoch", seed["best_epoch"])
-        return result["valid"]["HR@10"]["mean"]
+        trial.set_user_attr("run_dir", str(result.run_dir))
+        trial.set_user_attr("best_epoch", result.seeds[0].best_epoch)
+        return result.mean("HR@10", "valid")
 
     def progress(study, trial) -> None:
         value = f"valid HR@10 {100 * trial.value:.2f}" if trial.value is not None else trial.state.name.lower()
@@ -193,7 +192,7 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
         f"seed(s) for test")
     best_cfg = resolve({**fixed, **best.params, "seeds": tc.final_seeds, "seed": base.seed + 1000,
                         "out": str(folder / "best"), "progress": False})
-    final = train_or_reuse(best_cfg, log=log)
+    final = launch(RunSpec(best_cfg, reuse=True), log=log).to_dict()
     summary = {"folder": str(folder), "best_trial": best.number, "best_params": best.params,
                "best_valid_hr10": best.value, "final_run": final["run_dir"], "valid": final["valid"],
                "test": final["test"], "groups": final.get("groups"), "space": identity["space"],
@@ -223,13 +222,12 @@ def optimize(study, objective, progress, remaining: int, tc: TuneConfig, folder:
     return study.best_trial, complete
 
 
-def trial_run(trial, cfg, report: Callable[[int, float], tuple[float, int]], where: str = "") -> dict[str, Any]:
+def trial_run(trial, cfg, report: Callable[[int, float], tuple[float, int]], where: str = "") -> RunResult:
     """Train (or reuse) one run of a trial: after each epoch `report(epoch, valid HR@10)` gives the (value, step)
     the median pruner sees, and a pruned trial stops the run there; a run whose loss diverges prunes the trial
     (`diverged`, naming `where`) instead of failing the study."""
     import optuna
 
-    from iisan.train.recipe import train_or_reuse
     from iisan.train.step import NonFiniteLoss
 
     def on_epoch(epoch: int, hr: float) -> None:
@@ -241,7 +239,7 @@ def trial_run(trial, cfg, report: Callable[[int, float], tuple[float, int]], whe
             raise optuna.TrialPruned()
 
     try:
-        return train_or_reuse(cfg, log=lambda m: None, on_epoch=on_epoch)
+        return launch(RunSpec(cfg, reuse=True), log=lambda m: None, on_epoch=on_epoch)
     except NonFiniteLoss as e:
         trial.set_user_attr("diverged", f"{where}: {e}" if where else str(e))
         raise optuna.TrialPruned() from None
@@ -290,11 +288,9 @@ def run_tune_across(fixed: dict[str, Any], settings: list[Setting], tc: TuneConf
     the reference; the median pruner sees each setting's epochs in turn (step = setting x (epochs + 1) +
     epoch). The best config and the fixed one are then trained with `final_seeds` fresh seeds on every
     setting and reported per setting on valid and test, with the paired test (per user) of the two."""
-    import optuna
     from optuna.trial import TrialState
 
     from iisan.train.config import resolve
-    from iisan.train.recipe import train_or_reuse
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise IisanError("iisan tune runs in one process: launch it without torchrun")
@@ -321,7 +317,7 @@ def run_tune_across(fixed: dict[str, Any], settings: list[Setting], tc: TuneConf
 
     def reference(i: int, st: Setting) -> float:
         cfg = resolve({**st.options(fixed), "seeds": 1, "out": str(trials_out), "progress": False})
-        return train_or_reuse(cfg, log=lambda m: None)["valid"]["HR@10"]["mean"]
+        return launch(RunSpec(cfg, reuse=True), log=lambda m: None).mean("HR@10", "valid")
 
     log(f"references: the fixed config on {len(settings)} settings, one seed each")
     references = [reference(i, st) for i, st in enumerate(settings)]
@@ -339,7 +335,7 @@ def run_tune_across(fixed: dict[str, Any], settings: list[Setting], tc: TuneConf
         for i, (st, ref) in enumerate(zip(settings, references)):
             cfg = resolve({**st.options(fixed), **params, "seeds": 1, "out": str(trials_out), "progress": False})
             result = trial_run(trial, cfg, lambda epoch, hr, i=i, ref=ref: (hr / ref, i * epochs + epoch), st.label)
-            hr = result["valid"]["HR@10"]["mean"]
+            hr = result.mean("HR@10", "valid")
             trial.set_user_attr(f"valid {st.label}", hr)
             relative.append(hr / ref)
         return sum(relative) / len(relative)
@@ -358,12 +354,13 @@ def run_tune_across(fixed: dict[str, Any], settings: list[Setting], tc: TuneConf
     final = []
     for st in settings:
         common = {"seeds": tc.final_seeds, "seed": bases[0].seed + 1000, "progress": False}
-        tuned = train_or_reuse(resolve({**st.options(fixed), **best.params, **common, "out": str(folder / "best")}),
-                               log=log)
-        fixed_run = train_or_reuse(resolve({**st.options(fixed), **common, "out": str(folder / "fixed")}), log=log)
+        tuned = launch(RunSpec(resolve({**st.options(fixed), **best.params, **common, "out": str(folder / "best")}),
+                               reuse=True), log=log)
+        fixed_run = launch(RunSpec(resolve({**st.options(fixed), **common, "out": str(folder / "fixed")}), reuse=True),
+                           log=log)
         final.append({"setting": st.label, "tuned": _split_means(tuned), "fixed": _split_means(fixed_run),
-                      "tuned_run": tuned["run_dir"], "fixed_run": fixed_run["run_dir"],
-                      "paired": _paired(Path(tuned["run_dir"]), Path(fixed_run["run_dir"]))})
+                      "tuned_run": str(tuned.run_dir), "fixed_run": str(fixed_run.run_dir),
+                      "paired": _paired(tuned, fixed_run)})
     summary = {"folder": str(folder), "settings": [st.label for st in settings], "references": references,
                "best_trial": best.number, "best_params": best.params, "best_relative_valid": best.value,
                "final": final, "space": identity["space"], "trials": len(study.trials),
@@ -375,11 +372,12 @@ def run_tune_across(fixed: dict[str, Any], settings: list[Setting], tc: TuneConf
     return summary
 
 
-def _split_means(result: dict[str, Any]) -> dict[str, Any]:
-    return {split: {m: result[split][m] for m in ("HR@10", "NDCG@10")} for split in ("valid", "test")}
+def _split_means(result: RunResult) -> dict[str, Any]:
+    return {split: {m: {"mean": result.mean(m, split), "std": result.std(m, split)} for m in ("HR@10", "NDCG@10")}
+            for split in ("valid", "test")}
 
 
-def _paired(tuned: Path, fixed: Path) -> dict[str, Any]:
+def _paired(tuned: RunResult, fixed: RunResult) -> dict[str, Any]:
     """Per split, the paired bootstrap p-value (the study's `paired_test`) of HR@10 between the tuned and the
     fixed config's runs over users, each user's HR@10 averaged over the seeds."""
     import numpy as np
@@ -389,8 +387,8 @@ def _paired(tuned: Path, fixed: Path) -> dict[str, Any]:
 
     out = {}
     for split in ("valid", "test"):
-        tuned_hr, fixed_hr = (np.mean([per_user(np.load(p)[split], "HR@10") for p in sorted(run.glob("seed-*/ranks.npz"))],
-                                      axis=0) for run in (tuned, fixed))
+        tuned_hr, fixed_hr = (np.mean([per_user(ranks, "HR@10") for ranks in run.ranks(split) or []], axis=0)
+                              for run in (tuned, fixed))
         out[split] = paired_test(fixed_hr, tuned_hr)
     return out
 

@@ -5,7 +5,8 @@
     api.fetch("ml-100k")                                   # the embedded default dataset
     api.extract("minilm-l6", "ml-100k")                    # stage 1: cached title states
     result = api.train("ml-100k", pipeline="text-only", epochs=5)
-    run = api.load_run(result["run_dir"])
+    result.mean("HR@10", "test"), result.group("test", "cold")
+    run = api.load_run(result.run_dir)
     run.recommend([["50", "172", "181"]], k=5)             # top-5 for a history of raw item ids
     ids, vectors = run.item_embeddings()                   # every cached item, [M, d]
 """
@@ -18,8 +19,9 @@ from typing import Any
 from iisan.data.dataset import Dataset
 from iisan.deploy.run import Recommendation, TrainedRun
 from iisan.deploy.run import load_run as _load_run
+from iisan.train.result import RunResult, RunSpec
 
-__all__ = ["Dataset", "Recommendation", "TrainedRun", "fetch", "load_dataset", "extract", "train", "load_run",
+__all__ = ["Dataset", "Recommendation", "RunResult", "RunSpec", "TrainedRun", "fetch", "load_dataset", "extract", "train", "load_run",
            "export"]
 
 
@@ -47,13 +49,15 @@ def extract(model: str, dataset: str | Path, **options: Any):
                           log=lambda message: None)
 
 
-def train(dataset: str | Path, log=print, **options: Any) -> dict[str, Any]:
+def train(dataset: str | Path, log=print, reuse: bool = False, **options: Any) -> RunResult:
     """Stage 2 (`iisan train --dataset D ...`); options are `iisan train`'s (TrainConfig fields: method,
-    pipeline, epochs, seeds, ...). Returns the report (with `run_dir`)."""
+    pipeline, epochs, seeds, ...). Returns the typed `RunResult` (`.run_dir`, `.mean("HR@10", "test")`, seeds,
+    warm / cold groups). `reuse`: a run of the same resolved config is reported again or continued."""
     from iisan.train.config import resolve
-    from iisan.train.recipe import train as _train
+    from iisan.train.recipe import run
 
-    return _train(resolve({"dataset": str(dataset), "progress": False, **options}, log=log), log=log)
+    return run(RunSpec(resolve({"dataset": str(dataset), "progress": False, **options}, log=log), reuse=reuse),
+               log=log)
 
 
 def load_run(run_dir: str | Path, seed: int | None = None) -> TrainedRun:

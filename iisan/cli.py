@@ -336,17 +336,15 @@ def _train_config():
 def train_cmd(resume, reuse, **options) -> None:
     from iisan.train.config import resolve
     from iisan.train.distributed import is_main_process
-    from iisan.train.recipe import train, train_or_reuse
+    from iisan.train.recipe import run
+    from iisan.train.result import RunSpec
 
     log = lambda message: click.echo(message, err=True)  # noqa: E731
-    if resume is not None:
-        result = train(resume=resume, log=log)
-    elif reuse:
-        result = train_or_reuse(resolve(given(options), log=log), log=log)
-    else:
-        result = train(resolve(given(options), log=log), log=log)
+    spec = (RunSpec(resume=resume) if resume is not None
+            else RunSpec(resolve(given(options), log=log), reuse=reuse))
+    result = run(spec, log=log)
     if is_main_process():  # under torchrun every rank trains; rank 0 answers
-        click.echo(result["run_dir"])
+        click.echo(result.run_dir)
 
 
 def _tune_config():
@@ -402,7 +400,7 @@ def study() -> None:
                    "in the study's record are replaced (a record made by other code; the report marks such rows).")
 def study_run(plan_name: str, datasets: tuple[str, ...], experiments: tuple[str, ...], seeds: int | None,
               threads: int | None, out: Path, runs: str, finished_only: bool, fresh: bool) -> None:
-    """Run a plan: every row its own `iisan train --reuse` process (finished runs reported again, unfinished
+    """Run a plan: every row its own training process, `--reuse` (finished runs reported again, unfinished
     ones continued, rows in the study's record reported from it), a progress line per row with an ETA, then
     reports/study-<plan>.json with paired bootstrap p-values against each experiment's reference row."""
     from iisan.experiments.study import load_plan, render, restriction, run_study

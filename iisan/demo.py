@@ -12,10 +12,11 @@ from iisan.data.dataset import dataset_stats, load_dataset
 from iisan.data.fetch import fetch_ml100k
 from iisan.extract.run import ExtractConfig, run_extraction
 from iisan.train.config import resolve
-from iisan.train.recipe import train
+from iisan.train.recipe import run
+from iisan.train.result import RunResult, RunSpec
 
 
-def run_demo(cache: Path = Path("cache"), out: Path = Path("runs"), log=print) -> dict:
+def run_demo(cache: Path = Path("cache"), out: Path = Path("runs"), log=print) -> RunResult:
     fetch_ml100k(Path("data") / "ml-100k")
     dataset = load_dataset("ml-100k")
     stats = dataset_stats(dataset)
@@ -31,4 +32,4 @@ def run_demo(cache: Path = Path("cache"), out: Path = Path("runs"), log=print) -
         run_extraction(ExtractConfig(model="minilm-l6", dataset="ml-100k", text_field="year_genres", out=cache),
                        log=log)
         pipeline = {"pipeline": "multimodal-text"}
-    return train(resolve({"dataset": "ml-100k", **pipeline, "cache": str(cache), "out": str(out)}), log=log)
+    return run(RunSpec(resolve({"dataset": "ml-100k", **pipeline, "cache": str(cache), "out": str(out)})), log=log)

@@ -19,5 +19,6 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, recbol
     monkeypatch.setenv("IISAN_DATA_DIR", str(tmp_path / "data"))
     exec(compile(example, "README.md:python-example", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 5 and all(not line.startswith(("50 ", "172 ", "181 ")) for line in printed)
+    assert re.fullmatch(r"test HR@10 \d+\.\d\d", printed[0]), printed  # the typed RunResult
+    assert len(printed) == 6 and all(not line.startswith(("50 ", "172 ", "181 ")) for line in printed[1:])
     assert (tmp_path / "cache" / "ml-100k" / "minilm-l6.zarr").is_dir() and list((tmp_path / "runs").iterdir())

@@ -22,7 +22,7 @@ def test_unseen_items_get_exactly_their_content_embedding(env, tmp_path, monkeyp
     model = build_model(s)
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(f"{result['run_dir']}/seed-12345/best.safetensors"), strict=False)
+    model.load_state_dict(load_file(f"{result.run_dir}/seed-12345/best.safetensors"), strict=False)
     model.eval()
     items: HybridItems = model.items
     seen = torch.from_numpy(s.split.train_counts > 0)
@@ -186,7 +186,7 @@ def test_cold_merge_ranks_seen_items_by_the_hybrid_and_unseen_ones_by_the_calibr
     torch.testing.assert_close(model.calculate_loss(ids, log_pop), want, atol=1e-5, rtol=1e-5)
 
     result = train(cfg, log=lambda m: None)
-    run = load_run(result["run_dir"])
+    run = load_run(result.run_dir)
     model, split = run.model, run.split
     table = model.item_table()
     d = cfg.embedding_dim

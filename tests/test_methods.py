@@ -175,7 +175,7 @@ def test_embedded_run_end_to_end_saves_only_what_trains(env, tmp_path, method):
     from iisan.cli import main as iisan_cli
 
     result = train(resolve(options(env, tmp_path, method=method, epochs=1, batch_size=32)), log=lambda m: None)
-    run_dir = Path(result["run_dir"])
+    run_dir = result.run_dir
     assert run_dir.name.startswith(f"{method}-text-image-")
     saved = load_file(run_dir / "seed-12345" / "best.safetensors")
     frozen_weights = [k for k in saved if k.startswith("items.backbones.") and "lora_" not in k]
@@ -186,7 +186,7 @@ def test_embedded_run_end_to_end_saves_only_what_trains(env, tmp_path, method):
     assert config["method"] == method
     again = CliRunner().invoke(iisan_cli, ["evaluate", str(run_dir)])
     assert again.exit_code == 0, again.output
-    test_hr = result["seeds"][0]["test"]["HR@10"]
+    test_hr = result.seeds[0].test["HR@10"]
     assert f"HR@10 {100 * test_hr:.2f}" in again.output
 
 
@@ -316,10 +316,10 @@ def test_seed_two_of_a_two_seed_lora_run_equals_a_run_started_at_seed_two(env, t
     common = dict(method="lora", pipeline="text-only", epochs=1, batch_size=32)
     two = train(resolve(options(env, tmp_path / "two", seeds=2, **common)), log=lambda m: None)
     alone = train(resolve(options(env, tmp_path / "alone", seed=12346, **common)), log=lambda m: None)
-    assert two["seeds"][1]["seed"] == alone["seeds"][0]["seed"] == 12346
-    assert two["seeds"][1]["valid"] == alone["seeds"][0]["valid"]
-    assert two["seeds"][1]["test"] == alone["seeds"][0]["test"]
-    lines = lambda run: (Path(run["run_dir"]) / "seed-12346" / "metrics.jsonl").read_text()  # noqa: E731
+    assert two.seeds[1].seed == alone.seeds[0].seed == 12346
+    assert two.seeds[1].valid == alone.seeds[0].valid
+    assert two.seeds[1].test == alone.seeds[0].test
+    lines = lambda run: (run.run_dir / "seed-12346" / "metrics.jsonl").read_text()  # noqa: E731
     assert lines(two).split('"train_seconds"')[0] == lines(alone).split('"train_seconds"')[0]  # same loss
 
 

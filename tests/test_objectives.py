@@ -148,10 +148,10 @@ def test_new_objectives_resume_exactly(env, tmp_path, extra):
         train(resolve(options(env, tmp_path / "b", epochs=3, **extra)), log=lambda m: None, on_epoch=stop)
     (run_dir,) = (tmp_path / "b" / "toy").iterdir()
     resumed = train(resume=run_dir, log=lambda m: None)
-    losses = [[json.loads(l)["loss"] for l in (Path(r["run_dir"]) / "seed-12345" / "metrics.jsonl").read_text().splitlines()]
+    losses = [[json.loads(l)["loss"] for l in (r.run_dir / "seed-12345" / "metrics.jsonl").read_text().splitlines()]
               for r in (full, resumed)]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
-    assert resumed["seeds"][0]["test"] == full["seeds"][0]["test"]
+    assert resumed.seeds[0].test == full.seeds[0].test
 
 
 def test_full_softmax_in_chunks_equals_one_chunk(env, tmp_path):
@@ -177,7 +177,7 @@ def test_a_cosine_run_ranks_and_serves_by_cosine(env, tmp_path):
 
     result = train(resolve(options(env, tmp_path, epochs=1, score="cosine", learn_temperature=True)),
                    log=lambda m: None)
-    run = load_run(result["run_dir"])
+    run = load_run(result.run_dir)
     model, split = run.model, run.split
     table = model.item_table()
     users = model.user_vectors(torch.from_numpy(split.test_inputs), table)

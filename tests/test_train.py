@@ -48,35 +48,35 @@ def test_cli_trains_and_reports(env, tmp_path):
 def test_fixed_seed_gives_identical_metrics_and_resume_continues_exactly(env, tmp_path):
     full = train(resolve(options(env, tmp_path / "a")), log=lambda m: None)
     same = train(resolve(options(env, tmp_path / "b")), log=lambda m: None)
-    assert full["seeds"][0]["test"] == same["seeds"][0]["test"]
-    assert full["seeds"][0]["valid"] == same["seeds"][0]["valid"]
+    assert full.seeds[0].test == same.seeds[0].test
+    assert full.seeds[0].valid == same.seeds[0].valid
     half = train(resolve(options(env, tmp_path / "c", epochs=1)), log=lambda m: None)
-    run_dir = Path(half["run_dir"])
+    run_dir = half.run_dir
     config = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps({**config, "epochs": 2}))
     (run_dir / "seed-12345" / "report.json").unlink()
     messages = []
     resumed = train(resume=run_dir, log=messages.append)
     assert any("resumed after epoch 1" in m for m in messages)
-    assert resumed["seeds"][0]["test"] == full["seeds"][0]["test"]
+    assert resumed.seeds[0].test == full.seeds[0].test
 
 
 @pytest.mark.slow
 def test_seeds_and_baselines(env, tmp_path):
     result = train(resolve(options(env, tmp_path, seeds=2, epochs=1)), log=lambda m: None)
-    assert [r["seed"] for r in result["seeds"]] == [12345, 12346]
-    assert result["test"]["HR@10"]["std"] >= 0
+    assert [r.seed for r in result.seeds] == [12345, 12346]
+    assert result.std("HR@10", "test") >= 0
     frozen = train(resolve(options(env, tmp_path, method="frozen", epochs=1)), log=lambda m: None)
     # GELU(Linear(32 -> 64)) per modality + Linear(128 -> 64) + the user encoder (100,224 at d = 64)
-    assert frozen["seeds"][0]["trainable_parameters"] == 2 * (32 * 64 + 64) + 128 * 64 + 64 + 100_224
+    assert frozen.seeds[0].trainable_parameters == 2 * (32 * 64 + 64) + 128 * 64 + 64 + 100_224
     ids = train(resolve(options(env, tmp_path, method="sasrec-id", epochs=1)), log=lambda m: None)
-    n_items = json.loads((Path(ids["run_dir"]) / "provenance.json").read_text())["dataset"]["items"]
-    assert ids["seeds"][0]["trainable_parameters"] == (n_items + 1) * 64 + 100_224
+    n_items = json.loads((ids.run_dir / "provenance.json").read_text())["dataset"]["items"]
+    assert ids.seeds[0].trainable_parameters == (n_items + 1) * 64 + 100_224
 
 
 def test_text_only_dataset_default_pipeline(env, tmp_path):
     result = train(resolve({**options(env, tmp_path), "dataset": "plain"}), log=lambda m: None)
-    assert Path(result["run_dir"]).name.startswith("iisan-text-only-")
+    assert result.run_dir.name.startswith("iisan-text-only-")
 
 
 def test_errors_name_the_problem(env, tmp_path, monkeypatch):
@@ -154,7 +154,7 @@ def test_a_run_folder_written_before_the_redesign_still_evaluates_and_resumes(en
     from iisan.train.recipe import evaluate_run
 
     run = train(resolve(options(env, tmp_path, epochs=1, ties="optimistic")), log=lambda m: None)
-    run_dir = Path(run["run_dir"])
+    run_dir = run.run_dir
     config = json.loads((run_dir / "config.json").read_text())
     for key in ("version", "ties"):
         config.pop(key)
@@ -169,10 +169,10 @@ def test_a_run_folder_written_before_the_redesign_still_evaluates_and_resumes(en
     torch.save(last, seed / "last.pt")
     assert any(".img." in k for k in load_file(seed / "best.safetensors"))
     [(_, result)] = evaluate_run(run_dir, "test")
-    assert result.metrics == run["seeds"][0]["test"] and result.ties == "optimistic"
+    assert result.metrics == run.seeds[0].test and result.ties == "optimistic"
     (seed / "report.json").unlink()
     resumed = train(resume=run_dir, log=lambda m: None)
-    assert resumed["seeds"][0]["epochs"] == 2
+    assert resumed.seeds[0].epochs == 2
     config["layers_text"] = "remove_first"
     (run_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(IisanError, match=r"field layers_text = remove_first"):
@@ -239,13 +239,13 @@ def test_warm_and_cold_users_are_reported_separately(env, tmp_path, monkeypatch)
     trained = {item for seq in kept for item in seq[:-2]}
     cold = [seq[-1] not in trained for seq in kept]
     assert (sum(cold), len(cold)) == (COLD_TOY, 150)
-    for seed, ranking in evaluate_run(Path(result["run_dir"]), "test"):
+    for seed, ranking in evaluate_run(result.run_dir, "test"):
         groups = ranking.groups()
         warm_ranks = ranking.ranks[[not c for c in cold]]
         cold_ranks = ranking.ranks[cold]
         assert groups["warm"] == {"users": 150 - COLD_TOY, **metrics_from_ranks(warm_ranks)}
         assert groups["cold"] == {"users": COLD_TOY, **metrics_from_ranks(cold_ranks)}
-    report = json.loads((Path(result["run_dir"]) / "report.json").read_text())
+    report = json.loads((result.run_dir / "report.json").read_text())
     seeds = report["seeds"]
     for group in ("warm", "cold"):
         entry = report["groups"]["test"][group]

@@ -1,6 +1,7 @@
 """Stage 2 as one readable recipe (torchtune style): setup, train loop, evaluation, checkpoints, report.
 
-A run folder `runs/<dataset>/<method>-<pipeline>-<UTC time>/` holds config.json, provenance.json, and per
+Training's one entry is `run(RunSpec) -> RunResult` (train/result.py). A run folder
+`runs/<dataset>/<method>-<pipeline>-<UTC time>-<spec hash>/` holds config.json, provenance.json, and per
 seed: metrics.jsonl (one line per epoch), best.safetensors (the best-valid weights), last.pt (everything
 needed to resume), report.json. `--resume RUN_DIR` continues each unfinished seed from its last checkpoint.
 Everything that differs between methods comes from the method's registry entry (train/methods.py); the
@@ -38,6 +39,7 @@ from iisan.runtime import code_hashes, git_commit, numeric_platform, pick_device
 from iisan.train.config import TrainConfig, load_config, saved_version
 from iisan.train.data import SlotStates, layer_rule, load_slot, slot_sources, train_batches
 from iisan.train.distributed import World, collective_errors, join, leave
+from iisan.train.result import LOCAL_FIELDS, RunResult, RunSpec, spec_hash
 from iisan.train.methods import ItemSource, Method, method as method_entry
 from iisan.train.model import Objective, Recommender
 from iisan.train.san import SANConfig, Slot
@@ -501,13 +503,14 @@ def run_label(cfg: TrainConfig) -> str:
 
 
 def run_dir_for(cfg: TrainConfig) -> Path:
-    """A new, created run folder OUT/<dataset>/<label>-<UTC time>; runs started in the same second (a tuner's
-    short trials) get -2, -3, ... after the time."""
+    """A new, created run folder OUT/<dataset>/<label>-<UTC time>-<spec hash>; runs started in the same second
+    (a tuner's short trials) get -2, -3, ... after the time."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.out) / dataset_name(cfg.dataset) / f"{run_label(cfg)}-{stamp}"
     base.parent.mkdir(parents=True, exist_ok=True)
+    digest = spec_hash(cfg)
     for k in range(1, 1000):
-        candidate = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        candidate = base.with_name(f"{base.name}{'' if k == 1 else f'-{k}'}-{digest}")
         try:
             candidate.mkdir()
             return candidate
@@ -516,37 +519,50 @@ def run_dir_for(cfg: TrainConfig) -> Path:
     raise IisanError(f"{base}: too many runs started in the same second")
 
 
-def matching_run(cfg: TrainConfig, root: Path | None = None, ignore: tuple[str, ...] = ("progress",)
-                 ) -> Path | None:
-    """The newest run folder under ROOT/<dataset>/ (ROOT: the config's OUT) trained with exactly this config
-    (the fields in `ignore` aside: by default the progress display), finished or not; None if there is none."""
+def find_run(cfg: TrainConfig, root: Path | None = None) -> Path | None:
+    """The newest run folder under ROOT/<dataset>/ (ROOT: the config's OUT) of exactly this spec, finished or
+    not; None if there is none. Found by the spec hash its name ends with; a folder named before spec hashes
+    existed (or by a version whose config had other fields) is found by comparing its upgraded config, the
+    upgrade path that keeps old runs and study records reusable."""
+    root = Path(cfg.out) if root is None else root
+    folder = root / dataset_name(cfg.dataset)
+    for hit in sorted(folder.glob(f"{run_label(cfg)}-*-{spec_hash(cfg)}"), reverse=True):
+        if (hit / "config.json").is_file():
+            return hit
+    return _matching_by_config(cfg, folder)
+
+
+def _matching_by_config(cfg: TrainConfig, folder: Path) -> Path | None:
     from iisan.train.config import upgrade_config
 
-    wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
-    root = Path(cfg.out) if root is None else root
-    for folder in sorted((root / dataset_name(cfg.dataset)).glob(f"{run_label(cfg)}-*"), reverse=True):
+    wanted = {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_FIELDS}
+    for candidate in sorted(folder.glob(f"{run_label(cfg)}-*"), reverse=True):
         try:
-            saved = upgrade_config(json.loads((folder / "config.json").read_text()), str(folder))
-        except (OSError, ValueError, IisanError):
+            saved = upgrade_config(json.loads((candidate / "config.json").read_text()), str(candidate))
+            saved = TrainConfig(**saved).to_dict()  # fields added since the run was written take their defaults
+        except (OSError, ValueError, TypeError, IisanError):
             continue  # unreadable, or a run of an earlier version that this one cannot continue
-        saved = TrainConfig(**saved).to_dict()  # fields added since the run was written take their defaults
-        if {k: v for k, v in saved.items() if k not in ignore} == wanted:
-            return folder
+        if {k: v for k, v in saved.items() if k not in LOCAL_FIELDS} == wanted:
+            return candidate
     return None
 
 
-def train_or_reuse(cfg: TrainConfig, log=print, on_epoch: Callable[[int, float], None] | None = None
-                   ) -> dict[str, Any]:
-    """Train, unless a run with the same config exists: then its finished seeds are reused and an unfinished
-    one resumes from its last checkpoint (what makes `iisan bench --full` and `iisan tune` resumable)."""
-    found = join_world(cfg).decide(lambda: matching_run(cfg))
+def run(spec: RunSpec, log=print, on_epoch: Callable[[int, float], None] | None = None) -> RunResult:
+    """Training's one entry: a spec in, a typed result out. `spec.reuse`: a run of the same spec is reported
+    again (finished seeds) or continued (an unfinished one), what makes `--reuse`, bench --full, tune and study
+    resumable. `on_epoch(epoch, valid HR@10)` after each epoch (train_seed)."""
+    if spec.resume is not None:
+        return train(resume=spec.resume, log=log, on_epoch=on_epoch)
+    cfg = spec.config
+    assert cfg is not None
+    found = join_world(cfg).decide(lambda: find_run(cfg)) if spec.reuse else None
     if found is None:
         return train(cfg, log=log, on_epoch=on_epoch)
     return train(resume=found, log=log, on_epoch=on_epoch)
 
 
 def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print,
-          on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+          on_epoch: Callable[[int, float], None] | None = None) -> RunResult:
     """Train every seed of a run (a new one for `cfg`, or `resume` a run folder) and report. Under torchrun
     every rank calls this: rank 0 picks the folder and writes the files and the log, all ranks train
     (train/distributed.py); a run may be resumed at another process count."""
@@ -587,7 +603,7 @@ def train(cfg: TrainConfig | None = None, resume: Path | None = None, log=print,
 
 
 def _train_seeds(cfg: TrainConfig, world: World, run_dir: Path, version: int, log,
-                 on_epoch: Callable[[int, float], None] | None) -> dict[str, Any]:
+                 on_epoch: Callable[[int, float], None] | None) -> RunResult:
     s = setup(cfg, world)
     if world.main:
         (run_dir / "provenance.json").write_text(json.dumps({**provenance(s), "processes": world.size}, indent=2,
@@ -602,4 +618,4 @@ def _train_seeds(cfg: TrainConfig, world: World, run_dir: Path, version: int, lo
                                                         indent=2))
     for line in report_lines(reports, summary):
         log(line)
-    return {"run_dir": str(run_dir), "seeds": reports, **summary}
+    return RunResult.of({"config": cfg.to_dict(), "seeds": reports, **summary}, run_dir)
