@@ -14,7 +14,8 @@ Toy world (tests/conftest.py), 2 epochs, seed 7, CPU. History of the numbers:
 - sasrec-id moved when its preset lr became 1e-3, SASRec's own (docs/method.md §7);
 - one iisan row per objective and optimiser option pinned when they were added (issue 33);
 - iisan moved when its defaults became the cosine score at temperature 0.1 and lr 8e-4 / lr_san 4e-4 (issue 33);
-  the row "iisan papers' defaults" keeps the earlier settings and the numbers iisan had.
+  the row "iisan papers' defaults" keeps the earlier settings and the numbers iisan had;
+- iisan-uncached, fft, adapter and bitfit pinned (issue 34), on an AVX-512 machine (PINNED_ON).
 The runs use 2 torch threads whatever the machine (CPU sums depend on the thread count, not on the cores).
 """
 
@@ -45,6 +46,11 @@ RUNS = {
                      "--lr", "2e-4", "--lr-san", "1e-4"],
     "iisan adamw": ["--method", "iisan", "--weight-decay", "0.1", "--warmup-steps", "3", "--schedule", "cosine",
                     "--clip", "0.5", "--lr", "1e-3", "--lr-san", "1e-4", "--score", "dot"],
+    # the end-to-end methods not pinned before (issue 34), text-only at batch 32 like lora
+    "iisan-uncached": ["--method", "iisan-uncached", "--pipeline", "text-only", "--batch-size", "32"],
+    "fft": ["--method", "fft", "--pipeline", "text-only", "--batch-size", "32"],
+    "adapter": ["--method", "adapter", "--pipeline", "text-only", "--batch-size", "32"],
+    "bitfit": ["--method", "bitfit", "--pipeline", "text-only", "--batch-size", "32"],
 }
 
 EXPECTED = {
@@ -61,7 +67,16 @@ EXPECTED = {
     "iisan cosine": {"loss": [5.734702, 5.757161], "valid": (0.073333333, 0.039992824), "test": (0.06, 0.027314476)},
     "iisan adamw": {"loss": [5.73424, 5.755359], "valid": (0.073333333, 0.034811626),
                     "test": (0.106666667, 0.046485161)},
+    "iisan-uncached": {"loss": [5.326534, 5.333335], "valid": (0.126666667, 0.042871421), "test": (0.08, 0.027736303)},
+    "fft": {"loss": [5.455904, 5.404139], "valid": (0.113333333, 0.052349984), "test": (0.086666667, 0.043167559)},
+    "adapter": {"loss": [5.378438, 5.375769], "valid": (0.126666667, 0.069067422), "test": (0.08, 0.031857407)},
+    "bitfit": {"loss": [5.440386, 5.395591], "valid": (0.106666667, 0.051964135), "test": (0.12, 0.056528799)},
 }
+
+# Rows pinned on one vector ISA only (measured where no machine of another kind was at hand): elsewhere they are
+# checked to the last digits a rounding change cannot reach, losses to 1e-4 and each metric within one of the
+# toy's 150 users, until they are pinned there too (their numbers then go to BY_ISA).
+PINNED_ON = {"iisan-uncached": "AVX512", "fft": "AVX512", "adapter": "AVX512", "bitfit": "AVX512"}
 
 
 # Another vector ISA rounds in other last bits, which moves a target that ties another item (and AdamW's losses by
@@ -104,7 +119,9 @@ def test_pinned_run(env, tmp_path, method, two_threads):
     from iisan.runtime import numeric_platform
 
     got = pinned_run(env, tmp_path, method)
-    want = {**EXPECTED[method], **BY_ISA.get(numeric_platform()["isa"], {}).get(method, {})}
-    assert got["loss"] == pytest.approx(want["loss"], abs=1e-6, rel=0), got
+    isa = numeric_platform()["isa"]
+    want = {**EXPECTED[method], **BY_ISA.get(isa, {}).get(method, {})}
+    exact = PINNED_ON.get(method, isa) == isa or method in BY_ISA.get(isa, {})
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-6 if exact else 1e-4, rel=0), got
     for split in ("valid", "test"):
-        assert got[split] == pytest.approx(want[split], abs=1e-6, rel=0), got
+        assert got[split] == pytest.approx(want[split], abs=1e-6 if exact else 1 / 150, rel=0), got
