@@ -21,12 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from pydantic import BaseModel, ConfigDict, RootModel
 
-from iisan.errors import IisanError, RegistryError
+from iisan.errors import IisanError
 from iisan.experiments.launch import launch
-from iisan.registry import dataset_name, load_registry, registry_path
+from iisan.registry import dataset_name, load_registry, save_preset
 from iisan.runtime import git_commit
 from iisan.train.result import RunResult, RunSpec
 from iisan.yamlfile import read_yaml, validated
@@ -129,7 +128,8 @@ class TuneConfig:
     trials: int = field(default=20, metadata={"help": "trials in total (a resumed study runs only the rest)"})
     timeout: float = field(default=0.0, metadata={"help": "stop starting trials after this many seconds (0: none)"})
     space: str = field(default="", metadata={"help": "YAML file overriding the method's search space"})
-    save_preset: str = field(default="", metadata={"help": "write the best config as this pipeline in pipelines.yaml"})
+    save_preset: str = field(default="", metadata={"help": "write the best config as this preset (a pipeline) in "
+                                                           "presets.yaml, beside pipelines.yaml"})
     final_seeds: int = field(default=3, metadata={"help": "fresh seeds the best config is trained with for test"})
     sampler_seed: int = field(default=0, metadata={"help": "TPE sampler seed"})
     reports: str = field(default="reports", metadata={"help": "Reports folder: the report and plot", "option": "--reports-dir"})
@@ -203,9 +203,9 @@ def run_tune(fixed: dict[str, Any], tc: TuneConfig, log: Callable[[str], None] =
     log(f"report: {report}")
     if tc.save_preset:
         values = {**preset_of(base, fixed), **best.params}
-        path = save_pipeline(tc.save_preset, values, f"tuned by `iisan tune` on {identity['dataset']} "
+        path = save_preset(tc.save_preset, values, f"tuned by `iisan tune` on {identity['dataset']} "
                              f"({len(complete)} complete trials; best valid HR@10 {100 * best.value:.2f})")
-        log(f"saved pipeline '{tc.save_preset}' in {path}")
+        log(f"saved preset '{tc.save_preset}' in {path} (`iisan train --pipeline {tc.save_preset}`)")
     return summary
 
 
@@ -515,43 +515,6 @@ def preset_of(base, fixed: dict[str, Any]) -> dict[str, Any]:
 
 
 NOT_PRESET = ("dataset", "pipeline", "method", "cache", "out", "device", "progress", "seed", "seeds")
-
-
-def save_pipeline(name: str, values: dict[str, Any], comment: str) -> Path:
-    """Write (or replace) `pipelines.<name>` in the registry file, keeping the rest of the file as it is: an
-    entry of that name (and the comment line above it) is taken out, the new one goes at the end of the
-    `pipelines:` section."""
-    path = registry_path()
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise TuneError(f"--save-preset '{name}': use letters, digits, - and _")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    try:
-        start = lines.index("pipelines:")
-    except ValueError:
-        raise RegistryError(f"{path}: no `pipelines:` section to save '{name}' into") from None
-    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()
-                and not lines[i].startswith("#")), len(lines))
-    section = lines[start + 1:end]
-    kept: list[str] = []
-    skipping = False
-    for line in section:
-        if line.startswith(f"  {name}:"):
-            skipping = True
-            if kept and kept[-1].startswith("  # "):
-                kept.pop()
-            continue
-        if skipping and (line.startswith("    ") or not line.strip()):
-            continue
-        skipping = False
-        kept.append(line)
-    while kept and not kept[-1].strip():
-        kept.pop()
-    body = yaml.safe_dump({name: dict(values)}, sort_keys=False).splitlines()
-    block = [f"  # {comment}"] + ["  " + line for line in body]
-    rest = lines[end:]
-    path.write_text("\n".join(lines[:start + 1] + kept + block + ([""] if rest else []) + rest) + "\n",
-                    encoding="utf-8")
-    return path
 
 
 def write_report(study, base, space: dict[str, Param], summary: dict[str, Any], reports: Path,

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
+import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from iisan.errors import DataError, DatasetNotFound, RegistryError
@@ -60,7 +61,90 @@ def _load(path: str, mtime: float) -> tuple[dict[str, Any], Where]:
 
 
 def load_registry() -> dict[str, Any]:
-    return _registry()[0]
+    """The registry with the tuned presets (presets.yaml) among its pipelines."""
+    path, presets = registry_path(), presets_path()
+    return _merged(str(path), path.stat().st_mtime if path.exists() else 0.0,
+                   str(presets), presets.stat().st_mtime if presets.exists() else 0.0)
+
+
+@lru_cache(maxsize=8)
+def _merged(path: str, mtime: float, presets: str, presets_mtime: float) -> dict[str, Any]:
+    registry = dict(_load(path, mtime)[0])
+    pipelines = dict(registry.get("pipelines") or {})
+    found, where = _load_presets(presets, presets_mtime)
+    for name, preset in found.items():
+        if name in pipelines:
+            raise RegistryError(f"{where.at('presets', name)}: presets.{name}: a pipeline of {path} has this name; "
+                                f"rename the preset")
+        pipelines[name] = dict(preset.values)
+    registry["pipelines"] = pipelines
+    return registry
+
+
+PRESETS_HEADER = """\
+# Tuned presets: pipelines that `iisan tune --save-preset NAME` wrote (each `iisan train --pipeline NAME`), kept
+# apart from the wiring in pipelines.yaml. This file is written by the tuner; an entry is
+#   NAME: {note: where it was tuned, values: {text: MODEL, method: ..., any `iisan train` option: value}}
+"""
+
+
+class PresetFile(BaseModel):
+    """One tuned preset: a note (where and how it was tuned) and its pipeline's values."""
+    model_config = ConfigDict(extra="forbid")
+    note: str = ""
+    values: dict[str, Any]
+
+
+class PresetsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    presets: dict[str, PresetFile] = {}
+
+
+def presets_path() -> Path:
+    """$IISAN_PRESETS, else presets.yaml beside the registry in use."""
+    if os.environ.get("IISAN_PRESETS"):
+        return Path(os.environ["IISAN_PRESETS"])
+    return registry_path().with_name("presets.yaml")
+
+
+@lru_cache(maxsize=8)
+def _load_presets(path: str, mtime: float) -> tuple[dict[str, PresetFile], Where]:
+    if not Path(path).is_file():
+        return {}, Where(Path(path), None)
+    data, where = read_yaml(path, RegistryError)
+    return validated(PresetsFile, data, where, RegistryError).presets, where
+
+
+def preset_note(name: str) -> str | None:
+    """The note of a tuned preset; None when NAME is not one (a pipeline of pipelines.yaml, or unknown)."""
+    path = presets_path()
+    found = _load_presets(str(path), path.stat().st_mtime if path.exists() else 0.0)[0]
+    return found[name].note if name in found else None
+
+
+def pipeline_where(name: str) -> str:
+    """FILE:LINE of a pipeline's entry, in presets.yaml for a tuned preset, else in the registry."""
+    path = presets_path()
+    found, where = _load_presets(str(path), path.stat().st_mtime if path.exists() else 0.0)
+    return where.at("presets", name, "values") if name in found else registry_where().at("pipelines", name)
+
+
+def save_preset(name: str, values: dict[str, Any], note: str) -> Path:
+    """Write (or replace) a tuned preset in presets.yaml with a YAML library (the file's other presets kept); a
+    name that a pipeline of the registry has is refused."""
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise RegistryError(f"preset '{name}': use letters, digits, - and _")
+    if name in (_registry()[0].get("pipelines") or {}):
+        raise RegistryError(f"preset '{name}': {registry_path()} has a pipeline of that name; choose another")
+    path = presets_path()
+    current = _load_presets(str(path), path.stat().st_mtime if path.exists() else 0.0)[0]
+    entries = {k: v.model_dump() for k, v in current.items()}
+    entries[name] = PresetFile(note=note, values=dict(values)).model_dump()
+    text = PRESETS_HEADER + yaml.safe_dump({"presets": entries}, sort_keys=False, allow_unicode=True, width=110)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def registry_where() -> Where:

@@ -96,6 +96,31 @@ def test_registry_rejects_unknown_keys(tmp_path, monkeypatch):
         dataset_entry("toy")
 
 
+def test_tuned_presets_live_in_their_own_file_checked_like_the_registry(tmp_path, monkeypatch):
+    from iisan.registry import load_registry, save_preset
+    from iisan.train.config import resolve
+
+    registry(tmp_path, monkeypatch, "pipelines:\n  text-only:\n    text: m\n")
+    presets = tmp_path / "presets.yaml"
+    presets.write_text("presets:\n  fast:\n    note: by hand\n    valuez: {text: m}\n")
+    with pytest.raises(RegistryError, match=r"presets.yaml:4: presets.fast.valuez: unknown key \(known: note, values\)"):
+        load_registry()
+    presets.write_text("presets:\n  text-only:\n    values: {text: m}\n")
+    with pytest.raises(RegistryError, match=r"presets.yaml:3: presets.text-only: a pipeline of .* has this name"):
+        load_registry()
+    presets.unlink()
+    save_preset("fast", {"text": "m", "lr": 0.001}, "tuned by hand")
+    save_preset("slow", {"text": "m", "lr": 1.0e-5}, "another")
+    save_preset("fast", {"text": "m", "lr": 0.002, "bogus": 1}, "tuned again")  # replaces its entry, keeps slow
+    assert load_registry()["pipelines"] == {"text-only": {"text": "m"}, "fast": {"text": "m", "lr": 0.002, "bogus": 1},
+                                            "slow": {"text": "m", "lr": 1.0e-5}}
+    assert presets.read_text().startswith("# Tuned presets") and "note: tuned again" in presets.read_text()
+    with pytest.raises(RegistryError, match=r"presets.yaml:\d+: pipeline 'fast' has unknown keys \['bogus'\]"):
+        resolve({"dataset": "toy", "pipeline": "fast"})
+    with pytest.raises(RegistryError, match="has a pipeline of that name"):
+        save_preset("text-only", {"text": "m"}, "")
+
+
 def test_missing_and_corrupt_images_are_reported_not_raised(tmp_path):
     from PIL import Image
 
@@ -236,9 +261,10 @@ def test_a_target_install_of_the_wheel_finds_its_registry_and_plans(tmp_path):
                    check=True)
     env = {k: v for k, v in os.environ.items() if k != "IISAN_PIPELINES"} | {"PYTHONPATH": str(tmp_path / "site")}
     probe = ("import iisan.registry as r, iisan.experiments.study as s; "
-             "print(r.__file__); print(r.registry_path()); print(s.PLANS_DIR); print(s.load_plan('quick').name)")
+             "print(r.__file__); print(r.registry_path()); print(s.PLANS_DIR); print(s.load_plan('quick').name); "
+             "print('iisan-tuned-ml100k-title' in r.load_registry()['pipelines'])")
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
                          env=env).stdout.split()
     share = tmp_path / "site" / "share" / "iisan-versa"
     assert out == [str(tmp_path / "site" / "iisan" / "registry.py"), str(share / "pipelines.yaml"),
-                   str(share / "plans"), "quick"]
+                   str(share / "plans"), "quick", "True"]  # the tuned presets ship too (presets.yaml)

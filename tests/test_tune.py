@@ -96,6 +96,11 @@ def test_a_killed_tuning_resumes_and_finishes(env, tmp_path, monkeypatch):
     from iisan.train.config import resolve
 
     preset = load_registry()["pipelines"]["tuned-toy"]
+    # written to presets.yaml beside the registry, with its note; the registry's own file is left as it was
+    from iisan.registry import preset_note, presets_path, registry_path
+
+    assert presets_path().parent == registry_path().parent and "tuned-toy" not in registry_path().read_text()
+    assert preset_note("tuned-toy").startswith("tuned by `iisan tune` on toy (")
     assert preset == {"text": "tiny-bert", "epochs": 8, "patience": 8, "method": "iisan", **best.params}
     cfg = resolve({"dataset": "toy", "pipeline": "tuned-toy"})
     assert (cfg.lr, cfg.bottleneck) == (best.params["lr"], best.params["bottleneck"])

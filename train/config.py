@@ -21,7 +21,8 @@ from iisan.cache_store.inspect import default_cache_root
 from iisan.errors import IisanError, RegistryError
 from iisan.data.dataset import default_pipeline
 from iisan.data.protocol import ProtocolConfig
-from iisan.registry import dataset_entry, is_dataset_path, load_registry, locate_dataset, registry_path
+from iisan.registry import (dataset_entry, is_dataset_path, load_registry, locate_dataset, pipeline_where,
+                            registry_path)
 
 # 1: before the stage-2 redesign (issue 12); 2: slots named text / image / text2, ties rule, h_0 kept for
 # remove_first, frozen reads the final output, standardize dim | layer.
@@ -209,7 +210,7 @@ def resolve(overrides: dict[str, Any], log: Callable[[str], None] | None = None)
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"version"}
     unknown = set(preset) - names
     if unknown:
-        raise RegistryError(f"{registry_path()}: pipeline '{pipeline}' has unknown keys {sorted(unknown)}")
+        raise RegistryError(f"{pipeline_where(pipeline)}: pipeline '{pipeline}' has unknown keys {sorted(unknown)}")
     method = method_entry(given.get("method") or preset.get("method") or "iisan")
     values.update(method.presets)
     values.update(preset)
