@@ -7,6 +7,7 @@ the caches are extracted first if they are missing, which is resumable and a no-
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -156,7 +157,12 @@ def run_bench(bench: BenchConfig, log=print) -> Path:
     report = out / f"{stem}.md"
     plots = plot(rows, sweep_rows, out, stem, bench.dataset)
     report.write_text(markdown(bench, base_cfg, device, batch, rows, sweep_rows, extraction, plots, limit))
-    log(f"wrote {report} and {', '.join(str(p) for p in plots)}")
+    # the figures as data: what tests and later tools read (the markdown is their rendering)
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"command": bench.command, "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+         "dataset": bench.dataset, "device": device_name(device), "batch_size": batch, "limit_mib": limit,
+         "extraction_seconds": extraction, "rows": rows, "sweep": sweep_rows}, indent=2, default=str))
+    log(f"wrote {report} ({stem}.json) and {', '.join(str(p) for p in plots)}")
     return report
 
 

@@ -501,3 +501,21 @@ def test_a_built_in_dataset_no_data_root_holds_is_fetched_before_anything_runs(t
     assert messages == ["fetching ml-100k: no data root holds it (`iisan data fetch ml-100k`)"]
     assert len((tmp_path / "data" / "ml-100k" / "users.tsv").read_text().splitlines()) == 943
     assert ensure_datasets(rows, messages.append) == [] and len(messages) == 1  # found now: nothing fetched
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_the_study_report_renders_its_json_exactly_as_the_golden_file(tmp_path):
+    """Rendering is tested once, whole: a frozen study JSON (a copy of a real record) against the markdown it
+    gives. A deliberate change of the rendering regenerates tests/golden/study-quick.md with
+    `python -c "from pathlib import Path; from iisan.experiments.study import render;
+    render(Path('tests/golden/study-quick.json'))"` and says why in its commit; other tests assert on the JSON."""
+    import shutil
+
+    from iisan.experiments.study import render
+
+    shutil.copy(GOLDEN / "study-quick.json", tmp_path / "study-quick.json")
+    rendered = render(tmp_path / "study-quick.json").read_text()
+    assert rendered == (GOLDEN / "study-quick.md").read_text()
+    assert (tmp_path / "study-quick-cost.png").read_bytes()[:4] == b"\x89PNG"
