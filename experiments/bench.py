@@ -78,24 +78,23 @@ def ensure_caches(cfg, log) -> dict[str, float]:
     extraction seconds."""
     from iisan.cache_store import open_cache
     from iisan.extract.run import ExtractConfig, run_extraction
-    from iisan.train.data import slot_kind, slot_sources, slot_store
+    from iisan.train.data import slot_sources, slot_store
 
     seconds = {}
     name = dataset_name(cfg.dataset)
     for slot, source in slot_sources(cfg).items():
-        model, _, text_field = source.partition("@")
-        path, _ = slot_store(cfg, name, source, slot_kind(slot))
+        path, _ = slot_store(cfg, name, source)
         complete = False
         if path is not None:
             with open_cache(path) as store:
                 complete = store.manifest.complete
         if not complete:
             log(f"extracting {source} on {cfg.dataset} (once; cached IISAN reads it)")
-            run_extraction(ExtractConfig(model=model, dataset=cfg.dataset, text_field=text_field or None,
+            run_extraction(ExtractConfig(model=source.model, dataset=cfg.dataset, text_field=source.field,
                                          out=cfg.cache, progress=False), log=log)
-            path, _ = slot_store(cfg, name, source, slot_kind(slot))
+            path, _ = slot_store(cfg, name, source)
         with open_cache(path) as store:
-            seconds[source] = store.manifest.extraction_seconds
+            seconds[str(source)] = store.manifest.extraction_seconds
     log("caches ready: " + ", ".join(f"{s} (extraction {v:.0f} s)" if v else f"{s} (extraction time not recorded)"
                                      for s, v in seconds.items()))
     return seconds

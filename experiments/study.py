@@ -334,7 +334,7 @@ def with_default_layers(options: dict[str, Any]) -> dict[str, Any]:
     reads every layer its store holds, and a study's store holds the union of its rows' layers (`all` for the
     no-LayerDrop ablation), so a row left without one would silently train without LayerDrop."""
     from iisan.train.config import resolve
-    from iisan.train.data import layer_rule, slot_kind, slot_sources
+    from iisan.train.data import layer_rule, slot_sources
     from iisan.train.methods import ItemSource, method
 
     cfg = resolve(dict(options))
@@ -343,8 +343,7 @@ def with_default_layers(options: dict[str, Any]) -> dict[str, Any]:
     out = dict(options)
     for slot, source in slot_sources(cfg).items():
         if not layer_rule(cfg, slot).strip():
-            out["layers_text" if slot == "text" else "layers_image"] = encoder_spec(source.partition("@")[0],
-                                                                                    slot_kind(slot)).layers
+            out["layers_text" if slot == "text" else "layers_image"] = encoder_spec(source.model, source.kind).layers
     return out
 
 
@@ -412,7 +411,7 @@ def ensure_caches(plan: Plan, log: Callable[[str], None] = print,
     from iisan.extract.run import ExtractConfig, run_extraction
     from iisan.registry import dataset_name
     from iisan.train.config import resolve
-    from iisan.train.data import layer_rule, slot_kind, slot_sources, slot_store
+    from iisan.train.data import layer_rule, slot_sources, slot_store
     from iisan.train.methods import ItemSource, method
 
     needs: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -421,16 +420,15 @@ def ensure_caches(plan: Plan, log: Callable[[str], None] = print,
         if method(cfg.method).items is not ItemSource.CACHED:
             continue
         for slot, source in slot_sources(cfg).items():
-            model, _, text_field = source.partition("@")
-            key = (cfg.cache, cfg.dataset, source, slot_kind(slot))
-            entry = needs.setdefault(key, {"model": model, "field": text_field or None, "rules": set(), "cfg": cfg})
+            key = (cfg.cache, cfg.dataset, source, source.kind)
+            entry = needs.setdefault(key, {"model": source.model, "field": source.field, "rules": set(), "cfg": cfg})
             entry["rules"].add(layer_rule(cfg, slot).strip())
     extracted = []
     for (cache, dataset, source, kind), entry in needs.items():
         spec = encoder_spec(entry["model"], kind)
         total = describe_backbone(spec).n_hidden_states
         wanted = {i for rule in entry["rules"] for i in select_layers(rule or spec.layers, total)}
-        path, _ = slot_store(entry["cfg"], dataset_name(dataset), source, kind)
+        path, _ = slot_store(entry["cfg"], dataset_name(dataset), source)
         have: set[int] = set()
         if path is not None:
             with open_cache(path) as store:
@@ -456,7 +454,7 @@ def encoder_parameters(options: dict[str, Any]) -> dict[str, int]:
     from iisan.train.data import slot_sources
 
     cfg = resolve(dict(options))
-    return {slot: parameter_count(spec_for(source.partition("@")[0])) for slot, source in slot_sources(cfg).items()}
+    return {slot: parameter_count(spec_for(source.model)) for slot, source in slot_sources(cfg).items()}
 
 
 def machine(threads: int | None = None) -> dict[str, Any]:

@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -31,7 +29,6 @@ from iisan.train.model import HybridItems, Recommender
 from iisan.train.san import SANConfig
 from iisan.train.user_encoder import SampleDropout, _attention
 
-from conftest import options
 
 BIN = Path(sys.executable).parent
 

@@ -23,7 +23,6 @@ from iisan.cache_store.inspect import verify_store
 from iisan.cli import main as iisan_cli
 from iisan.extract.encode import ChunkEncoder, clean_text
 from iisan.extract.models import describe_backbone, load_backbone, model_spec
-from iisan.extract.pooling import pool_layers
 from iisan.extract.run import ExtractConfig, run_extraction
 from iisan.data.dataset import load_dataset
 

@@ -260,6 +260,8 @@ def test_bench_writes_report_and_plots(env, tmp_path):
     assert len(list((runs_root / "toy").glob("iisan-*"))) == 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("budget, steps_timed", [(0.0, 1), (1e9, 3)])
 def test_step_timing_budget(env, tmp_path, budget, steps_timed):
     from iisan.experiments.cost import measure_step_cost
     from iisan.train.config import resolve

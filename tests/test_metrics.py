@@ -96,7 +96,6 @@ def test_report_line():
 
 
 def test_bootstrap_interval_of_a_mean():
-    import numpy as np
 
     from iisan.evaluate.report import bootstrap_interval, per_user
 
@@ -115,7 +114,6 @@ def test_bootstrap_interval_of_a_mean():
 @pytest.mark.parametrize("n, block", [(1, 4), (37, 100), (500, 4 * 500 + 3)])
 def test_bootstrap_means_drawn_in_blocks_equal_one_draw(monkeypatch, n, block):
     """Resampling in blocks (bounded memory) gives the means of one [samples, n] draw, bit for bit."""
-    import numpy as np
 
     import iisan.evaluate.report as report
 

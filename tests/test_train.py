@@ -296,3 +296,16 @@ def test_reuse_reports_a_finished_run_again_instead_of_training(env, tmp_path):
     assert second.output.strip().splitlines()[-1] == first.output.strip().splitlines()[-1]  # the same folder
     assert "epoch 1:" not in second.output and second.output.splitlines()[-2] == first.output.splitlines()[-2]
     assert len(list((tmp_path / "toy").iterdir())) == 1
+
+
+def test_a_slot_source_is_parsed_once_into_its_model_and_field(env, tmp_path):
+    from iisan.train.data import SlotSource, slot_sources
+
+    cfg = resolve(options(env, tmp_path, pipeline="text-only", text="tiny-bert@year", image=""))
+    (text,) = slot_sources(cfg).values()
+    assert (text.slot, text.model, text.field, text.kind, str(text)) == ("text", "tiny-bert", "year", "text",
+                                                                        "tiny-bert@year")
+    image = slot_sources(resolve(options(env, tmp_path)))["image"]
+    assert (image.model, image.field, image.kind, str(image)) == ("tiny-dino", None, "image", "tiny-dino")
+    with pytest.raises(IisanError, match=r"--text '@title': give MODEL or MODEL@FIELD"):
+        SlotSource.parse("text", "@title")

@@ -44,62 +44,78 @@ class SlotStates:
     statistics: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) applied when standardised
 
 
-def slot_sources(cfg: TrainConfig) -> dict[str, str]:
-    """Slot -> MODEL[@FIELD]: text, and image or text2 when the config names one."""
+@dataclass(frozen=True)
+class SlotSource:
+    """Where a slot's states come from: a model ref (a registered name, hf:ORG/NAME or a path) and, for a text
+    slot, the item field it encodes; `--text MODEL@FIELD` on the command line, parsed once here."""
+    slot: str
+    model: str
+    field: str | None = None
+
+    @classmethod
+    def parse(cls, slot: str, spelling: str) -> "SlotSource":
+        model, _, field = spelling.partition("@")
+        if not model.strip():
+            raise IisanError(f"--{slot} '{spelling}': give MODEL or MODEL@FIELD")
+        return cls(slot, model, field or None)
+
+    @property
+    def kind(self) -> str:
+        """The kind of states the slot takes: image for the image slot, else text."""
+        return slot_kind(self.slot)
+
+    def __str__(self) -> str:
+        return self.model + (f"@{self.field}" if self.field else "")
+
+
+def slot_sources(cfg: TrainConfig) -> dict[str, SlotSource]:
+    """Slot -> its source: text, and image or text2 when the config names one."""
     slots = {Slot.TEXT.value: cfg.text}
     if cfg.image:
         slots[Slot.IMAGE.value] = cfg.image
     elif cfg.text2:
         slots[Slot.TEXT2.value] = cfg.text2
-    return slots
+    return {slot: SlotSource.parse(slot, spelling) for slot, spelling in slots.items()}
 
 
 def layer_rule(cfg: TrainConfig, slot: str) -> str:
     return cfg.layers_text if slot == Slot.TEXT.value else cfg.layers_image
 
 
-def _split_source(source: str) -> tuple[str, str | None]:
-    """MODEL[@FIELD] -> (MODEL, FIELD or None); MODEL is a registered name, hf:ORG/NAME or a path."""
-    model, _, text_field = source.partition("@")
-    return model, (text_field or None)
-
-
 def slot_kind(slot: str) -> str:
     return "image" if slot == Slot.IMAGE.value else "text"
 
 
-def slot_store(cfg: TrainConfig, dataset: str, source: str, kind: str | None = None) -> tuple[Path | None, str]:
+def slot_store(cfg: TrainConfig, dataset: str, source: SlotSource) -> tuple[Path | None, str]:
     """The store `iisan extract --model MODEL [--field FIELD]` wrote for a slot's source (None if there is
-    none), and its model name (`refs.store_name` of the ref; with `kind`, one tower of a two-tower model is
-    found too)."""
-    model, text_field = _split_source(source)
-    names = [store_name(model)] + ([store_name(model, kind)] if kind else [])
+    none), and its model name (`refs.store_name` of the ref; one tower of a two-tower model, of the slot's
+    kind, is found too)."""
+    names = [store_name(source.model), store_name(source.model, source.kind)]
     for name in names:
-        found = find_store(cfg.cache, dataset, name, text_field)
+        found = find_store(cfg.cache, dataset, name, source.field)
         if found is not None:
             return found, name
     return None, names[0]
 
 
-def _find_store(cfg: TrainConfig, dataset: str, source: str, kind: str | None = None) -> tuple[Path, str]:
-    found, name = slot_store(cfg, dataset, source, kind)
+def _find_store(cfg: TrainConfig, dataset: str, source: SlotSource) -> tuple[Path, str]:
+    found, name = slot_store(cfg, dataset, source)
     if found is not None:
         return found, name
-    model, text_field = _split_source(source)
-    names = [name]
-    extract = f"iisan extract --model {model} --dataset {dataset}" + (f" --field {text_field}" if text_field else "")
-    raise IisanError(f"no cache for {source} on {dataset} at {store_path(cfg.cache, dataset, names[0], text_field)}: "
+    extract = (f"iisan extract --model {source.model} --dataset {dataset}"
+               + (f" --field {source.field}" if source.field else ""))
+    raise IisanError(f"no cache for {source} on {dataset} at {store_path(cfg.cache, dataset, name, source.field)}: "
                      f"run `{extract}` first (or pass --cache-dir with the root it was written to)")
 
 
-def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, source: str,
+def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, source: SlotSource,
               device: torch.device, final: bool = False, item_ids: list[str] | None = None,
               statistics: tuple[torch.Tensor, torch.Tensor] | None = None) -> SlotStates:
     """One slot's cached states: the layers its rule selects (`final`: the model's final output instead, as
     one state per item), in the trainer's item order (or for `item_ids`, e.g. every item of the dataset),
     standardised as the config says: with the statistics of the split's training items, or `statistics`
     (those a run saved)."""
-    path, name = _find_store(cfg, dataset.name, source, slot_kind(slot))
+    path, name = _find_store(cfg, dataset.name, source)
     with open_cache(path) as store:
         manifest = store.manifest
     if manifest.fingerprint_inputs.get("images") and not dataset.images.paths:
@@ -123,8 +139,7 @@ def load_slot(cfg: TrainConfig, dataset: Dataset, split: SplitData, slot: str, s
     # With `final`, only the last kept layer is read next to it (the loader reads at least one layer).
     layers = ([manifest.layers[-1]] if final else
               select_layers(rule, manifest.total_layers) if rule else manifest.layers)
-    model, _ = _split_source(source)
-    mode = standardize_mode(cfg.standardize, model, manifest)
+    mode = standardize_mode(cfg.standardize, source.model, manifest)
     # Held in the cache's storage dtype (an fp16 cache takes half the memory of an fp32 copy); the item encoder
     # casts only the rows it gathers, which is exact. Standardised states are new values, so they are fp32.
     expect = CacheExpectation(dataset=dataset.name, dataset_fingerprint=fingerprint, model=name, layers=layers)

@@ -12,6 +12,7 @@ all-zero states, as row 0 of a cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,25 +26,27 @@ from iisan.extract.pooling import pool, pool_layers
 from iisan.train.model import LastStateHeads
 from iisan.train.san import SANConfig, SideNetwork, Slot
 
+if TYPE_CHECKING:
+    from iisan.train.data import SlotSource
+
 
 @dataclass
 class RawSlot:
     """One modality slot fed from raw items: the backbone, which text field, which hidden states to pool."""
 
     slot: str               # a Slot value: text, image or text2
-    source: str             # MODEL or MODEL@FIELD
+    source: SlotSource      # the model and, for text, the field
     backbone: Backbone
     layers: list[int]       # hidden states kept (uncached IISAN); the embedded baselines use the last output
     encoder: ChunkEncoder
     positions: list[int]    # item index -> row of the items file (index 0, padding: -1)
 
     @classmethod
-    def build(cls, slot: str, source: str, backbone: Backbone, dataset: Dataset, split: SplitData,
+    def build(cls, slot: str, source: SlotSource, backbone: Backbone, dataset: Dataset, split: SplitData,
               layers: list[int], text_clean: str) -> "RawSlot":
-        _, _, text_field = source.partition("@")
         row = {item_id: r for r, item_id in enumerate(dataset.items.ids)}
         positions = [-1] + [row[item_id] for item_id in split.item_ids]
-        encoder = ChunkEncoder(backbone, dataset, layers, batch_size=1, field=text_field or None,
+        encoder = ChunkEncoder(backbone, dataset, layers, batch_size=1, field=source.field,
                                text_clean=text_clean)
         return cls(slot, source, backbone, layers, encoder, positions)
 
@@ -152,7 +155,7 @@ class EndToEndItems(BackboneItems):
         return self.head(self.last_states(index))
 
 
-def check_raw_slot(slot: str, source: str, dataset: Dataset, kind: str) -> None:
+def check_raw_slot(slot: str, source: SlotSource, dataset: Dataset, kind: str) -> None:
     if kind == "image" and not dataset.images.paths:
         raise IisanError(f"dataset '{dataset.name}' has no images, but the pipeline feeds the {slot} slot with "
                          f"the image model {source}; use a text pipeline (--pipeline text-only)")
@@ -166,7 +169,7 @@ def check_end_to_end(cfg, method, dataset: Dataset) -> None:
     from iisan.train.methods import Tuning
 
     for slot, source in slot_sources(cfg).items():
-        spec = model_spec(source.partition("@")[0])
+        spec = model_spec(source.model)
         check_raw_slot(slot, source, dataset, spec.kind)
         if method.tunes in (Tuning.ALL, Tuning.BIAS) and spec.quantization in ("gptq", "bnb-8bit", "bnb-4bit"):
             raise IisanError(f"--method {cfg.method} trains the weights of {spec.name}, which are quantized "
@@ -188,7 +191,7 @@ def load_raw_slots(cfg, method, dataset: Dataset, split: SplitData, device: torc
 
     raw = {}
     for slot, source in slot_sources(cfg).items():
-        spec = model_spec(source.partition("@")[0])
+        spec = model_spec(source.model)
         info = describe_backbone(spec, fetch=True)
         rule = layer_rule(cfg, slot) or spec.layers
         trainable = method.tunes is not Tuning.NONE
