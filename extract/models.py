@@ -21,12 +21,15 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from iisan.errors import IisanError, RegistryError
-from iisan.registry import REPO_ROOT, load_registry, registry_path, search_roots
+from pydantic import BaseModel, ConfigDict
+
+from iisan.registry import Names, REPO_ROOT, load_registry, registry_path, registry_where, search_roots
+from iisan.yamlfile import validated
 from iisan.runtime import pick_device
 
 # transformers imports torchao (a gptqmodel dependency) on every model load; on CPU it logs that its CUDA
@@ -130,21 +133,34 @@ def spec_for(ref: str, revision: str | None = None, kind: str | None = None, fam
     return ModelSpec(name=refs.store_name(ref, tower), source=parsed.source, ref=ref, revision=revision, **fields)
 
 
+class ModelFile(BaseModel):
+    """The keys of a `models.<name>` registry entry (pipelines.yaml documents each); a list key may be one
+    string. Checked with the registry's file and line in each error."""
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["text", "image"]
+    family: Literal["encoder", "decoder", "vision"]
+    source: str | None = None
+    wheel: Names | None = None
+    wheel_path: str | None = None
+    wheel_zip_parts: Names | None = None
+    gguf_file: str | None = None
+    pooling: Literal["", "cls", "mean", "last"] = ""
+    dtype: dict[str, Literal["float32", "float16", "bfloat16"]] | None = None
+    quantization: Literal["none", "gptq", "bnb-8bit", "bnb-4bit", "gguf"] = "none"
+    max_tokens: int | None = None
+    layers: str | None = None
+    batch_size: int | None = None
+    revision: str | None = None
+
+
 def _registered_spec(name: str, entry: dict | None, overrides: dict[str, str]) -> ModelSpec:
-    raw = dict(entry or {})
-    known = {n for n, f in ModelSpec.__dataclass_fields__.items() if f.metadata.get("registry", True)} - {"name"}
-    unknown = set(raw) - known
-    if unknown:
-        raise RegistryError(f"{registry_path()}: model '{name}' has unknown keys {sorted(unknown)}")
+    checked = validated(ModelFile, entry, registry_where().inside("models", name), RegistryError)
+    raw = {k: v for k, v in checked.model_dump(exclude_unset=True).items() if v is not None}
     for key in ("wheel", "wheel_zip_parts"):
         if key in raw:
-            raw[key] = tuple([raw[key]] if isinstance(raw[key], str) else raw[key])
+            raw[key] = tuple(raw[key])
     if "dtype" in raw:
-        if not isinstance(raw["dtype"], dict):
-            raise RegistryError(f"{registry_path()}: model '{name}': dtype must map device types to dtypes")
         raw["dtype"] = tuple(sorted({"cpu": "float32", "cuda": "float16", **raw["dtype"]}.items()))
-    if "kind" not in raw or "family" not in raw:
-        raise RegistryError(f"{registry_path()}: model '{name}' needs kind and family")
     return ModelSpec(name=name, **{**raw, **overrides})
 
 

@@ -50,6 +50,31 @@ def registry_path() -> Path:
     return installed_file("pipelines.yaml")
 
 
+class LayersFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    image: str | None = None
+
+
+class PipelineFile(BaseModel):
+    """A `pipelines.<name>` entry: its slots' sources and layer rules; any other key is an `iisan train` option
+    (checked against the training config when the pipeline is resolved, naming this line)."""
+    model_config = ConfigDict(extra="allow")
+    text: str | None = None
+    image: str | None = None
+    text2: str | None = None
+    layers: LayersFile | None = None
+
+
+class RegistryFile(BaseModel):
+    """pipelines.yaml: its three sections (a dataset's and a model's keys are checked where the entry is read:
+    DatasetFile, extract/models.py's ModelFile)."""
+    model_config = ConfigDict(extra="forbid")
+    datasets: dict[str, dict[str, Any] | None] | None = None
+    models: dict[str, dict[str, Any] | None] | None = None
+    pipelines: dict[str, PipelineFile | None] | None = None
+
+
 @lru_cache(maxsize=8)
 def _load(path: str, mtime: float) -> tuple[dict[str, Any], Where]:
     if not Path(path).is_file():
@@ -57,6 +82,7 @@ def _load(path: str, mtime: float) -> tuple[dict[str, Any], Where]:
     data, where = read_yaml(path, RegistryError)
     if not isinstance(data if data is not None else {}, dict):
         raise RegistryError(f"{where.at()}: expected a mapping at the top level")
+    validated(RegistryFile, data, where, RegistryError)
     return data or {}, where
 
 

@@ -23,7 +23,7 @@ from iisan.errors import IisanError
 from iisan.extract.encode import clean_text
 from iisan.extract.models import spec_for
 from iisan.extract.refs import store_name
-from iisan.train.data import _find_store, _is_decoder
+from iisan.train.data import SlotSource, _find_store, _is_decoder
 
 from conftest import write_tsv
 from tiny_models import WORDS, build_tiny_bert, build_tiny_llama, llama_tokenizer, write_registry
@@ -258,7 +258,7 @@ def test_a_folder_extracts_through_the_cli_and_other_weights_are_refused(tmp_pat
         np.testing.assert_allclose(states[k + 1], direct_text_states(model, tokenizer, clean_text(texts[k], "clean"),
                                                                      "cls"), atol=1e-5)
     # Training finds the store from the same ref; an encoder, so no standardisation.
-    found, name = _find_store(SimpleNamespace(cache=str(toy / "cache")), "toy", str(folder), "text")
+    found, name = _find_store(SimpleNamespace(cache=str(toy / "cache")), "toy", SlotSource.parse("text", str(folder)))
     assert (found, name) == (path, "my-bert") and not _is_decoder(str(folder), manifest)
     # Same config, same file sizes, other weights: only the weight hash tells; the store is refused.
     torch.manual_seed(1)
@@ -299,10 +299,10 @@ def test_clip_towers_extract_to_two_stores(zoo, toy):
         np.testing.assert_allclose(image_states[k + 1], torch.stack([hidden[i][0, 0] for i in (0, 1, 3)]).numpy(),
                                    atol=1e-5)
     cfg = SimpleNamespace(cache=str(toy / "cache"))
-    assert _find_store(cfg, "toy", str(zoo["clip"]), "image")[1] == "clip--image"
-    assert _find_store(cfg, "toy", str(zoo["clip"]) + "@title", "text")[1] == "clip--text"
+    assert _find_store(cfg, "toy", SlotSource.parse("image", str(zoo["clip"])))[1] == "clip--image"
+    assert _find_store(cfg, "toy", SlotSource.parse("text", str(zoo["clip"]) + "@title"))[1] == "clip--text"
     with pytest.raises(IisanError, match=r"no cache for .*clip@year on toy .* --field year"):
-        _find_store(cfg, "toy", str(zoo["clip"]) + "@year", "text")
+        _find_store(cfg, "toy", SlotSource.parse("text", str(zoo["clip"]) + "@year"))
 
 
 def test_decoder_refs_are_standardised_by_auto(zoo):
@@ -369,7 +369,8 @@ def test_a_hub_id_from_the_hf_cache(tmp_path, zoo, toy, monkeypatch):
     weights = hashlib.sha256((zoo["bert"] / "model.safetensors").read_bytes()).hexdigest()
     assert (manifest.model, manifest.model_source, manifest.model_revision, manifest.model_weights_sha256) == (
         "acme--tiny-bert", "acme/tiny-bert", commit, weights)
-    found, name = _find_store(SimpleNamespace(cache=str(toy / "cache")), "toy", "hf:acme/tiny-bert@title", "text")
+    found, name = _find_store(SimpleNamespace(cache=str(toy / "cache")), "toy",
+                              SlotSource.parse("text", "hf:acme/tiny-bert@title"))
     assert name == "acme--tiny-bert" and found.name == "acme--tiny-bert.zarr"
 
 

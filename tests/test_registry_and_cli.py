@@ -96,6 +96,32 @@ def test_registry_rejects_unknown_keys(tmp_path, monkeypatch):
         dataset_entry("toy")
 
 
+def test_every_registry_section_is_checked_with_file_line_and_field(tmp_path, monkeypatch):
+    from iisan.extract.models import model_spec
+    from iisan.registry import load_registry
+
+    registry(tmp_path, monkeypatch, "datasets: {}\npipeline:\n  x: {text: m}\n")
+    with pytest.raises(RegistryError, match=r"pipelines.yaml:3: pipeline: unknown key \(known: datasets, models, "
+                                            r"pipelines\)"):
+        load_registry()
+    registry(tmp_path, monkeypatch, "pipelines:\n  x:\n    text: m\n    layers: {txt: even}\n")
+    with pytest.raises(RegistryError, match=r"pipelines.yaml:4: pipelines.x.layers.txt: unknown key"):
+        load_registry()
+    registry(tmp_path, monkeypatch, "models:\n  m:\n    kind: txt\n    family: encoder\n    source: a/b\n"
+                                    "    poolng: mean\n")
+    with pytest.raises(RegistryError) as bad:
+        model_spec("m")
+    assert "pipelines.yaml:3: models.m.kind: Input should be 'text' or 'image'" in str(bad.value)
+    assert "pipelines.yaml:6: models.m.poolng: unknown key (known: kind, family, source" in str(bad.value)
+    registry(tmp_path, monkeypatch, "models:\n  m:\n    family: encoder\n    source: a/b\n    wheel: one-wheel\n")
+    with pytest.raises(RegistryError, match=r"pipelines.yaml:3: models.m.kind: required, and missing"):
+        model_spec("m")
+    registry(tmp_path, monkeypatch, "models:\n  m: {kind: text, family: encoder, source: a/b, wheel: w, "
+                                    "dtype: {cuda: bfloat16}}\n")
+    spec = model_spec("m")
+    assert spec.wheel == ("w",) and dict(spec.dtype) == {"cpu": "float32", "cuda": "bfloat16"}
+
+
 def test_tuned_presets_live_in_their_own_file_checked_like_the_registry(tmp_path, monkeypatch):
     from iisan.registry import load_registry, save_preset
     from iisan.train.config import resolve
