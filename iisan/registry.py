@@ -89,8 +89,17 @@ def _load(path: str, mtime: float) -> tuple[dict[str, Any], Where]:
 def load_registry() -> dict[str, Any]:
     """The registry with the tuned presets (presets.yaml) among its pipelines."""
     path, presets = registry_path(), presets_path()
-    return _merged(str(path), path.stat().st_mtime if path.exists() else 0.0,
-                   str(presets), presets.stat().st_mtime if presets.exists() else 0.0)
+    return _merged(str(path), _mtime(path), str(presets), _mtime(presets))
+
+
+def _mtime(path: Path) -> float:
+    """A file's modification time (0 when absent): what the cached loaders are keyed on, so an edit is seen."""
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+def _presets() -> tuple[dict[str, "PresetFile"], Where]:
+    path = presets_path()
+    return _load_presets(str(path), _mtime(path))
 
 
 @lru_cache(maxsize=8)
@@ -143,15 +152,13 @@ def _load_presets(path: str, mtime: float) -> tuple[dict[str, PresetFile], Where
 
 def preset_note(name: str) -> str | None:
     """The note of a tuned preset; None when NAME is not one (a pipeline of pipelines.yaml, or unknown)."""
-    path = presets_path()
-    found = _load_presets(str(path), path.stat().st_mtime if path.exists() else 0.0)[0]
+    found = _presets()[0]
     return found[name].note if name in found else None
 
 
 def pipeline_where(name: str) -> str:
     """FILE:LINE of a pipeline's entry, in presets.yaml for a tuned preset, else in the registry."""
-    path = presets_path()
-    found, where = _load_presets(str(path), path.stat().st_mtime if path.exists() else 0.0)
+    found, where = _presets()
     return where.at("presets", name, "values") if name in found else registry_where().at("pipelines", name)
 
 
@@ -163,7 +170,7 @@ def save_preset(name: str, values: dict[str, Any], note: str) -> Path:
     if name in (_registry()[0].get("pipelines") or {}):
         raise RegistryError(f"preset '{name}': {registry_path()} has a pipeline of that name; choose another")
     path = presets_path()
-    current = _load_presets(str(path), path.stat().st_mtime if path.exists() else 0.0)[0]
+    current = _presets()[0]
     entries = {k: v.model_dump() for k, v in current.items()}
     entries[name] = PresetFile(note=note, values=dict(values)).model_dump()
     text = PRESETS_HEADER + yaml.safe_dump({"presets": entries}, sort_keys=False, allow_unicode=True, width=110)
@@ -180,8 +187,7 @@ def registry_where() -> Where:
 
 def _registry() -> tuple[dict[str, Any], Where]:
     path = registry_path()
-    mtime = path.stat().st_mtime if path.exists() else 0.0
-    return _load(str(path), mtime)
+    return _load(str(path), _mtime(path))
 
 
 def search_roots(env_var: str, folder: str) -> list[Path]:
